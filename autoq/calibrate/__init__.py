@@ -1,0 +1,1 @@
+"""Calibration: statistics gathered once (stats), observer methods (ranges), frozen observers."""

@@ -1,0 +1,77 @@
+"""The settings of a tuning run as one plain dataclass, validated once, up front."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from autoq.search.space import SearchSpace
+
+LOSS_TYPES = ("relative", "absolute")
+
+
+def _invalid(name: str, expected: str, value: object) -> ValueError:
+    return ValueError(f"The '{name}' parameter of autoq.tune must be {expected}. Got {value!r} instead.")
+
+
+@dataclass
+class TuneConfig:
+    """Everything about a run except the model, data and metric (which are Python objects).
+
+    max_loss: accuracy budget; a fraction of the baseline metric (loss_type='relative') or metric
+      units (loss_type='absolute').
+    n_trials: total trials in the study (a resumed study counts its finished trials);
+      timeout: seconds of search in this call. Neither given: 40 trials.
+    storage: Optuna storage URL; None: sqlite file autoq-runs/autoq.db under the working directory.
+    calib_max_samples: calibration samples used at most; eval is never run on them.
+    sensitivity_samples: calibration samples used to rank layer sensitivity.
+    threads: intra-op threads for latency measurement (None: torch's current setting).
+    compile_fp32: also build the best FP32 baseline with torch.compile (freezing).
+    prune_slower: skip the accuracy evaluation of candidates measurably slower than the best
+      feasible one found so far (they cannot win).
+    """
+
+    higher_is_better: bool = True
+    max_loss: float = 0.01
+    loss_type: str = "relative"
+    n_trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int = 0
+    calib_max_samples: int = 512
+    sensitivity_samples: int = 32
+    threads: int | None = None
+    compile_fp32: bool = True
+    prune_slower: bool = True
+    non_traceable_modules: list[str] = field(default_factory=list)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.space, dict):
+            self.space = SearchSpace(**self.space)
+        if not isinstance(self.max_loss, (int, float)) or not math.isfinite(self.max_loss) or self.max_loss <= 0:
+            raise _invalid("max_loss", "a positive finite number (e.g. 0.01 for 1% relative loss)", self.max_loss)
+        if self.loss_type not in LOSS_TYPES:
+            raise _invalid("loss_type", f"one of {list(LOSS_TYPES)}", self.loss_type)
+        if self.n_trials is not None and (not isinstance(self.n_trials, int) or self.n_trials < 1):
+            raise _invalid("n_trials", "a positive int or None", self.n_trials)
+        if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or self.timeout <= 0):
+            raise _invalid("timeout", "a positive number of seconds or None", self.timeout)
+        if self.n_trials is None and self.timeout is None:
+            self.n_trials = 40
+        for name in ("calib_max_samples", "sensitivity_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise _invalid(name, "a positive int", value)
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise _invalid("threads", "a positive int or None", self.threads)
+        if not isinstance(self.space, SearchSpace):
+            raise _invalid("space", "an autoq.SearchSpace (or a dict of its fields)", self.space)
+        self.non_traceable_modules = list(self.non_traceable_modules)
+
+    def loss(self, baseline: float, metric: float) -> float:
+        """Accuracy loss of `metric` against `baseline` (positive = worse), in this config's units."""
+        drop = baseline - metric if self.higher_is_better else metric - baseline
+        return drop / abs(baseline) if self.loss_type == "relative" else drop

@@ -1,0 +1,106 @@
+"""A quantization candidate as plain, versioned, serializable data.
+
+One `QuantPlan` fully describes how `autoq.recipes` turns an FP32 model (plus the calibration
+statistics of that model) into an int8 model. Plans are what the search proposes, what a tuning
+run returns in `TuneResult.config`, and what `autoq.quantize` rebuilds from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_TYPE = "autoq.QuantPlan"
+PLAN_VERSION = 1
+
+ENGINES = ("x86", "fbgemm", "onednn")
+OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+RECIPES = ("static",)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"The '{name}' parameter of QuantPlan must be one of {list(allowed)}. Got {value!r} instead."
+        )
+
+
+@dataclass
+class QuantPlan:
+    """Per-layer choices that rebuild one int8 candidate.
+
+    engine: int8 kernel library used when weights are prepacked ('x86' lets PyTorch pick per layer).
+    activation_observer: how activation ranges are computed from calibration statistics.
+    layer_observers: per-layer override of `activation_observer` for the layer's output tensor.
+    fp32_layers: layers (module names in the captured graph) that stay in FP32.
+    calib_samples: number of calibration samples whose statistics are used (None: all).
+    percentile: upper percentile (in %) used by the 'percentile' observer.
+    """
+
+    recipe: str = "static"
+    engine: str = "x86"
+    activation_observer: str = "histogram"
+    layer_observers: dict[str, str] = field(default_factory=dict)
+    fp32_layers: list[str] = field(default_factory=list)
+    weight_granularity: str = "per_channel"
+    activation_symmetric: bool = False
+    reduce_range: bool = True
+    calib_samples: int | None = None
+    percentile: float = 99.99
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("recipe", self.recipe, RECIPES)
+        _check_choice("engine", self.engine, ENGINES)
+        _check_choice("activation_observer", self.activation_observer, OBSERVERS)
+        for layer, observer in self.layer_observers.items():
+            _check_choice(f"layer_observers[{layer!r}]", observer, OBSERVERS)
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise ValueError(
+                f"The 'calib_samples' parameter of QuantPlan must be a positive int or None. "
+                f"Got {self.calib_samples!r} instead."
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(
+                f"The 'percentile' parameter of QuantPlan must be in (50, 100]. Got {self.percentile!r} instead."
+            )
+        self.fp32_layers = sorted(set(self.fp32_layers))
+
+    def observer_for(self, layer: str | None) -> str:
+        """The activation observer used for the output of `layer` (None: tensors owned by no layer)."""
+        return self.layer_observers.get(layer, self.activation_observer) if layer else self.activation_observer
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form: {'_type', '_version', '_data'}."""
+        return {"_type": PLAN_TYPE, "_version": PLAN_VERSION, "_data": dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
+        """Inverse of `to_dict`; rejects other types and unknown versions with a clear error."""
+        if not isinstance(data, dict) or data.get("_type") != PLAN_TYPE:
+            raise ValueError(f"Not an autoq plan (expected '_type': {PLAN_TYPE!r}): {str(data)[:200]}")
+        if data.get("_version") != PLAN_VERSION:
+            raise ValueError(
+                f"autoq plan version {data.get('_version')!r} is not supported by this autoq "
+                f"(supports {PLAN_VERSION}); re-run tuning or upgrade autoq."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data["_data"]) - known
+        if unknown:
+            raise ValueError(f"Unknown QuantPlan fields {sorted(unknown)}; allowed: {sorted(known)}.")
+        return cls(**data["_data"])
+
+    def key(self) -> str:
+        """Stable short hash: equal plans build identical models."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def default_plan(engine: str = "x86") -> QuantPlan:
+    """PyTorch's default FX post-training recipe for `engine` (get_default_qconfig_mapping)."""
+    return QuantPlan(engine=engine, reduce_range=engine != "onednn")

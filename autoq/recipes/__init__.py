@@ -1,0 +1,1 @@
+"""Recipes turn (FP32 model, plan) into an int8 model."""

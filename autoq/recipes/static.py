@@ -1,0 +1,162 @@
+"""Static post-training quantization on PyTorch's native x86 int8 engine (FX graph mode).
+
+`StaticBuilder` captures and calibrates a model once, then builds any number of int8 candidates
+from `QuantPlan`s without touching calibration data again: each candidate is a copy of the
+prepared graph whose observers get the plan's precomputed ranges, converted with the plan's FP32
+fallbacks under the plan's kernel library.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+from autoq.calibrate.observers import FixedRangeObserver
+from autoq.calibrate.ranges import activation_range
+from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats
+from autoq.capture import explain_trace_failure, quantizable_layers
+from autoq.plan import QuantPlan
+from autoq.recipes.engine import quantized_engine
+
+_WEIGHT_OBSERVERS = {
+    "per_channel": PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    "per_tensor": MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric),
+}
+
+
+def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[str] = ()) -> QConfigMapping:
+    """PyTorch's default x86 mapping with autoq's statistics collector on activations."""
+    mapping = get_default_qconfig_mapping("x86")
+    default_global = mapping.global_qconfig
+    qconfig = QConfig(activation=StatsCollector, weight=_WEIGHT_OBSERVERS[weight_granularity])
+    mapping.set_global(qconfig)
+    for object_type, object_qconfig in list(mapping.object_type_qconfigs.items()):
+        if object_qconfig is not None and object_qconfig.activation == default_global.activation:
+            weight = object_qconfig.weight if object_qconfig.weight != default_global.weight else qconfig.weight
+            mapping.set_object_type(object_type, QConfig(activation=StatsCollector, weight=weight))
+    for layer in fp32_layers:
+        mapping.set_module_name(layer, None)
+    return mapping
+
+
+class StaticBuilder:
+    """Captures and calibrates `model` once; `build(plan)` returns an int8 GraphModule."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: tuple,
+        calib_batches: Sequence[tuple],
+        *,
+        non_traceable_modules: Sequence[str] = (),
+    ) -> None:
+        self.example_inputs = example_inputs
+        self.non_traceable_modules = list(non_traceable_modules)
+        self._model = copy.deepcopy(model).eval()
+        self._prepared: dict[str, torch.fx.GraphModule] = {}
+        base = self._prepare("per_channel")
+        self.layers = quantizable_layers(base)
+        self.checkpoints = checkpoints_for(calib_batches)
+        self.stats: dict[str, list[TensorStats]] = collect_stats(base, calib_batches, self.checkpoints)
+        self.observer_names, self.observer_owner = _observer_names_and_owners(base, set(self.layers))
+
+    def _prepare(self, weight_granularity: str) -> torch.fx.GraphModule:
+        if weight_granularity not in self._prepared:
+            custom = PrepareCustomConfig().set_non_traceable_module_names(self.non_traceable_modules)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    prepared = prepare_fx(
+                        copy.deepcopy(self._model), qconfig_mapping(weight_granularity),
+                        self.example_inputs, prepare_custom_config=custom,
+                    )
+                except Exception as error:  # tracing errors come in many types
+                    raise explain_trace_failure(self._model, error, self.non_traceable_modules) from error
+            self._prepared[weight_granularity] = prepared
+        return self._prepared[weight_granularity]
+
+    def build(self, plan: QuantPlan) -> torch.fx.GraphModule:
+        """The int8 model for `plan` (calibration statistics are reused, never recomputed)."""
+        unknown = set(plan.fp32_layers) - set(self.layers)
+        if unknown:
+            raise ValueError(
+                f"fp32_layers names {sorted(unknown)}, which are not quantizable layers of this model. "
+                f"Known layers: {self.layers}"
+            )
+        model = copy.deepcopy(self._prepare(plan.weight_granularity))
+        levels = 128 if plan.reduce_range else 256
+        for name, snapshots in self.stats.items():
+            stats = _snapshot(snapshots, plan.calib_samples)
+            if stats is None:
+                low, high = 0.0, 1.0  # never reached during calibration: any range will do
+            else:
+                method = plan.observer_for(self.observer_owner.get(name))
+                low, high = activation_range(
+                    stats, method, levels=levels, symmetric=plan.activation_symmetric, percentile=plan.percentile
+                )
+            observer = FixedRangeObserver(low, high, symmetric=plan.activation_symmetric, reduce_range=plan.reduce_range)
+            for alias in self.observer_names[name]:
+                setattr(model, alias, observer)
+        with warnings.catch_warnings(), quantized_engine(plan.engine):
+            warnings.simplefilter("ignore")
+            quantized = convert_fx(model, qconfig_mapping=qconfig_mapping(plan.weight_granularity, plan.fp32_layers))
+        if plan.channels_last:
+            to_channels_last(quantized, self.example_inputs)
+        return quantized
+
+
+def _snapshot(snapshots: list[TensorStats], samples: int | None) -> TensorStats | None:
+    if not snapshots:
+        return None
+    if samples is None:
+        return snapshots[-1]
+    fitting = [s for s in snapshots if s.samples <= samples]
+    return fitting[-1] if fitting else snapshots[0]
+
+
+def _observer_names_and_owners(
+    prepared: torch.fx.GraphModule, layers: set[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Collector names, and which layer's output each observes.
+
+    FX shares one observer instance between ops whose output keeps its input's qparams (maxpool,
+    relu6, ...): returns {primary name: every attribute name of that instance} and
+    {primary name: layer whose output it observes}.
+    """
+    primary = {id(module): name for name, module in prepared.named_modules() if isinstance(module, StatsCollector)}
+    names: dict[str, list[str]] = {name: [] for name in primary.values()}
+    owners = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(node.target)
+        if not isinstance(module, StatsCollector):
+            continue
+        name = primary[id(module)]
+        if node.target not in names[name]:
+            names[name].append(node.target)
+        source = node.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "call_module" and source.target in layers:
+            owners.setdefault(name, source.target)
+    return names, owners
+
+
+def to_channels_last(graph_module: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """Make 4-D inputs channels_last as the model's first step, and its FP32 weights too (in place)."""
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        if isinstance(example, torch.Tensor) and example.dim() == 4:
+            with graph_module.graph.inserting_after(node):
+                converted = graph_module.graph.call_method(
+                    "contiguous", (node,), {"memory_format": torch.channels_last})
+            node.replace_all_uses_with(converted, delete_user_cb=lambda user: user is not converted)
+    graph_module.recompile()
+    graph_module.to(memory_format=torch.channels_last)

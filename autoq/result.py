@@ -1,0 +1,104 @@
+"""What a tuning run returns, and saving/loading the tuned int8 model."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from autoq.plan import QuantPlan
+from autoq.recipes.engine import quantized_engine
+
+SAVE_FORMAT = "autoq.model"
+SAVE_VERSION = 1
+
+
+@dataclass
+class TuneResult:
+    """The tuned model and the evidence for it.
+
+    accuracy / baseline_accuracy: the user's metric for the int8 / FP32 model.
+    loss: accuracy loss as a fraction of the baseline (relative) or in metric units (absolute).
+    speedup: FP32-eager latency / int8 latency, measured side by side at the end of the run.
+    latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8.
+    config: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
+    trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error).
+    pareto_front: trials not dominated in (loss, speedup), lowest loss first.
+    feasible: whether `model` meets the accuracy budget.
+    """
+
+    model: torch.nn.Module
+    accuracy: float
+    baseline_accuracy: float
+    loss: float
+    speedup: float
+    latency_ms: dict[str, float]
+    config: dict[str, Any]
+    trials: list[dict[str, Any]]
+    pareto_front: list[dict[str, Any]]
+    feasible: bool
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    study_name: str = ""
+    storage: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the int8 model and its plan to one file; `autoq.load(path)` restores it."""
+        save_model(self.model, self.config, path, summary={
+            "accuracy": self.accuracy, "baseline_accuracy": self.baseline_accuracy, "loss": self.loss,
+            "speedup": self.speedup, "latency_ms": self.latency_ms,
+        })
+
+    def summary(self) -> str:
+        """A short human-readable table of the outcome."""
+        lat = self.latency_ms
+        status = "meets the budget" if self.feasible else "DOES NOT meet the budget (best effort)"
+        lines = [
+            f"autoq result: {status}",
+            f"  metric    FP32 {self.baseline_accuracy:.4f}   int8 {self.accuracy:.4f}   loss {self.loss:+.4f}",
+            f"  latency   FP32 eager {lat['fp32_eager']:.3f} ms   FP32 best {lat['fp32_best']:.3f} ms   "
+            f"int8 {lat['int8']:.3f} ms",
+            f"  speedup   {self.speedup:.2f}x vs FP32 eager   {lat['fp32_best'] / lat['int8']:.2f}x vs best FP32",
+            f"  trials    {len(self.trials)} in study '{self.study_name}'",
+        ]
+        plan = QuantPlan.from_dict(self.config)
+        lines.append(
+            f"  plan      engine={plan.engine} observer={plan.activation_observer} "
+            f"weights={plan.weight_granularity} fp32_layers={len(plan.fp32_layers)} channels_last={plan.channels_last}"
+        )
+        lines += [f"  note      {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def save_model(model: torch.nn.Module, config: dict, path: str | os.PathLike, summary: dict | None = None) -> None:
+    """Save an autoq int8 model with its plan (the plan's engine is re-applied on load)."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    torch.save({
+        "format": SAVE_FORMAT, "version": SAVE_VERSION, "config": config, "summary": summary or {},
+        "torch_version": torch.__version__, "model": buffer.getvalue(),
+    }, path)
+
+
+def load(path: str | os.PathLike) -> torch.nn.Module:
+    """Load a model written by `TuneResult.save`; weights are prepacked under the tuned engine.
+
+    The file contains pickled code (an FX GraphModule): load only files you trust. Classes of
+    modules kept as FP32 black boxes must be importable. The plan is in `model.meta['autoq']`.
+    """
+    payload = torch.load(path, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not an autoq model file (written by TuneResult.save).")
+    if payload.get("version") != SAVE_VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has autoq model format version {payload.get('version')}; "
+            f"this autoq reads version {SAVE_VERSION}."
+        )
+    plan = QuantPlan.from_dict(payload["config"])
+    with quantized_engine(plan.engine):
+        model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
+    model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"]}
+    return model

