@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.fx.tracer import QuantizationTracer
 
 QUANTIZABLE_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+FUNCTIONAL_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 class TraceError(RuntimeError):
@@ -125,14 +131,69 @@ def explain_trace_failure(model: nn.Module, error: Exception, non_traceable: lis
     )
 
 
-def quantizable_layers(graph_module: torch.fx.GraphModule) -> list[str]:
-    """Names of conv/linear modules (possibly fused with BN/ReLU) called in the captured graph, in order."""
-    layers = []
-    for node in graph_module.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = graph_module.get_submodule(node.target)
-        core = module[0] if isinstance(module, nn.Sequential) and len(module) else module
-        if isinstance(core, QUANTIZABLE_LAYER_TYPES) and node.target not in layers:
-            layers.append(node.target)
-    return layers
+@dataclass(frozen=True)
+class Layer:
+    """A quantizable conv/linear in the captured graph.
+
+    name: how plans refer to it (the module name; for functional calls the enclosing module's
+    name, or 'module:function#k' when that is ambiguous). function/index: set for functional
+    calls (F.conv2d, F.linear, ...), the k-th call of that function inside `module_path`.
+    """
+
+    name: str
+    module_path: str
+    node: str
+    function: Callable | None = None
+    index: int = 0
+
+
+def use_base_layer_classes(model: nn.Module) -> list[str]:
+    """Give subclasses of Conv/Linear that keep the base forward their base class (in place).
+
+    FX quantization matches exact module types, so `class MyConv(nn.Conv2d): pass` would otherwise
+    be traced into as a functional call and lose BN folding. Returns the names changed.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        for base in QUANTIZABLE_LAYER_TYPES:
+            if type(module) is not base and isinstance(module, base) and type(module).forward is base.forward:
+                module.__class__ = base
+                changed.append(name)
+                break
+    return changed
+
+
+def find_layers(prepared: torch.fx.GraphModule) -> list[Layer]:
+    """Quantizable layers of a prepared graph, in execution order."""
+    scope = prepared.meta["_observed_graph_module_attrs"].node_name_to_scope
+    calls_seen: dict[tuple[str, Callable], int] = {}
+    modules, functional = [], []
+    for node in prepared.graph.nodes:
+        if node.op == "call_module":
+            module = prepared.get_submodule(node.target)
+            core = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+            if isinstance(core, QUANTIZABLE_LAYER_TYPES) and all(m.name != node.target for m in modules):
+                modules.append(Layer(node.target, node.target, node.name))
+        elif node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
+            path = scope[node.name][0] if node.name in scope else ""
+            index = calls_seen.get((path, node.target), 0)
+            calls_seen[(path, node.target)] = index + 1
+            functional.append(Layer("", path, node.name, node.target, index))
+    per_module = Counter(layer.module_path for layer in functional)
+    named = [
+        dataclasses.replace(layer, name=layer.module_path)
+        if layer.module_path and per_module[layer.module_path] == 1
+        else dataclasses.replace(
+            layer, name=f"{layer.module_path or '<root>'}:{layer.function.__name__}#{layer.index}")
+        for layer in functional
+    ]
+    order = {node.name: i for i, node in enumerate(prepared.graph.nodes)}
+    return sorted(modules + named, key=lambda layer: order[layer.node])
+
+
+def keep_fp32(mapping: QConfigMapping, layer: Layer) -> None:
+    """Set `layer` to FP32 in `mapping`."""
+    if layer.function is None or layer.name == layer.module_path:
+        mapping.set_module_name(layer.module_path, None)
+    else:
+        mapping.set_module_name_object_type_order(layer.module_path, layer.function, layer.index, None)

@@ -26,6 +26,7 @@ class TuneConfig:
     calib_max_samples: calibration samples used at most; eval is never run on them.
     sensitivity_samples: calibration samples used to rank layer sensitivity.
     threads: intra-op threads for latency measurement (None: torch's current setting).
+    latency_seconds: timing effort per trial in seconds (the final comparison uses 4x as much).
     compile_fp32: also build the best FP32 baseline with torch.compile (freezing).
     prune_slower: skip the accuracy evaluation of candidates measurably slower than the best
       feasible one found so far (they cannot win).
@@ -42,6 +43,7 @@ class TuneConfig:
     calib_max_samples: int = 512
     sensitivity_samples: int = 32
     threads: int | None = None
+    latency_seconds: float = 1.0
     compile_fp32: bool = True
     prune_slower: bool = True
     non_traceable_modules: list[str] = field(default_factory=list)
@@ -67,6 +69,8 @@ class TuneConfig:
                 raise _invalid(name, "a positive int", value)
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise _invalid("threads", "a positive int or None", self.threads)
+        if not isinstance(self.latency_seconds, (int, float)) or self.latency_seconds <= 0:
+            raise _invalid("latency_seconds", "a positive number of seconds", self.latency_seconds)
         if not isinstance(self.space, SearchSpace):
             raise _invalid("space", "an autoq.SearchSpace (or a dict of its fields)", self.space)
         self.non_traceable_modules = list(self.non_traceable_modules)

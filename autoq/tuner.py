@@ -24,8 +24,6 @@ from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers
 from autoq.search.study import best_row, fingerprint, pareto_front, storage_url, trial_rows
 
-FINAL_LATENCY_SECONDS = 4.0
-
 
 def tune(
     model: torch.nn.Module,
@@ -171,7 +169,7 @@ class _Run:
             candidates["fp32_compiled"] = compiled.model
             notes += compiled.warnings
         timing = measure_latency(candidates, self.example_inputs, threads=config.threads,
-                                 target_seconds=FINAL_LATENCY_SECONDS, min_repeats=20)
+                                 target_seconds=4 * config.latency_seconds, min_repeats=20)
         fp32_best_name = min((n for n in timing if n.startswith("fp32_")), key=lambda n: timing[n].median_ms)
         latency = {
             "fp32_eager": timing["fp32_eager"].median_ms,

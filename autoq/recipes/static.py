@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from autoq.calibrate.observers import FixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats
-from autoq.capture import explain_trace_failure, quantizable_layers
+from autoq.capture import Layer, explain_trace_failure, find_layers, keep_fp32, use_base_layer_classes
 from autoq.plan import QuantPlan
 from autoq.recipes.engine import quantized_engine
 
@@ -32,7 +32,7 @@ _WEIGHT_OBSERVERS = {
 }
 
 
-def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[str] = ()) -> QConfigMapping:
+def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[Layer] = ()) -> QConfigMapping:
     """PyTorch's default x86 mapping with autoq's statistics collector on activations."""
     mapping = get_default_qconfig_mapping("x86")
     default_global = mapping.global_qconfig
@@ -43,7 +43,7 @@ def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[str] = ()) ->
             weight = object_qconfig.weight if object_qconfig.weight != default_global.weight else qconfig.weight
             mapping.set_object_type(object_type, QConfig(activation=StatsCollector, weight=weight))
     for layer in fp32_layers:
-        mapping.set_module_name(layer, None)
+        keep_fp32(mapping, layer)
     return mapping
 
 
@@ -61,12 +61,14 @@ class StaticBuilder:
         self.example_inputs = example_inputs
         self.non_traceable_modules = list(non_traceable_modules)
         self._model = copy.deepcopy(model).eval()
+        use_base_layer_classes(self._model)
         self._prepared: dict[str, torch.fx.GraphModule] = {}
         base = self._prepare("per_channel")
-        self.layers = quantizable_layers(base)
+        self._layers = {layer.name: layer for layer in find_layers(base)}
+        self.layers = list(self._layers)
         self.checkpoints = checkpoints_for(calib_batches)
         self.stats: dict[str, list[TensorStats]] = collect_stats(base, calib_batches, self.checkpoints)
-        self.observer_names, self.observer_owner = _observer_names_and_owners(base, set(self.layers))
+        self.observer_names, self.observer_owner = _observer_names_and_owners(base, self._layers.values())
 
     def _prepare(self, weight_granularity: str) -> torch.fx.GraphModule:
         if weight_granularity not in self._prepared:
@@ -80,6 +82,7 @@ class StaticBuilder:
                     )
                 except Exception as error:  # tracing errors come in many types
                     raise explain_trace_failure(self._model, error, self.non_traceable_modules) from error
+            _drop_dead_code(prepared)
             self._prepared[weight_granularity] = prepared
         return self._prepared[weight_granularity]
 
@@ -107,10 +110,22 @@ class StaticBuilder:
                 setattr(model, alias, observer)
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
-            quantized = convert_fx(model, qconfig_mapping=qconfig_mapping(plan.weight_granularity, plan.fp32_layers))
+            fp32_layers = [self._layers[name] for name in plan.fp32_layers]
+            quantized = convert_fx(model, qconfig_mapping=qconfig_mapping(plan.weight_granularity, fp32_layers))
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
         return quantized
+
+
+def _drop_dead_code(prepared: torch.fx.GraphModule) -> None:
+    """Remove computations whose results the model never returns (unused heads, debug outputs)."""
+    if not prepared.graph.eliminate_dead_code():
+        return
+    prepared.delete_all_unused_submodules()
+    prepared.recompile()
+    attrs = prepared.meta["_observed_graph_module_attrs"]
+    alive = {node.name for node in prepared.graph.nodes}
+    attrs.node_name_to_qconfig = {k: v for k, v in attrs.node_name_to_qconfig.items() if k in alive}
 
 
 def _snapshot(snapshots: list[TensorStats], samples: int | None) -> TensorStats | None:
@@ -123,7 +138,7 @@ def _snapshot(snapshots: list[TensorStats], samples: int | None) -> TensorStats 
 
 
 def _observer_names_and_owners(
-    prepared: torch.fx.GraphModule, layers: set[str]
+    prepared: torch.fx.GraphModule, layers: Iterable[Layer]
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Collector names, and which layer's output each observes.
 
@@ -131,6 +146,7 @@ def _observer_names_and_owners(
     relu6, ...): returns {primary name: every attribute name of that instance} and
     {primary name: layer whose output it observes}.
     """
+    layer_of_node = {layer.node: layer.name for layer in layers}
     primary = {id(module): name for name, module in prepared.named_modules() if isinstance(module, StatsCollector)}
     names: dict[str, list[str]] = {name: [] for name in primary.values()}
     owners = {}
@@ -144,8 +160,8 @@ def _observer_names_and_owners(
         if node.target not in names[name]:
             names[name].append(node.target)
         source = node.args[0]
-        if isinstance(source, torch.fx.Node) and source.op == "call_module" and source.target in layers:
-            owners.setdefault(name, source.target)
+        if isinstance(source, torch.fx.Node) and source.name in layer_of_node:
+            owners.setdefault(name, layer_of_node[source.name])
     return names, owners
 
 

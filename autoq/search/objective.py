@@ -16,7 +16,6 @@ from autoq.recipes.static import StaticBuilder
 from autoq.search.space import GLOBAL
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
-TRIAL_LATENCY_SECONDS = 1.0
 
 
 class CandidateFailed(Exception):
@@ -71,7 +70,7 @@ class Objective:
             model = self.builder.build(plan)
             timing = measure_latency(
                 {"fp32": self.fp32_model, "int8": model}, self.builder.example_inputs,
-                threads=self.config.threads, target_seconds=TRIAL_LATENCY_SECONDS,
+                threads=self.config.threads, target_seconds=self.config.latency_seconds,
             )
         except Exception as error:
             self._fail(trial, plan, f"building or running the candidate failed: {type(error).__name__}: {error}")

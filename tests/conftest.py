@@ -1,0 +1,61 @@
+import warnings
+
+import pytest
+import torch
+
+from autoq import zoo
+
+
+@pytest.fixture(scope="session")
+def mnist_task():
+    """Small CNN trained on MNIST-5k (cached after the first run)."""
+    return zoo.mnist_cnn_task(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_torch_ao_deprecations():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="torch.ao")
+        yield
+
+
+def fast_settings(tmp_path, **overrides):
+    """Settings that keep a tuning test to seconds."""
+    settings = dict(storage=f"sqlite:///{tmp_path / 'study.db'}", compile_fp32=False, latency_seconds=0.2,
+                    verbose=False, seed=0)
+    settings.update(overrides)
+    return settings
+
+
+def state_of(model: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class DigitsData:
+    """sklearn's 8x8 digits as (train, val) tensors; fast enough to train models inside tests."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        images, labels = load_digits(return_X_y=True)
+        self.x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+        self.y = torch.tensor(labels)
+        self.calib = [self.x[i : i + 32] for i in range(0, 128, 32)]
+
+    def train(self, model: torch.nn.Module, epochs: int = 60, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(self.x[:1200]), self.y[:1200]).backward()
+            optimizer.step()
+        return model.eval()
+
+    def accuracy(self, model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float((model(self.x[1200:]).argmax(1) == self.y[1200:]).float().mean())
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return DigitsData()
