@@ -8,6 +8,7 @@ second call of a task builder is fast.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import importlib.util
@@ -63,8 +64,10 @@ _MNIST_EPOCHS = 6
 _MNIST_BATCH_SIZE = 64
 _MNIST_LEARNING_RATE = 3e-3
 _MNIST_CALIB = (4, 32)  # batches, batch size
-_PROBE_C = 0.5  # inverse L2 strength of the logistic-regression probe (on standardized features)
-_FEATURE_BATCH_SIZE = 64
+# Inverse L2 strength of the probe on standardized features; best of 0.002-1.0 by 5-fold
+# cross-validation on the 3000 default training images (86.5%).
+_PROBE_C = 0.005
+_FEATURE_BATCH_SIZE = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +121,9 @@ def mobilenet_v2_imagenet() -> nn.Module:
     ImageNet-normalized ``[N, 3, H, W]`` float images to 1000 logits.
     """
     path = _package_file(*_MOBILENET_V2_FILE)
-    model = mobilenet_v2(weights=None)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    with torch.device("meta"):  # skip random init: it is overwritten and would consume the RNG
+        model = mobilenet_v2(weights=None)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)
     return model.eval()
 
 
@@ -227,11 +231,11 @@ def mnist_cnn_task(seed: int = 0, cache_dir: Path | None = None) -> Task:
     val = order[n_train : n_train + n_val]
     test = order[n_train + n_val :]
 
-    model = _mnist_cnn()
     cache_file = _resolve_cache_dir(cache_dir) / f"mnist_cnn-v{_CACHE_VERSION}-seed{seed}.pt"
-    model.load_state_dict(
-        _cached(cache_file, lambda: _train_mnist_cnn(_mnist_inputs(images[train]), labels[train], seed))
-    )
+    state = _cached(cache_file, lambda: _train_mnist_cnn(_mnist_inputs(images[train]), labels[train], seed))
+    with torch.device("meta"):
+        model = _mnist_cnn()
+    model.load_state_dict(state, assign=True)
     model.eval()
 
     n_batches, batch_size = _MNIST_CALIB
@@ -287,7 +291,6 @@ def mobilenet_fashion_task(
         )
     preprocess = functools.partial(_fashion_inputs, resolution=resolution)
     model = mobilenet_v2_imagenet()
-    model.classifier[1] = nn.Linear(_MOBILENET_FEATURES, _NUM_CLASSES)
     cache_file = _resolve_cache_dir(cache_dir) / (
         f"mobilenet_fashion_probe-v{_CACHE_VERSION}-seed{seed}-res{resolution}-train{n_train}.pt"
     )
@@ -295,7 +298,9 @@ def mobilenet_fashion_task(
         cache_file,
         lambda: _fit_probe(model, preprocess, train_images[:n_train], train_labels[:n_train], seed),
     )
-    model.classifier[1].load_state_dict(probe)
+    with torch.device("meta"):
+        model.classifier[1] = nn.Linear(_MOBILENET_FEATURES, _NUM_CLASSES)
+    model.classifier[1].load_state_dict(probe, assign=True)
     model.eval()
 
     calib = list(preprocess(train_images[n_train : n_train + n_calib]).split(calib_batch_size))
@@ -377,9 +382,9 @@ def _train_mnist_cnn(inputs: Tensor, labels: Tensor, seed: int) -> dict[str, Ten
     return model.state_dict()
 
 
-def _pooled_features(model: nn.Module, inputs: Tensor) -> Tensor:
-    """MobileNetV2 backbone output, average-pooled: ``[N, 1280]``, what the classifier sees."""
-    return torch.flatten(F.adaptive_avg_pool2d(model.features(inputs), 1), 1)
+def _pooled_features(backbone: nn.Module, inputs: Tensor) -> Tensor:
+    """MobileNetV2 ``features`` output, average-pooled: ``[N, 1280]``, what the classifier sees."""
+    return torch.flatten(F.adaptive_avg_pool2d(backbone(inputs), 1), 1)
 
 
 def _fit_probe(
@@ -387,6 +392,7 @@ def _fit_probe(
 ) -> dict[str, Tensor]:
     """Fit a logistic regression on pooled features; return it as ``nn.Linear`` weight and bias."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     if len(labels.unique()) != _NUM_CLASSES:
         raise ValueError(
@@ -394,14 +400,23 @@ def _fit_probe(
             f"{_NUM_CLASSES} classes; raise n_train."
         )
     started = time.perf_counter()
+    # A channels_last copy of the backbone extracts features 2-4x faster on CPU; the task model
+    # itself keeps torchvision's default memory format.
+    backbone = copy.deepcopy(model.features).to(memory_format=torch.channels_last)
     with torch.no_grad():
         features = torch.cat(
-            [_pooled_features(model, preprocess(batch)) for batch in images.split(_FEATURE_BATCH_SIZE)]
+            [
+                _pooled_features(backbone, preprocess(batch).contiguous(memory_format=torch.channels_last))
+                for batch in images.split(_FEATURE_BATCH_SIZE)
+            ]
         ).double()
     extracted = time.perf_counter()
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     classifier = LogisticRegression(C=_PROBE_C, max_iter=1000, random_state=seed)
-    classifier.fit(((features - mean) / std).numpy(), labels.numpy())
+    # Single-threaded BLAS: this small fit is 10-40x faster than with numpy's and scipy's two
+    # OpenBLAS pools competing for the cores.
+    with threadpool_limits(limits=1):
+        classifier.fit(((features - mean) / std).numpy(), labels.numpy())
     # Fold the standardization into the linear layer: W (x - mean) / std + b.
     weight = torch.from_numpy(classifier.coef_) / std
     bias = torch.from_numpy(classifier.intercept_) - weight @ mean

