@@ -143,7 +143,7 @@ class _Run:
             samples += int(batch[0].shape[0])
             if samples >= self.config.sensitivity_samples:
                 break
-        _log(self.config, f"ranking {len(builder.layers)} layers by output SQNR when quantized alone")
+        _log(self.config, f"ranking {len(builder.layers)} layers by output SQNR when quantized alone (simulated)")
         scores = layer_sensitivity(builder, self.fp32, batches, default_plan("x86"))
         study.set_user_attr("sensitivity_sqnr_db", {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
         return scores

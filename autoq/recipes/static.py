@@ -87,6 +87,26 @@ class StaticBuilder:
             self._prepared[weight_granularity] = prepared
         return self._prepared[weight_granularity]
 
+    def prepared(self, weight_granularity: str = "per_channel") -> torch.fx.GraphModule:
+        """The captured FP32 graph with a StatsCollector on every activation (do not modify)."""
+        return self._prepare(weight_granularity)
+
+    def layer(self, name: str) -> Layer:
+        return self._layers[name]
+
+    def activation_observer(self, name: str, plan: QuantPlan) -> FixedRangeObserver:
+        """The observer `plan` puts at collector `name`, with its range from the calibration statistics."""
+        stats = _snapshot(self.stats[name], plan.calib_samples)
+        if stats is None:
+            low, high = 0.0, 1.0  # never reached during calibration: any range will do
+        else:
+            low, high = activation_range(
+                stats, plan.observer_for(self.observer_owner.get(name)),
+                levels=128 if plan.reduce_range else 256, symmetric=plan.activation_symmetric,
+                percentile=plan.percentile,
+            )
+        return FixedRangeObserver(low, high, symmetric=plan.activation_symmetric, reduce_range=plan.reduce_range)
+
     def build(self, plan: QuantPlan) -> torch.fx.GraphModule:
         """The int8 model for `plan` (calibration statistics are reused, never recomputed)."""
         unknown = set(plan.fp32_layers) - set(self.layers)
@@ -96,18 +116,9 @@ class StaticBuilder:
                 f"Known layers: {self.layers}"
             )
         model = _copy_sharing_tensors(self._prepare(plan.weight_granularity))
-        levels = 128 if plan.reduce_range else 256
-        for name, snapshots in self.stats.items():
-            stats = _snapshot(snapshots, plan.calib_samples)
-            if stats is None:
-                low, high = 0.0, 1.0  # never reached during calibration: any range will do
-            else:
-                method = plan.observer_for(self.observer_owner.get(name))
-                low, high = activation_range(
-                    stats, method, levels=levels, symmetric=plan.activation_symmetric, percentile=plan.percentile
-                )
-            observer = FixedRangeObserver(low, high, symmetric=plan.activation_symmetric, reduce_range=plan.reduce_range)
-            for alias in self.observer_names[name]:
+        for name, aliases in self.observer_names.items():
+            observer = self.activation_observer(name, plan)
+            for alias in aliases:
                 setattr(model, alias, observer)
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
