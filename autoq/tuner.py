@@ -92,20 +92,48 @@ class _Run:
         scores = self._sensitivity(study, builder)
         ranking = rank_layers(scores)
         previous = trial_rows(study)
+        seeds = config.space.seed_params(ranking, builder.checkpoints)
         if not previous:
-            for params in config.space.seed_params(ranking, builder.checkpoints):
+            for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
         objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous)
         finished = sum(1 for r in previous if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
-        remaining = None if config.n_trials is None else max(config.n_trials - finished, 0)
         if finished:
             _log(config, f"resuming study '{study.study_name}': {finished} finished trials kept")
-        if remaining != 0:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                study.optimize(objective, n_trials=remaining, timeout=config.timeout, catch=(CandidateFailed,))
+        deadline = None if config.timeout is None else time.monotonic() + config.timeout
+        self._optimize(study, objective, len(seeds), deadline)  # the seeds (and any queued trials)
+        if not study.user_attrs.get("sweep_enqueued"):
+            best_seed = self._best_seed(study, len(seeds))
+            for params in config.space.sweep_params(best_seed) if best_seed else []:
+                study.enqueue_trial(params, skip_if_exists=True)
+            study.set_user_attr("sweep_enqueued", True)
+        self._optimize(study, objective, None, deadline)
         rows = trial_rows(study)
         return self._result(study, builder, rows, baseline, scores, started)
+
+    def _optimize(self, study: optuna.Study, objective: Objective, at_most: int | None,
+                  deadline: float | None) -> None:
+        """Run trials until the study holds n_trials finished ones, `at_most` more, or the deadline."""
+        finished = len(study.get_trials(deepcopy=False, states=(
+            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)))
+        budget = None if self.config.n_trials is None else max(self.config.n_trials - finished, 0)
+        if at_most is not None:
+            budget = at_most if budget is None else min(budget, at_most)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if budget == 0 or (timeout is not None and timeout <= 0):
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study.optimize(objective, n_trials=budget, timeout=timeout, catch=(CandidateFailed,))
+
+    @staticmethod
+    def _best_seed(study: optuna.Study, n_seeds: int) -> dict | None:
+        """Parameters of the seed trial with the lowest accuracy loss (fastest on ties)."""
+        seeds = [t for t in study.get_trials(deepcopy=False)[:n_seeds]
+                 if t.state == optuna.trial.TrialState.COMPLETE and "loss" in t.user_attrs]
+        if not seeds:
+            return None
+        return dict(min(seeds, key=lambda t: (t.user_attrs["loss"], -t.user_attrs["speedup"])).params)
 
     def _baseline(self) -> float:
         try:

@@ -92,6 +92,22 @@ class SearchSpace:
                 seeds.append(params)
         return seeds
 
+    def sweep_params(self, seed: dict) -> list[dict]:
+        """Variations of the best seed: every other observer method, at full 8-bit range if allowed.
+
+        Run right after the seeds, they give the sampler an informed start on the dimensions that
+        matter most for accuracy before it spends trials on fallbacks and per-layer choices.
+        """
+        reduce_range = False if False in self.reduce_range else seed["reduce_range"]
+        variants = []
+        for observer in self.observers:
+            params = {**seed, "reduce_range": reduce_range, "activation_observer": observer}
+            if observer == "percentile":
+                variants += [{**params, "percentile": percentile} for percentile in PERCENTILES]
+            else:
+                variants.append(params)
+        return [params for params in variants if params != seed]
+
     def _admits(self, params: dict) -> bool:
         return (
             params["activation_observer"] in self.observers
