@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,13 +75,41 @@ class TuneResult:
         return "\n".join(lines)
 
 
+def _rebuild_module(cls: type, state: tuple) -> torch.nn.Module:
+    """Unpickle a quantized module the way its own __deepcopy__ copies it."""
+    module = cls.__new__(cls)
+    torch.nn.Module.__init__(module)
+    module.__setstate__(state)
+    return module
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles torch's quantized modules through `_rebuild_module`.
+
+    Their __setstate__ (tuple state, weights re-packed) never runs nn.Module.__init__, so a plainly
+    pickled quantized conv comes back without `_modules` and a GraphModule holding it cannot load.
+    """
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith(_QUANTIZED_MODULES):
+            state = obj.__getstate__()
+            if isinstance(state, tuple):
+                return _rebuild_module, (type(obj), state)
+        return NotImplemented
+
+
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+_PICKLE_MODULE = types.ModuleType("autoq_pickle")
+_PICKLE_MODULE.Pickler = _Pickler
+
+
 def save_model(model: torch.nn.Module, config: dict, path: str | os.PathLike, summary: dict | None = None) -> None:
     """Save an autoq int8 model with its plan (the plan's engine is re-applied on load)."""
     buffer = io.BytesIO()
-    torch.save(model, buffer)
+    torch.save(model, buffer, pickle_module=_PICKLE_MODULE)
     torch.save({
         "format": SAVE_FORMAT, "version": SAVE_VERSION, "config": config, "summary": summary or {},
-        "torch_version": torch.__version__, "model": buffer.getvalue(),
+        "torch_version": str(torch.__version__), "model": buffer.getvalue(),
     }, path)
 
 

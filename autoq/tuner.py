@@ -22,7 +22,7 @@ from autoq.recipes.static import StaticBuilder
 from autoq.result import TuneResult
 from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers
-from autoq.search.study import best_row, fingerprint, pareto_front, storage_url, trial_rows
+from autoq.search.study import FINISHED, best_row, fingerprint, pareto_front, storage_url, trial_rows
 
 
 def tune(
@@ -97,9 +97,8 @@ class _Run:
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
         objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous)
-        finished = sum(1 for r in previous if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
-        if finished:
-            _log(config, f"resuming study '{study.study_name}': {finished} finished trials kept")
+        if previous:
+            _log(config, f"resuming study '{study.study_name}': {len(previous)} finished trials kept")
         deadline = None if config.timeout is None else time.monotonic() + config.timeout
         self._optimize(study, objective, len(seeds), deadline)  # the seeds (and any queued trials)
         if not study.user_attrs.get("sweep_enqueued"):
@@ -114,8 +113,7 @@ class _Run:
     def _optimize(self, study: optuna.Study, objective: Objective, at_most: int | None,
                   deadline: float | None) -> None:
         """Run trials until the study holds n_trials finished ones, `at_most` more, or the deadline."""
-        finished = len(study.get_trials(deepcopy=False, states=(
-            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)))
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         budget = None if self.config.n_trials is None else max(self.config.n_trials - finished, 0)
         if at_most is not None:
             budget = at_most if budget is None else min(budget, at_most)

@@ -67,6 +67,8 @@ def _weight_owner(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> tu
         module = graph_module.get_submodule(node.target)
         return (module[0] if isinstance(module, nn.Sequential) else module), "weight"
     weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    while weight.op == "call_module":  # the weight observer prepare_fx put in front of a functional call
+        weight = weight.args[0]
     path, _, attribute = weight.target.rpartition(".")
     return graph_module.get_submodule(path), attribute
 

@@ -14,6 +14,7 @@ import optuna
 import torch
 
 DEFAULT_RUN_DIR = "autoq-runs"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
 def storage_url(storage: str | None) -> str:
@@ -44,9 +45,12 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One plain dict per trial: number, state, params, metric, loss, speedup, latency, feasible, error."""
+    """One plain dict per finished trial: number, state, params, metric, loss, speedup, feasible, error.
+
+    Queued (not yet run) and running trials are left out.
+    """
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in study.get_trials(deepcopy=False, states=FINISHED):
         attrs = trial.user_attrs
         constraint = trial.system_attrs.get("constraints:accuracy_loss")
         rows.append({
