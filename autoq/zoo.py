@@ -261,7 +261,7 @@ def mobilenet_fashion_task(
     n_val: int = 1000,
     n_test: int = 1000,
     cache_dir: Path | None = None,
-    calib_batches: int = 8,
+    calib_batches: int = 32,
     calib_batch_size: int = 16,
 ) -> Task:
     """ImageNet MobileNetV2 (frozen) with a linear probe trained on Fashion-MNIST.

@@ -2,7 +2,7 @@
 
     python examples/tune_mobilenet_fashion.py [--trials N] [--storage URL]
 
-The tuner evaluates candidates on 500 validation images; the held-out test split (1000 other
+The tuner evaluates candidates on 1000 validation images; the held-out test split (1000 other
 images) is only used here, at the end, to check that the accuracy budget generalizes. The study
 lives in autoq-runs/autoq.db: run the command again and it resumes instead of starting over.
 """
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    task = zoo.mobilenet_fashion_task(n_val=500)
+    task = zoo.mobilenet_fashion_task()
     print(f"task ready in {time.perf_counter() - started:.0f} s: {task.name}, "
           f"{sum(len(b) for b in task.calib)} calibration images, threads={torch.get_num_threads()}")
 
