@@ -14,6 +14,7 @@ import optuna
 import torch
 
 DEFAULT_RUN_DIR = "autoq-runs"
+SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -85,7 +86,7 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(front, key=lambda r: (r["loss"], -r["speedup"]))
 
 
-def best_row(rows: list[dict[str, Any]], speed_tie: float = 0.02) -> tuple[dict[str, Any] | None, bool]:
+def best_row(rows: list[dict[str, Any]], speed_tie: float = SPEED_TIE) -> tuple[dict[str, Any] | None, bool]:
     """The fastest feasible trial (True), else the lowest-loss evaluated trial (False).
 
     Feasible trials within `speed_tie` (fraction) of the fastest count as equally fast (that is
