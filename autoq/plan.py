@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_TYPE = "autoq.QuantPlan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 plans lack the dispatch fields; their defaults apply
 
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 RECIPES = ("static",)
+LIBRARIES = ("fbgemm", "onednn")
+DISPATCH = ("engine", "measured", "table")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -39,6 +42,10 @@ class QuantPlan:
     fp32_layers: layers (module names in the captured graph) that stay in FP32.
     calib_samples: number of calibration samples whose statistics are used (None: all).
     percentile: upper percentile (in %) used by the 'percentile' observer.
+    fold_relu6: fuse Conv -> ReLU6 into ConvReLU with output range [0, min(6, max)].
+    dispatch: how layer_engines were chosen: 'engine' (none: every layer follows `engine`),
+      'measured' (each layer timed in place under both libraries), 'table' (a DispatchTable).
+    layer_engines: per-layer kernel library ('fbgemm' or 'onednn') overriding `engine`.
     """
 
     recipe: str = "static"
@@ -52,6 +59,9 @@ class QuantPlan:
     calib_samples: int | None = None
     percentile: float = 99.99
     channels_last: bool = False
+    fold_relu6: bool = False
+    dispatch: str = "engine"
+    layer_engines: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_choice("recipe", self.recipe, RECIPES)
@@ -60,6 +70,9 @@ class QuantPlan:
         for layer, observer in self.layer_observers.items():
             _check_choice(f"layer_observers[{layer!r}]", observer, OBSERVERS)
         _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        _check_choice("dispatch", self.dispatch, DISPATCH)
+        for layer, library in self.layer_engines.items():
+            _check_choice(f"layer_engines[{layer!r}]", library, LIBRARIES)
         if self.calib_samples is not None and self.calib_samples < 1:
             raise ValueError(
                 f"The 'calib_samples' parameter of QuantPlan must be a positive int or None. "
@@ -84,10 +97,10 @@ class QuantPlan:
         """Inverse of `to_dict`; rejects other types and unknown versions with a clear error."""
         if not isinstance(data, dict) or data.get("_type") != PLAN_TYPE:
             raise ValueError(f"Not an autoq plan (expected '_type': {PLAN_TYPE!r}): {str(data)[:200]}")
-        if data.get("_version") != PLAN_VERSION:
+        if data.get("_version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"autoq plan version {data.get('_version')!r} is not supported by this autoq "
-                f"(supports {PLAN_VERSION}); re-run tuning or upgrade autoq."
+                f"(supports {list(READABLE_VERSIONS)}); re-run tuning or upgrade autoq."
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data["_data"]) - known

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from autoq.dispatch.layers import set_layer_engines
+from autoq.dispatch.table import DispatchTable
 from autoq.plan import QuantPlan
 from autoq.recipes.engine import quantized_engine
 
@@ -30,6 +32,9 @@ class TuneResult:
     trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error).
     pareto_front: trials not dominated in (loss, speedup), lowest loss first.
     feasible: whether `model` meets the accuracy budget.
+    layers: per layer: name, sqnr_db (sensitivity), quantized, observer, engine (kernel library).
+    dispatch_table: the per-layer kernel timings this run measured (plus autoq's shipped table for
+      this CPU, if any) and the rule learned from them; `.save(path)` exports it.
     """
 
     model: torch.nn.Module
@@ -46,10 +51,11 @@ class TuneResult:
     study_name: str = ""
     storage: str = ""
     notes: list[str] = field(default_factory=list)
+    dispatch_table: DispatchTable | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the int8 model and its plan to one file; `autoq.load(path)` restores it."""
-        save_model(self.model, self.config, path, summary={
+        _write(self.model, self.config, path, summary={
             "accuracy": self.accuracy, "baseline_accuracy": self.baseline_accuracy, "loss": self.loss,
             "speedup": self.speedup, "latency_ms": self.latency_ms,
         })
@@ -67,8 +73,12 @@ class TuneResult:
             f"  trials    {len(self.trials)} in study '{self.study_name}'",
         ]
         plan = QuantPlan.from_dict(self.config)
+        kernels = plan.engine
+        if plan.layer_engines:
+            onednn = sum(library == "onednn" for library in plan.layer_engines.values())
+            kernels = f"per layer ({plan.dispatch}: {onednn} oneDNN, {len(plan.layer_engines) - onednn} FBGEMM)"
         lines.append(
-            f"  plan      engine={plan.engine} observer={plan.activation_observer} "
+            f"  plan      kernels={kernels} fold_relu6={plan.fold_relu6} observer={plan.activation_observer} "
             f"weights={plan.weight_granularity} fp32_layers={len(plan.fp32_layers)} channels_last={plan.channels_last}"
         )
         lines += [f"  note      {note}" for note in self.notes]
@@ -103,8 +113,17 @@ _PICKLE_MODULE = types.ModuleType("autoq_pickle")
 _PICKLE_MODULE.Pickler = _Pickler
 
 
-def save_model(model: torch.nn.Module, config: dict, path: str | os.PathLike, summary: dict | None = None) -> None:
-    """Save an autoq int8 model with its plan (the plan's engine is re-applied on load)."""
+def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Save an int8 model built by `autoq.quantize` (its plan, with per-layer kernels, comes along)."""
+    meta = getattr(model, "meta", {}).get("autoq")
+    if not meta:
+        raise ValueError("autoq.save needs a model built by autoq.quantize or autoq.load (model.meta['autoq'] "
+                         "holds its plan); for a tuning result use result.save(path).")
+    _write(model, meta["config"], path, meta.get("summary"))
+
+
+def _write(model: torch.nn.Module, config: dict, path: str | os.PathLike, summary: dict | None = None) -> None:
+    """Save an autoq int8 model with its plan (the plan's kernel choices are re-applied on load)."""
     buffer = io.BytesIO()
     torch.save(model, buffer, pickle_module=_PICKLE_MODULE)
     torch.save({
@@ -114,7 +133,10 @@ def save_model(model: torch.nn.Module, config: dict, path: str | os.PathLike, su
 
 
 def load(path: str | os.PathLike) -> torch.nn.Module:
-    """Load a model written by `TuneResult.save`; weights are prepacked under the tuned engine.
+    """Load a model written by `TuneResult.save` or `autoq.save`, with its weights packed as tuned.
+
+    Unpickling re-packs every layer under one engine (PyTorch's heuristic); the plan's per-layer
+    kernel libraries are then re-applied.
 
     The file contains pickled code (an FX GraphModule): load only files you trust. Classes of
     modules kept as FP32 black boxes must be importable. The plan is in `model.meta['autoq']`.
@@ -130,5 +152,6 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     plan = QuantPlan.from_dict(payload["config"])
     with quantized_engine(plan.engine):
         model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
+    set_layer_engines(model, plan.layer_engines)
     model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"]}
     return model

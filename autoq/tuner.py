@@ -15,6 +15,9 @@ import torch
 
 from autoq.capture import as_input_tuple, calibration_batches, check_model
 from autoq.config import TuneConfig
+from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines
+from autoq.dispatch.measured import LayerTimer
+from autoq.dispatch.table import DispatchTable, Entry, shipped_table
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency
 from autoq.plan import QuantPlan, default_plan
@@ -26,6 +29,7 @@ from autoq.search.study import FINISHED, SPEED_TIE, best_row, fingerprint, paret
 
 
 FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
+DISPATCH_ATTR = "dispatch_entries"  # study user attr: per-layer kernel timings measured by trials
 
 
 def tune(
@@ -58,15 +62,47 @@ def tune(
 
 
 def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: Any, calib_data: Iterable,
-             non_traceable_modules: Iterable[str] = ()) -> torch.nn.Module:
-    """Rebuild the int8 model of a plan (e.g. `TuneResult.config`) without searching."""
+             non_traceable_modules: Iterable[str] = (), dispatch: DispatchTable | str | None = None,
+             ) -> torch.nn.Module:
+    """Build the int8 model of a plan (e.g. `TuneResult.config`, or `QuantPlan()`) without searching.
+
+    dispatch: a DispatchTable (or its JSON path) choosing each layer's kernel library from its
+      exact entries or learned rule, 'shipped' for autoq's table for this CPU, or 'measured' to time
+      every layer in place; None keeps the plan's own kernel choices.
+    The plan actually built (with per-layer kernels) is in `model.meta['autoq']['config']`;
+    `autoq.save(model, path)` keeps it.
+    """
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
-    plan = config if isinstance(config, QuantPlan) else QuantPlan.from_dict(config)
-    samples = plan.calib_samples
-    batches = calibration_batches(calib_data, len(example_inputs), samples)
+    plan = copy.deepcopy(config) if isinstance(config, QuantPlan) else QuantPlan.from_dict(config)
+    batches = calibration_batches(calib_data, len(example_inputs), plan.calib_samples)
     builder = StaticBuilder(model, example_inputs, batches, non_traceable_modules=list(non_traceable_modules))
-    return builder.build(plan)
+    quantized = builder.build(plan)
+    if dispatch is not None:
+        plan.layer_engines, plan.dispatch = _dispatch(quantized, example_inputs, dispatch), (
+            "measured" if dispatch == "measured" else "table")
+        set_layer_engines(quantized, plan.layer_engines)
+    quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+    return quantized
+
+
+def _dispatch(model: torch.nn.Module, example_inputs: tuple, dispatch: DispatchTable | str) -> dict[str, str]:
+    """{layer: library} for the weighted layers of a built int8 model."""
+    if dispatch == "measured":
+        return LayerTimer().choose(model, example_inputs)
+    if dispatch == "shipped":
+        table = shipped_table()
+        if table is None:
+            raise ValueError("autoq ships no dispatch table for this CPU; build one with `autoq dispatch bench "
+                             "--out table.json` and pass dispatch='table.json', or use dispatch='measured'.")
+    elif isinstance(dispatch, DispatchTable):
+        table = dispatch
+    elif isinstance(dispatch, str):
+        table = DispatchTable.load(dispatch)
+    else:
+        raise TypeError(f"`dispatch` must be a DispatchTable, a table path, 'shipped', 'measured' or None. "
+                        f"Got {type(dispatch).__name__}.")
+    return table.choose_all(layer_shapes(model, example_inputs))
 
 
 def _log(config: TuneConfig, message: str) -> None:
@@ -95,11 +131,12 @@ class _Run:
         scores = self._sensitivity(study, builder)
         ranking = rank_layers(scores)
         previous = trial_rows(study)
-        seeds = config.space.seed_params(ranking, builder.checkpoints)
+        seeds = config.space.seed_params(ranking, builder.checkpoints, builder.has_relu6)
         if not previous:
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
-        objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous)
+        timer = LayerTimer(self._dispatch_table(study), threads=config.threads)
+        objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous, timer)
         if previous:
             _log(config, f"resuming study '{study.study_name}': {len(previous)} finished trials kept")
         deadline = None if config.timeout is None else time.monotonic() + config.timeout
@@ -110,8 +147,9 @@ class _Run:
                 study.enqueue_trial(params, skip_if_exists=True)
             study.set_user_attr("sweep_enqueued", True)
         self._optimize(study, objective, None, deadline)
+        self._store_dispatch(study, timer)
         rows = trial_rows(study)
-        return self._result(study, builder, rows, baseline, scores, started)
+        return self._result(study, builder, rows, baseline, scores, started, timer.table)
 
     def _optimize(self, study: optuna.Study, objective: Objective, at_most: int | None,
                   deadline: float | None) -> None:
@@ -158,6 +196,22 @@ class _Run:
         key = min(tied, key=lambda k: finalists[k][0]["loss"])
         return finalists[key][1], models[key]
 
+    @staticmethod
+    def _dispatch_table(study: optuna.Study) -> DispatchTable:
+        """This CPU's shipped table (if any) plus the layer timings earlier runs of the study stored."""
+        table = shipped_table() or DispatchTable.for_this_machine()
+        table.add(Entry(LayerShape.from_dict(e["shape"]), e["micros"], "tuning")
+                  for e in study.user_attrs.get(DISPATCH_ATTR, []))
+        return table
+
+    @staticmethod
+    def _store_dispatch(study: optuna.Study, timer: LayerTimer) -> None:
+        entries = {e["key"]: e for e in study.user_attrs.get(DISPATCH_ATTR, [])}
+        for entry in timer.tuning_entries():
+            entries[entry.shape.key()] = {"key": entry.shape.key(), "shape": entry.shape.to_dict(),
+                                          "micros": dict(entry.micros)}
+        study.set_user_attr(DISPATCH_ATTR, list(entries.values()))
+
     def _baseline(self) -> float:
         try:
             with torch.no_grad():
@@ -199,7 +253,7 @@ class _Run:
         study.set_user_attr("sensitivity_sqnr_db", {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
         return scores
 
-    def _result(self, study, builder, rows, baseline, scores, started) -> TuneResult:
+    def _result(self, study, builder, rows, baseline, scores, started, table: DispatchTable) -> TuneResult:
         config = self.config
         best, feasible = best_row(rows)
         if best is None:
@@ -243,13 +297,16 @@ class _Run:
         notes.append(f"tuning took {time.perf_counter() - started:.0f} s")
         layers = [{
             "name": layer, "sqnr_db": scores.get(layer), "quantized": layer not in plan.fp32_layers,
-            "observer": plan.observer_for(layer), "engine": plan.engine,
+            "observer": plan.observer_for(layer), "engine": plan.layer_engines.get(layer, plan.engine),
         } for layer in builder.layers]
+        if table.entries:
+            table.refit()
         result = TuneResult(
             model=model, accuracy=accuracy, baseline_accuracy=baseline, loss=loss,
             speedup=latency["fp32_eager"] / latency["int8"], latency_ms=latency, config=plan.to_dict(),
             trials=rows, pareto_front=pareto_front(rows), feasible=feasible, layers=layers,
             study_name=study.study_name, storage=storage_url(config.storage), notes=notes,
+            dispatch_table=table,
         )
         _log(config, "\n" + result.summary())
         return result

@@ -51,7 +51,7 @@ def test_channels_last_onednn_model_survives_save_and_load(builder, small_task, 
     inputs = small_task.calib[1][:4]
     with torch.no_grad():
         expected = model(inputs)
-    autoq.result.save_model(model, plan.to_dict(), tmp_path / "m.autoq")
+    autoq.save(model, tmp_path / "m.autoq")
     with torch.no_grad():
         assert torch.equal(autoq.load(tmp_path / "m.autoq")(inputs), expected)
 

@@ -25,7 +25,9 @@ from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats
 from autoq.capture import Layer, explain_trace_failure, find_layers, keep_fp32, use_base_layer_classes
 from autoq.plan import QuantPlan
+from autoq.dispatch.layers import set_layer_engines
 from autoq.recipes.engine import quantized_engine
+from autoq.recipes.fusion import fold_relu6, is_relu6
 
 _WEIGHT_OBSERVERS = {
     "per_channel": PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
@@ -70,6 +72,7 @@ class StaticBuilder:
         self.checkpoints = checkpoints_for(calib_batches)
         self.stats: dict[str, list[TensorStats]] = collect_stats(base, calib_batches, self.checkpoints)
         self.observer_names, self.observer_owner = _observer_names_and_owners(base, self._layers.values())
+        self.has_relu6 = any(is_relu6(base, node) for node in base.graph.nodes)
 
     def _prepare(self, weight_granularity: str) -> torch.fx.GraphModule:
         if weight_granularity not in self._prepared:
@@ -124,8 +127,12 @@ class StaticBuilder:
             warnings.simplefilter("ignore")
             fp32_layers = [self._layers[name] for name in plan.fp32_layers]
             quantized = convert_fx(model, qconfig_mapping=qconfig_mapping(plan.weight_granularity, fp32_layers))
+        if plan.fold_relu6:
+            fold_relu6(quantized, plan.engine, quant_max=127 if plan.reduce_range else 255)
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
+        set_layer_engines(quantized, plan.layer_engines)
+        quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
         return quantized
 
 

@@ -10,6 +10,8 @@ import optuna
 import torch
 
 from autoq.config import TuneConfig
+from autoq.dispatch.layers import set_layer_engines
+from autoq.dispatch.measured import LayerTimer
 from autoq.measure.latency import measure_latency, speedup
 from autoq.plan import QuantPlan
 from autoq.recipes.static import StaticBuilder
@@ -34,14 +36,15 @@ class Objective:
         ranking: Sequence[str],
         config: TuneConfig,
         previous: Sequence[dict],
+        timer: LayerTimer,
     ) -> None:
         self.builder, self.fp32_model, self.eval_fn = builder, fp32_model, eval_fn
-        self.baseline, self.ranking, self.config = baseline, list(ranking), config
+        self.baseline, self.ranking, self.config, self.timer = baseline, list(ranking), config, timer
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.best_feasible_speedup = 0.0
         for row in previous:
             if row["state"] == "COMPLETE" and row["plan"] and row["loss"] is not None:
-                self._remember(QuantPlan.from_dict(row["plan"]).key(), row)
+                self._remember(row["plan_key"] or QuantPlan.from_dict(row["plan"]).key(), row)
 
     def _remember(self, key: str, outcome: dict) -> None:
         self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "speedup", "int8_ms", "fp32_ms")}
@@ -49,9 +52,10 @@ class Objective:
             self.best_feasible_speedup = max(self.best_feasible_speedup, outcome["speedup"])
 
     def __call__(self, trial: optuna.Trial) -> float:
-        plan = self.config.space.suggest(trial, self.ranking, self.builder.checkpoints)
+        plan = self.config.space.suggest(trial, self.ranking, self.builder.checkpoints, self.builder.has_relu6)
         trial.set_user_attr("plan", plan.to_dict())
-        key = plan.key()
+        key = plan.key()  # a 'measured' plan is keyed before its layers are timed
+        trial.set_user_attr("plan_key", key)
         if key in self.outcomes:
             outcome = self.outcomes[key]
             trial.set_user_attr("duplicate_of_plan", key)
@@ -68,6 +72,10 @@ class Objective:
     def _measure(self, trial: optuna.Trial, plan: QuantPlan) -> dict:
         try:
             model = self.builder.build(plan)
+            if plan.dispatch == "measured" and not plan.layer_engines:
+                plan.layer_engines = self.timer.choose(model, self.builder.example_inputs)
+                set_layer_engines(model, plan.layer_engines)
+                trial.set_user_attr("plan", plan.to_dict())
             timing = measure_latency(
                 {"fp32": self.fp32_model, "int8": model}, self.builder.example_inputs,
                 threads=self.config.threads, target_seconds=self.config.latency_seconds,
@@ -104,9 +112,10 @@ class Objective:
             return
         layer_observers = sum(1 for k, v in trial.params.items() if k.startswith("observer:") and v != GLOBAL)
         parts = [
-            f"trial {trial.number:3d}", f"{plan.engine:6s}", f"{plan.activation_observer:14s}",
+            f"trial {trial.number:3d}", f"{_kernels(plan):13s}", f"{plan.activation_observer:14s}",
             f"w={plan.weight_granularity:11s}", f"sym={int(plan.activation_symmetric)}",
-            f"rr={int(plan.reduce_range)}", f"cl={int(plan.channels_last)}", f"calib={plan.calib_samples}",
+            f"rr={int(plan.reduce_range)}", f"cl={int(plan.channels_last)}", f"r6={int(plan.fold_relu6)}",
+            f"calib={plan.calib_samples}",
             f"fp32_layers={len(plan.fp32_layers)}", f"layer_obs={layer_observers}",
         ]
         if "metric" in outcome:
@@ -114,3 +123,11 @@ class Objective:
         if "speedup" in outcome:
             parts.append(f"speedup={outcome['speedup']:.2f}x")
         print("  ".join(parts) + f"  {verdict}", file=sys.stderr, flush=True)
+
+
+def _kernels(plan: QuantPlan) -> str:
+    """'x86', or for per-layer dispatch the split, e.g. 'measured 31/21' (oneDNN/FBGEMM layers)."""
+    if not plan.layer_engines:
+        return plan.engine
+    onednn = sum(library == "onednn" for library in plan.layer_engines.values())
+    return f"{plan.dispatch} {onednn}/{len(plan.layer_engines) - onednn}"

@@ -1,7 +1,9 @@
 """The search space: turns an Optuna trial into a QuantPlan.
 
 Per-layer FP32 fallback acts on the sensitivity ranking (fall back the n most sensitive layers)
-instead of 2^L blind bits; the most sensitive layers also get their own observer choice.
+instead of 2^L blind bits; the most sensitive layers also get their own observer choice. The kernel
+choice is whole-model (an engine) or 'measured': every layer timed in place under FBGEMM and oneDNN
+and packed for the faster one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import optuna
 from autoq.plan import ENGINES, OBSERVERS, WEIGHT_GRANULARITIES, QuantPlan, default_plan
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
+MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
+KERNEL_CHOICES = (*ENGINES, MEASURED)
 PERCENTILES = (99.9, 99.99, 99.999)
 
 
@@ -21,17 +25,18 @@ PERCENTILES = (99.9, 99.99, 99.999)
 class SearchSpace:
     """What the search may vary. Every field is a tuple of allowed values or a bound."""
 
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = KERNEL_CHOICES
     observers: tuple[str, ...] = OBSERVERS
     weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
     activation_symmetric: tuple[bool, ...] = (False, True)
     reduce_range: tuple[bool, ...] = (True, False)
     channels_last: tuple[bool, ...] = (False, True)
+    fold_relu6: tuple[bool, ...] = (False, True)
     max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
     layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
 
     def __post_init__(self) -> None:
-        for name, allowed in (("engines", ENGINES), ("observers", OBSERVERS),
+        for name, allowed in (("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
                               ("weight_granularities", WEIGHT_GRANULARITIES)):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
@@ -49,8 +54,14 @@ class SearchSpace:
         limit = self.max_fallback if self.max_fallback is not None else max(4, n_layers // 4)
         return min(limit, max(n_layers - 1, 0))
 
-    def suggest(self, trial: optuna.Trial, ranking: Sequence[str], calib_counts: Sequence[int]) -> QuantPlan:
-        """The plan for this trial; `ranking` lists layers most sensitive first."""
+    def suggest(self, trial: optuna.Trial, ranking: Sequence[str], calib_counts: Sequence[int],
+                relu6: bool = False) -> QuantPlan:
+        """The plan for this trial; `ranking` lists layers most sensitive first.
+
+        relu6: the model has Conv -> ReLU6 pairs (only then is fold_relu6 a choice). A 'measured'
+        kernel choice returns a plan with dispatch='measured' and no layer_engines yet: the
+        objective times the layers of the built candidate to fill them.
+        """
         observer = trial.suggest_categorical("activation_observer", self.observers)
         n_fallback = trial.suggest_int("n_fallback", 0, self.fallback_limit(len(ranking)))
         layer_observers = {}
@@ -59,8 +70,10 @@ class SearchSpace:
             if choice != GLOBAL:
                 layer_observers[layer] = choice
         uses_percentile = "percentile" in (observer, *layer_observers.values())
+        kernels = trial.suggest_categorical("engine", self.engines)
         return QuantPlan(
-            engine=trial.suggest_categorical("engine", self.engines),
+            engine="x86" if kernels == MEASURED else kernels,
+            dispatch="measured" if kernels == MEASURED else "engine",
             activation_observer=observer,
             layer_observers=layer_observers,
             fp32_layers=list(ranking[:n_fallback]),
@@ -70,13 +83,17 @@ class SearchSpace:
             calib_samples=trial.suggest_categorical("calib_samples", tuple(calib_counts)),
             percentile=trial.suggest_categorical("percentile", PERCENTILES) if uses_percentile else 99.99,
             channels_last=trial.suggest_categorical("channels_last", self.channels_last),
+            fold_relu6=relu6 and trial.suggest_categorical("fold_relu6", self.fold_relu6),
         )
 
-    def seed_params(self, ranking: Sequence[str], calib_counts: Sequence[int]) -> list[dict]:
-        """Trial parameters of PyTorch's default FX PTQ on each allowed engine, x86 first."""
+    def seed_params(self, ranking: Sequence[str], calib_counts: Sequence[int], relu6: bool = False) -> list[dict]:
+        """Trial parameters of PyTorch's default FX PTQ on each allowed engine, x86 first.
+
+        The 'measured' kernel choice, if allowed, comes last with the x86 engine's recipe.
+        """
         seeds = []
-        for engine in sorted(self.engines, key=lambda e: e != "x86"):
-            plan = default_plan(engine)
+        for engine in sorted(self.engines, key=lambda e: (e != "x86", e == MEASURED)):
+            plan = default_plan("x86" if engine == MEASURED else engine)
             params = {
                 "activation_observer": plan.activation_observer,
                 "n_fallback": 0,
@@ -87,21 +104,25 @@ class SearchSpace:
                 "reduce_range": plan.reduce_range,
                 "calib_samples": calib_counts[-1],
                 "channels_last": plan.channels_last,
+                **({"fold_relu6": False} if relu6 else {}),
             }
             if self._admits(params):
                 seeds.append(params)
         return seeds
 
     def sweep_params(self, seed: dict) -> list[dict]:
-        """Variations of the best seed: every other observer method, at full 8-bit range if allowed.
+        """Variations of the best seed: every other observer method, at full 8-bit range if allowed
+        (and with ReLU6 folded, which gives its conv outputs a finer grid, if the model has any).
 
         Run right after the seeds, they give the sampler an informed start on the dimensions that
         matter most for accuracy before it spends trials on fallbacks and per-layer choices.
         """
-        reduce_range = False if False in self.reduce_range else seed["reduce_range"]
+        preferred = {"reduce_range": False if False in self.reduce_range else seed["reduce_range"]}
+        if "fold_relu6" in seed:
+            preferred["fold_relu6"] = True if True in self.fold_relu6 else seed["fold_relu6"]
         variants = []
         for observer in self.observers:
-            params = {**seed, "reduce_range": reduce_range, "activation_observer": observer}
+            params = {**seed, **preferred, "activation_observer": observer}
             if observer == "percentile":
                 variants += [{**params, "percentile": percentile} for percentile in PERCENTILES]
             else:
@@ -115,4 +136,5 @@ class SearchSpace:
             and params["activation_symmetric"] in self.activation_symmetric
             and params["reduce_range"] in self.reduce_range
             and params["channels_last"] in self.channels_last
+            and params.get("fold_relu6", False) in self.fold_relu6
         )

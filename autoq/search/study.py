@@ -65,6 +65,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "fp32_ms": attrs.get("fp32_ms"),
             "feasible": constraint is not None and constraint <= 0,
             "plan": attrs.get("plan"),
+            "plan_key": attrs.get("plan_key"),
             "error": attrs.get("error"),
             "seconds": trial.duration.total_seconds() if trial.duration else None,
         })
