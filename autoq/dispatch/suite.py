@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tomllib
@@ -11,10 +12,13 @@ from pathlib import Path
 
 from autoq.dispatch.layers import LayerShape
 from autoq.dispatch.microbench import synthetic_layer, time_libraries
+from autoq.dispatch.rule import DEPTH
 from autoq.dispatch.table import DispatchTable, Entry
 
 _CONV_KEYS = ("in_channels", "kernel", "stride", "spatial", "batch", "groups", "channels_last")
 _LINEAR_KEYS = ("rows", "in_features", "out_features")
+SECONDS_PER_SHAPE = 0.15
+PASSES = 2
 
 
 def default_suite_path() -> Path:
@@ -70,22 +74,36 @@ def _draw(family: dict, rng: random.Random) -> LayerShape:
     )
 
 
-def bench_shapes(shapes: Sequence[LayerShape], *, threads: int | None = None,
-                 progress: Callable[[int, int, Entry], None] | None = None) -> list[Entry]:
-    """Time every shape under both libraries (synthetic weights and inputs); microseconds per call."""
-    entries = []
-    for index, shape in enumerate(shapes):
-        module, x = synthetic_layer(shape, seed=index)
-        entries.append(Entry(shape, time_libraries(module, x, threads=threads), "microbench"))
-        if progress is not None:
-            progress(index + 1, len(shapes), entries[-1])
+def bench_shapes(shapes: Sequence[LayerShape], *, threads: int | None = None, seconds: float = SECONDS_PER_SHAPE,
+                 passes: int = PASSES, progress: Callable[[int, int, Entry | None], None] | None = None) -> list[Entry]:
+    """Time every shape under both libraries (synthetic weights and inputs); microseconds per call.
+
+    The suite is timed `passes` times over and each shape keeps the geometric mean of its passes,
+    so a burst of noise on the machine does not decide a shape alone. seconds: effort per shape
+    and pass.
+    """
+    layers = [synthetic_layer(shape, seed=index) for index, shape in enumerate(shapes)]
+    log_sums: list[dict[str, float]] = [{} for _ in shapes]
+    entries: list[Entry] = []
+    for done in range(passes):
+        for index, (shape, (module, x)) in enumerate(zip(shapes, layers)):
+            for library, micros in time_libraries(module, x, threads=threads, seconds=seconds).items():
+                log_sums[index][library] = log_sums[index].get(library, 0.0) + math.log(micros)
+            if done == passes - 1:
+                micros = {library: math.exp(total / passes) for library, total in log_sums[index].items()}
+                entries.append(Entry(shape, micros, "microbench"))
+            if progress is not None:
+                progress(done * len(shapes) + index + 1, passes * len(shapes),
+                         entries[-1] if done == passes - 1 else None)
     return entries
 
 
-def bench_table(shapes: Sequence[LayerShape], *, threads: int | None = None, max_depth: int = 3,
-                progress: Callable[[int, int, Entry], None] | None = None) -> DispatchTable:
+def bench_table(shapes: Sequence[LayerShape], *, threads: int | None = None, max_depth: int = DEPTH,
+                seconds: float = SECONDS_PER_SHAPE, passes: int = PASSES,
+                progress: Callable[[int, int, Entry | None], None] | None = None) -> DispatchTable:
     """A dispatch table for this CPU: the suite's measurements and the rule learned from them."""
-    table = DispatchTable.for_this_machine(bench_shapes(shapes, threads=threads, progress=progress))
+    entries = bench_shapes(shapes, threads=threads, seconds=seconds, passes=passes, progress=progress)
+    table = DispatchTable.for_this_machine(entries)
     if threads is not None:
         table.threads = threads
     table.refit(max_depth=max_depth)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from autoq.dispatch.layers import LIBRARIES, LayerShape
-from autoq.dispatch.rule import DispatchRule, Measurement, fit_with_holdout, x86_rule
+from autoq.dispatch.rule import DEPTH, DispatchRule, Measurement, fit_with_holdout, x86_rule
 
 TABLE_TYPE = "autoq.DispatchTable"
 TABLE_VERSION = 1
@@ -99,7 +99,7 @@ class DispatchTable:
         for entry in entries:
             self.entries[entry.shape.key()] = entry
 
-    def refit(self, max_depth: int = 3) -> DispatchRule:
+    def refit(self, max_depth: int = DEPTH) -> DispatchRule:
         """Learn the rule from all entries (with a held-out report) and keep it."""
         self.rule = fit_with_holdout([entry.measurement() for entry in self.entries.values()], max_depth=max_depth)
         return self.rule
