@@ -10,6 +10,7 @@ from torch.ao.nn import quantized as nnq
 
 import autoq
 from autoq.plan import QuantPlan, default_plan
+from autoq.tuner import FINALISTS
 from conftest import fast_settings, state_of
 
 
@@ -44,13 +45,16 @@ def test_first_trial_is_pytorch_default_x86_ptq(tuned):
     assert plan.calib_samples == 128  # every calibration sample, as PyTorch's default would use
 
 
-def test_result_is_the_fastest_feasible_trial(tuned):
+def test_result_is_one_of_the_fastest_feasible_trials(tuned):
+    # the FINALISTS fastest feasible plans are re-timed side by side; the winner of that comes back
     result, *_ = tuned
-    feasible = [t for t in result.trials if t["feasible"]]
-    assert feasible
-    fastest = max(t["speedup"] for t in feasible)
-    chosen = next(t for t in feasible if t["plan"] == result.config)
-    assert chosen["speedup"] >= 0.98 * fastest
+    feasible = sorted((t for t in result.trials if t["feasible"] and t["state"] == "COMPLETE"),
+                      key=lambda t: -t["speedup"])
+    finalists = []
+    for trial in feasible:
+        if trial["plan"] not in finalists:
+            finalists.append(trial["plan"])
+    assert result.config in finalists[:FINALISTS]
     assert result.speedup == pytest.approx(result.latency_ms["fp32_eager"] / result.latency_ms["int8"])
     assert set(result.latency_ms) == {"fp32_eager", "fp32_best", "int8"}
     assert all(v > 0 for v in result.latency_ms.values())

@@ -1,0 +1,76 @@
+"""Folding ReLU6 into the int8 conv before it (fold_relu6)."""
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.nn.functional as F
+from torch import nn
+
+import autoq
+from autoq.plan import QuantPlan
+
+
+class Block(nn.Module):
+    """conv->ReLU6 three ways (module, F.relu6, Hardtanh(0, 6)) and one conv whose output is reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU6()
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.clamp = nn.Hardtanh(0.0, 6.0)
+        self.d = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.act(self.a(x))
+        x = F.relu6(self.b(x))
+        x = self.clamp(self.c(x))
+        y = self.d(x)
+        return F.relu6(y) + y  # d's output has two users: it must not be folded
+
+
+@pytest.fixture(scope="module")
+def block_and_data():
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():
+        for conv in (model.a, model.b, model.c, model.d):
+            conv.weight.mul_(3.0)  # pre-activations well beyond [0, 6]: folding must clamp them
+    data = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    return model, data
+
+
+def build(block_and_data, fold):
+    model, data = block_and_data
+    plan = QuantPlan(engine="onednn", reduce_range=False, activation_observer="minmax", fold_relu6=fold)
+    return autoq.quantize(model, plan, data[0][:1], data)
+
+
+def test_relu6_after_an_int8_conv_becomes_a_conv_relu_saturating_at_6(block_and_data):
+    folded = build(block_and_data, fold=True)
+    fused = {name for name, m in folded.named_modules() if isinstance(m, nniq.ConvReLU2d)}
+    assert fused == {"a", "b", "c"}
+    assert not any(isinstance(m, (nn.ReLU6, nn.Hardtanh)) for m in folded.modules())
+    assert "relu6" in folded.code  # the reused conv output keeps its own ReLU6
+    for name in fused:
+        module = folded.get_submodule(name)
+        assert module.zero_point == 0 and module.scale * 255 <= 6.0 + 1e-6
+
+
+def test_folding_keeps_the_model_at_least_as_accurate(block_and_data):
+    model, data = block_and_data
+    x = data[1]
+    with torch.no_grad():
+        expected = model(x)
+        errors = {fold: float((build(block_and_data, fold)(x) - expected).abs().mean()) for fold in (False, True)}
+    assert errors[True] <= errors[False] * 1.05
+    assert errors[True] < 0.05 * float(expected.abs().mean())
+
+
+def test_plans_without_relu6_do_not_offer_the_choice(mnist_task, tmp_path):
+    from conftest import fast_settings
+
+    result = autoq.tune(mnist_task.model, mnist_task.example_inputs, mnist_task.calib, mnist_task.eval_fn(),
+                        n_trials=4, **fast_settings(tmp_path))
+    assert all("fold_relu6" not in trial["params"] for trial in result.trials)
