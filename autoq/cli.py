@@ -11,13 +11,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import optuna
 import torch
 
-from autoq.dispatch.layers import LayerShape
+from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.rule import DEPTH
 from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_suite
 from autoq.dispatch.table import DispatchTable, Entry
 from autoq.search.study import storage_url
+from autoq.tuner import DISPATCH_ATTR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,10 +83,6 @@ def _show(args: argparse.Namespace) -> DispatchTable:
 
 
 def _export(args: argparse.Namespace) -> DispatchTable:
-    import optuna  # noqa: PLC0415 (only this command needs a study)
-
-    from autoq.tuner import DISPATCH_ATTR  # noqa: PLC0415
-
     try:
         study = optuna.load_study(study_name=args.study, storage=storage_url(args.storage))
     except KeyError as error:
@@ -92,8 +90,7 @@ def _export(args: argparse.Namespace) -> DispatchTable:
     stored = study.user_attrs.get(DISPATCH_ATTR, [])
     if not stored:
         raise ValueError(f"study {args.study!r} measured no per-layer kernel timings (no 'measured' trial ran).")
-    table = DispatchTable.for_this_machine(
-        Entry(LayerShape.from_dict(e["shape"]), e["micros"], "tuning") for e in stored)
+    table = DispatchTable.for_this_machine(LayerTimer(stored).entries())
     table.refit()
     table.save(args.out)
     print(f"wrote {args.out}", file=sys.stderr)

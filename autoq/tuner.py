@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -15,9 +16,9 @@ import torch
 
 from autoq.capture import as_input_tuple, calibration_batches, check_model
 from autoq.config import TuneConfig
-from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines
+from autoq.dispatch.layers import layer_shapes, set_layer_engines
 from autoq.dispatch.measured import LayerTimer
-from autoq.dispatch.table import DispatchTable, Entry, shipped_table
+from autoq.dispatch.table import DispatchTable, shipped_table
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency
 from autoq.plan import QuantPlan, default_plan
@@ -29,7 +30,7 @@ from autoq.search.study import FINISHED, SPEED_TIE, best_row, fingerprint, paret
 
 
 FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
-DISPATCH_ATTR = "dispatch_entries"  # study user attr: per-layer kernel timings measured by trials
+DISPATCH_ATTR = "layer_timings"  # study user attr: in-model per-layer kernel timings ('measured' trials)
 
 
 def tune(
@@ -135,7 +136,8 @@ class _Run:
         if not previous:
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
-        timer = LayerTimer(self._dispatch_table(study), threads=config.threads)
+        timer = LayerTimer(study.user_attrs.get(DISPATCH_ATTR, []), seconds=config.latency_seconds,
+                           threads=config.threads)
         objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous, timer)
         if previous:
             _log(config, f"resuming study '{study.study_name}': {len(previous)} finished trials kept")
@@ -149,7 +151,7 @@ class _Run:
         self._optimize(study, objective, None, deadline)
         self._store_dispatch(study, timer)
         rows = trial_rows(study)
-        return self._result(study, builder, rows, baseline, scores, started, timer.table)
+        return self._result(study, builder, rows, baseline, scores, started, self._dispatch_table(timer))
 
     def _optimize(self, study: optuna.Study, objective: Objective, at_most: int | None,
                   deadline: float | None) -> None:
@@ -197,20 +199,19 @@ class _Run:
         return finalists[key][1], models[key]
 
     @staticmethod
-    def _dispatch_table(study: optuna.Study) -> DispatchTable:
-        """This CPU's shipped table (if any) plus the layer timings earlier runs of the study stored."""
+    def _dispatch_table(timer: LayerTimer) -> DispatchTable:
+        """This CPU's shipped table (if autoq has one) plus this study's in-model layer timings."""
         table = shipped_table() or DispatchTable.for_this_machine()
-        table.add(Entry(LayerShape.from_dict(e["shape"]), e["micros"], "tuning")
-                  for e in study.user_attrs.get(DISPATCH_ATTR, []))
+        table.add(timer.entries())
         return table
 
     @staticmethod
     def _store_dispatch(study: optuna.Study, timer: LayerTimer) -> None:
-        entries = {e["key"]: e for e in study.user_attrs.get(DISPATCH_ATTR, [])}
-        for entry in timer.tuning_entries():
-            entries[entry.shape.key()] = {"key": entry.shape.key(), "shape": entry.shape.to_dict(),
-                                          "micros": dict(entry.micros)}
-        study.set_user_attr(DISPATCH_ATTR, list(entries.values()))
+        """Merge this run's layer timings into the study's (other workers may have added theirs)."""
+        records = {(r["layer"], json.dumps(r["shape"], sort_keys=True)): r for r in study.user_attrs.get(DISPATCH_ATTR, [])}
+        for record in timer.records():
+            records[(record["layer"], json.dumps(record["shape"], sort_keys=True))] = record
+        study.set_user_attr(DISPATCH_ATTR, list(records.values()))
 
     def _baseline(self) -> float:
         try:

@@ -11,6 +11,7 @@ from torch import nn
 import autoq
 from autoq.cli import main
 from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines, weighted_layers
+from autoq.dispatch.microbench import time_layers_in_model
 from autoq.dispatch.rule import Measurement, fit_rule, fit_with_holdout, x86_rule
 from autoq.dispatch.suite import bench_shapes, load_suite
 from autoq.dispatch.table import CpuIdentity, DispatchTable, Entry, current_cpu, shipped_tables
@@ -174,6 +175,20 @@ def test_cli_dispatch_bench_show_and_errors(tmp_path, capsys):
     assert "no study named 'nope'" in capsys.readouterr().err
 
 
+def test_layers_are_timed_inside_whole_model_runs():
+    model = autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X])
+    variants = {}
+    for library in ("fbgemm", "onednn"):
+        variants[library] = copy.deepcopy(model)
+        set_layer_engines(variants[library], {"0": library, "1": library})
+    timings = time_layers_in_model(variants, (X,), seconds=0.05)
+    assert set(timings) == {"0", "1"}
+    assert all(set(t) == {"fbgemm", "onednn"} and min(t.values()) > 0 for t in timings.values())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for v in variants.values() for m in v.modules())
+    with torch.no_grad():
+        assert torch.equal(variants["onednn"](X), variants["onednn"](X))
+
+
 def test_quantize_rejects_a_bad_dispatch_argument():
     with pytest.raises(TypeError, match="`dispatch` must be"):
         autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X], dispatch=3)
@@ -194,6 +209,7 @@ def test_tuning_times_layers_in_place_stores_them_and_resume_reuses_them(mnist_t
     assert {layer["engine"] for layer in result.layers if layer["quantized"]} <= {"fbgemm", "onednn"}
     measured = {key for key, entry in result.dispatch_table.entries.items() if entry.source == "tuning"}
     assert {shape.key() for shape in layer_shapes(result.model, mnist_task.example_inputs).values()} <= measured
+    assert {e.source for e in result.dispatch_table.entries.values()} <= {"tuning", "microbench"}
 
     out = tmp_path / "run-table.json"
     assert main(["dispatch", "export", "--study", result.study_name, "--storage", settings["storage"],
@@ -201,15 +217,16 @@ def test_tuning_times_layers_in_place_stores_them_and_resume_reuses_them(mnist_t
     assert set(DispatchTable.load(out).entries) == measured
 
     import autoq.dispatch.measured as measured_module
-    from autoq.dispatch.layers import layer_shape
 
     timed_again = []
-    original = measured_module.time_libraries
+    original = measured_module.time_layers_in_model
 
-    def recording(module, x, **kwargs):
-        timed_again.append(layer_shape(module, x).key())
-        return original(module, x, **kwargs)
-    monkeypatch.setattr(measured_module, "time_libraries", recording)
+    def recording(variants, example_inputs, **kwargs):
+        timings = original(variants, example_inputs, **kwargs)
+        model = next(iter(variants.values()))
+        timed_again.extend(shape.key() for shape in layer_shapes(model, example_inputs).values())
+        return timings
+    monkeypatch.setattr(measured_module, "time_layers_in_model", recording)
     resumed = autoq.tune(*args, n_trials=6, **settings)
     assert len(resumed.trials) == 6 and all(t["state"] != "FAIL" for t in resumed.trials)
-    assert not set(timed_again) & measured  # shapes the first run measured come from the study
+    assert not set(timed_again) & measured  # layers the first run timed come from the study

@@ -1,39 +1,64 @@
-"""Per-layer library choice measured in place: each layer timed on its real input in the candidate."""
+"""Per-layer library choice measured in the whole model: each layer timed inside real runs."""
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterable
 
 from torch import nn
 
-from autoq.dispatch.layers import layer_inputs, layer_shape, weighted_layers
-from autoq.dispatch.microbench import time_libraries
-from autoq.dispatch.table import DispatchTable, Entry
+from autoq.dispatch.layers import LIBRARIES, LayerShape, layer_shapes, set_layer_engines
+from autoq.dispatch.microbench import time_layers_in_model
+from autoq.dispatch.table import Entry
 
 
 class LayerTimer:
-    """Chooses each weighted layer's library by timing it under both, once per shape signature.
+    """Chooses each weighted layer's library from its time inside whole-model runs under both.
 
-    Measurements go into `table` (entries with source 'tuning'), so later candidates with the same
-    layer shapes reuse them and the run can export them.
+    The candidate is copied once per library with every layer packed for it; the copies run
+    alternately and forward hooks time each layer call. Timings are kept per (layer, shape), so
+    later candidates with the same layers reuse them. `records()` / `known=` carry them across
+    processes (a resumed study does not time them again).
     """
 
-    def __init__(self, table: DispatchTable | None = None, threads: int | None = None) -> None:
-        self.table = table if table is not None else DispatchTable.for_this_machine()
-        self.threads = threads
+    def __init__(self, known: Iterable[dict] = (), seconds: float = 1.0, threads: int | None = None) -> None:
+        self.seconds, self.threads = seconds, threads
+        self._timings: dict[tuple[str, str], tuple[LayerShape, dict[str, float]]] = {}
+        for record in known:
+            shape = LayerShape.from_dict(record["shape"])
+            self._timings[(record["layer"], shape.key())] = (shape, dict(record["micros"]))
 
     def choose(self, model: nn.Module, example_inputs: tuple) -> dict[str, str]:
-        """{layer: fastest library} for every weighted layer `example_inputs` reach."""
-        modules = weighted_layers(model)
-        choices = {}
-        for name, x in layer_inputs(model, example_inputs).items():
-            shape = layer_shape(modules[name], x)
-            entry = self.table.entries.get(shape.key())
-            if entry is None or entry.source != "tuning":
-                entry = Entry(shape, time_libraries(modules[name], x, threads=self.threads), "tuning")
-                self.table.add([entry])
-            choices[name] = entry.library
-        return choices
+        """{layer: fastest library inside the model} for every weighted layer `example_inputs` reach."""
+        shapes = layer_shapes(model, example_inputs)
+        if any((name, shape.key()) not in self._timings for name, shape in shapes.items()):
+            variants = {}
+            for library in LIBRARIES:
+                variants[library] = copy.deepcopy(model)
+                set_layer_engines(variants[library], {name: library for name in shapes})
+            measured = time_layers_in_model(variants, example_inputs, seconds=self.seconds, threads=self.threads)
+            for name, shape in shapes.items():
+                self._timings[(name, shape.key())] = (shape, measured[name])
+        return {name: _fastest(self._timings[(name, shape.key())][1]) for name, shape in shapes.items()}
 
-    def tuning_entries(self) -> Iterable[Entry]:
-        return [entry for entry in self.table.entries.values() if entry.source == "tuning"]
+    def records(self) -> list[dict]:
+        """Every layer timing as plain data: {'layer', 'shape', 'micros'} (microseconds per call)."""
+        return [{"layer": layer, "shape": shape.to_dict(), "micros": micros}
+                for (layer, _), (shape, micros) in sorted(self._timings.items())]
+
+    def entries(self) -> list[Entry]:
+        """One table entry per shape: geometric mean over the layers of that shape, source 'tuning'."""
+        by_shape: dict[str, list[tuple[LayerShape, dict[str, float]]]] = {}
+        for (_, key), timing in self._timings.items():
+            by_shape.setdefault(key, []).append(timing)
+        entries = []
+        for timings in by_shape.values():
+            micros = {library: math.exp(sum(math.log(t[library]) for _, t in timings) / len(timings))
+                      for library in LIBRARIES}
+            entries.append(Entry(timings[0][0], micros, "tuning"))
+        return entries
+
+
+def _fastest(micros: dict[str, float]) -> str:
+    return min(micros, key=micros.__getitem__)

@@ -1,17 +1,23 @@
-"""Timing one int8 layer under each kernel library, in place (real input) or from a shape alone."""
+"""Timing int8 layers under each kernel library: inside whole-model runs, alone, or from a shape alone.
+
+Alone, a layer is called over and over with its weights hot in cache; inside a model its weights
+are cold, and the libraries' order can flip (e.g. a 16x512x1024 linear: 43 vs 46 us hot, 229 vs
+287 us cold). Tuning therefore times each layer inside whole-model runs; the shape suite, which
+has no model around its shapes, times them alone.
+"""
 
 from __future__ import annotations
 
 import copy
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
-from autoq.dispatch.layers import LIBRARIES, LayerShape, pack
+from autoq.dispatch.layers import LIBRARIES, LayerShape, pack, weighted_layers
 from autoq.measure.latency import measurement_settings
 
 _CONV_CLASSES = {"conv1d": nnq.Conv1d, "conv2d": nnq.Conv2d, "conv3d": nnq.Conv3d}
@@ -46,6 +52,45 @@ def time_libraries(module: nn.Module, x: torch.Tensor, *, libraries: Sequence[st
                 samples[library].append((time.perf_counter() - start) * 1e6)
             calls += 1
     return {library: statistics.median(values) for library, values in samples.items()}
+
+
+def time_layers_in_model(variants: Mapping[str, nn.Module], example_inputs: tuple, *, seconds: float = 1.0,
+                         min_runs: int = 5, warmup: int = 2, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """{layer: {variant: median microseconds per call}} of every weighted layer, timed inside whole-model runs.
+
+    `variants` are the same model packed differently (e.g. {'fbgemm': ..., 'onednn': ...}); their
+    whole-model runs alternate until `seconds` have passed and each ran `min_runs` times. Each
+    layer call is timed by forward hooks, so it sees the cache state a real run leaves it.
+    """
+    samples: dict[str, dict[str, list[float]]] = {}
+    hooks = []
+    for variant_name, model in variants.items():
+        for layer, module in weighted_layers(model).items():
+            record = samples.setdefault(layer, {}).setdefault(variant_name, [])
+            started: list[float] = []
+            hooks.append(module.register_forward_pre_hook(lambda *_, started=started: started.append(time.perf_counter())))
+            hooks.append(module.register_forward_hook(
+                lambda *_, started=started, record=record: record.append((time.perf_counter() - started.pop()) * 1e6)))
+    try:
+        with measurement_settings(threads):
+            for model in variants.values():
+                for _ in range(warmup):
+                    model(*example_inputs)
+            for record in (r for per_layer in samples.values() for r in per_layer.values()):
+                record.clear()
+            names = list(variants)
+            deadline = time.perf_counter() + seconds
+            runs = 0
+            while runs < min_runs or time.perf_counter() < deadline:
+                shift = runs % len(names)
+                for name in names[shift:] + names[:shift]:
+                    variants[name](*example_inputs)
+                runs += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {layer: {name: statistics.median(values) for name, values in per_variant.items() if values}
+            for layer, per_variant in samples.items() if all(per_variant.get(name) for name in variants)}
 
 
 def synthetic_layer(shape: LayerShape, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
