@@ -20,7 +20,7 @@ from autoq.dispatch.layers import layer_shapes, set_layer_engines
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.table import DispatchTable, shipped_table
 from autoq.measure.fp32 import best_fp32
-from autoq.measure.latency import measure_latency
+from autoq.measure.latency import fastest, measure_latency, speedup
 from autoq.plan import QuantPlan, default_plan
 from autoq.recipes.static import StaticBuilder
 from autoq.result import TuneResult
@@ -193,8 +193,8 @@ class _Run:
         models = {key: builder.build(plan) for key, (_, plan) in finalists.items()}
         timing = measure_latency(models, self.example_inputs, threads=self.config.threads,
                                  target_seconds=2 * self.config.latency_seconds)
-        fastest = min(stats.median_ms for stats in timing.values())
-        tied = [key for key in models if timing[key].median_ms <= fastest * (1 + SPEED_TIE)]
+        winner = timing[fastest(timing)]
+        tied = [key for key in models if speedup(timing[key], winner) <= 1 + SPEED_TIE]
         key = min(tied, key=lambda k: finalists[k][0]["loss"])
         return finalists[key][1], models[key]
 

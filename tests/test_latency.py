@@ -10,7 +10,7 @@ from torch import nn
 
 from autoq.measure import fp32
 from autoq.measure.fp32 import best_fp32
-from autoq.measure.latency import LatencyStats, measure_latency, measurement_settings, speedup
+from autoq.measure.latency import LatencyStats, fastest, measure_latency, measurement_settings, speedup
 
 
 def _flush_denormal_on() -> bool:
@@ -115,6 +115,24 @@ def test_speedup_is_ratio_of_medians() -> None:
     fast = LatencyStats(median_ms=1.0, p10_ms=0.5, p90_ms=2.0, repeats=10)
     assert speedup(slow, fast) == 4.0
     assert speedup(fast, slow) == 0.25
+
+
+def test_speedup_of_models_timed_together_pairs_their_rounds() -> None:
+    # the machine slows down 3x in the later rounds; per-round ratios stay 2x, medians would not
+    slow = LatencyStats(median_ms=6.0, p10_ms=2.0, p90_ms=6.0, repeats=4, samples_ms=(2.0, 2.0, 6.0, 6.0))
+    fast = LatencyStats(median_ms=2.0, p10_ms=1.0, p90_ms=3.0, repeats=4, samples_ms=(1.0, 1.0, 3.0, 3.0))
+    assert speedup(slow, fast) == 2.0
+    assert slow.median_ms / fast.median_ms == 3.0
+
+
+def test_fastest_compares_models_round_by_round() -> None:
+    # b is 10% faster than a in 4 of 5 rounds; the machine's slow spell hit a's rounds less often,
+    # so comparing medians (1.0 vs 2.7 ms) would pick a
+    a = LatencyStats(median_ms=1.0, p10_ms=1.0, p90_ms=3.0, repeats=5, samples_ms=(1.0, 1.0, 1.0, 3.0, 3.0))
+    b = LatencyStats(median_ms=2.7, p10_ms=0.9, p90_ms=2.7, repeats=5, samples_ms=(0.9, 0.9, 2.7, 2.7, 2.7))
+    assert fastest({"a": a, "b": b}) == "b"
+    unpaired = LatencyStats(median_ms=0.5, p10_ms=0.5, p90_ms=0.5, repeats=1, samples_ms=(0.5,))
+    assert fastest({"a": a, "b": b, "c": unpaired}) == "c"  # different round counts: medians decide
 
 
 # ---------------------------------------------------------------- best FP32 baseline

@@ -2,8 +2,9 @@
 
 Alone, a layer is called over and over with its weights hot in cache; inside a model its weights
 are cold, and the libraries' order can flip (e.g. a 16x512x1024 linear: 43 vs 46 us hot, 229 vs
-287 us cold). Tuning therefore times each layer inside whole-model runs; the shape suite, which
-has no model around its shapes, times them alone.
+287 us cold), and the library also changes how fast the next ops run. Tuning therefore times each
+layer inside whole-model runs; the shape suite, which has no model around its shapes, times them
+alone.
 """
 
 from __future__ import annotations
@@ -56,41 +57,44 @@ def time_libraries(module: nn.Module, x: torch.Tensor, *, libraries: Sequence[st
 
 def time_layers_in_model(variants: Mapping[str, nn.Module], example_inputs: tuple, *, seconds: float = 1.0,
                          min_runs: int = 5, warmup: int = 2, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """{layer: {variant: median microseconds per call}} of every weighted layer, timed inside whole-model runs.
+    """{layer: {variant: median microseconds}} of every weighted layer's segment inside whole-model runs.
 
+    A layer's segment runs from its call to the next weighted layer's call (or the end of the
+    model): the library of a layer also changes how fast the ops after it start (after an FBGEMM
+    call OpenMP's worker threads must be woken again; a GELU right after a 256x512x2048 linear took
+    403 us after FBGEMM and 234 us after oneDNN), so timing the call alone would miss that.
     `variants` are the same model packed differently (e.g. {'fbgemm': ..., 'onednn': ...}); their
-    whole-model runs alternate until `seconds` have passed and each ran `min_runs` times. Each
-    layer call is timed by forward hooks, so it sees the cache state a real run leaves it.
+    runs alternate until `seconds` have passed and each ran `min_runs` times.
     """
-    samples: dict[str, dict[str, list[float]]] = {}
+    marks: dict[str, list[tuple[str, float]]] = {name: [] for name in variants}
     hooks = []
     for variant_name, model in variants.items():
         for layer, module in weighted_layers(model).items():
-            record = samples.setdefault(layer, {}).setdefault(variant_name, [])
-            started: list[float] = []
-            hooks.append(module.register_forward_pre_hook(lambda *_, started=started: started.append(time.perf_counter())))
-            hooks.append(module.register_forward_hook(
-                lambda *_, started=started, record=record: record.append((time.perf_counter() - started.pop()) * 1e6)))
+            hooks.append(module.register_forward_pre_hook(
+                lambda *_, layer=layer, log=marks[variant_name]: log.append((layer, time.perf_counter()))))
+    samples: dict[str, dict[str, list[float]]] = {}
     try:
         with measurement_settings(threads):
             for model in variants.values():
                 for _ in range(warmup):
                     model(*example_inputs)
-            for record in (r for per_layer in samples.values() for r in per_layer.values()):
-                record.clear()
             names = list(variants)
             deadline = time.perf_counter() + seconds
             runs = 0
             while runs < min_runs or time.perf_counter() < deadline:
                 shift = runs % len(names)
                 for name in names[shift:] + names[:shift]:
+                    marks[name].clear()
                     variants[name](*example_inputs)
+                    ends = [t for _, t in marks[name][1:]] + [time.perf_counter()]
+                    for (layer, start), end in zip(marks[name], ends):
+                        samples.setdefault(layer, {}).setdefault(name, []).append((end - start) * 1e6)
                 runs += 1
     finally:
         for hook in hooks:
             hook.remove()
-    return {layer: {name: statistics.median(values) for name, values in per_variant.items() if values}
-            for layer, per_variant in samples.items() if all(per_variant.get(name) for name in variants)}
+    return {layer: {name: statistics.median(values) for name, values in per_variant.items()}
+            for layer, per_variant in samples.items() if len(per_variant) == len(variants)}
 
 
 def synthetic_layer(shape: LayerShape, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

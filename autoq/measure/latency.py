@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,12 +15,16 @@ _DENORMAL_PROBE = 1e-39  # a float32 subnormal: reads back as 0.0 only while flu
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Wall time of one call over `repeats` interleaved rounds, in milliseconds."""
+    """Wall time of one call over `repeats` interleaved rounds, in milliseconds.
+
+    samples_ms: the call's time in each round, in round order (rounds pair models up for `speedup`).
+    """
 
     median_ms: float
     p10_ms: float
     p90_ms: float
     repeats: int
+    samples_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
 
 def _flush_denormal_enabled() -> bool:
@@ -115,16 +120,43 @@ def measure_latency(models: Mapping[str, Callable[..., object]], example_inputs:
                 gc.enable()
     stats = {}
     for name, samples in durations_ns.items():
-        samples_ms = sorted(ns / 1e6 for ns in samples)
+        in_order = tuple(ns / 1e6 for ns in samples)
+        samples_ms = sorted(in_order)
         stats[name] = LatencyStats(median_ms=_percentile(samples_ms, 0.5),
                                    p10_ms=_percentile(samples_ms, 0.1),
                                    p90_ms=_percentile(samples_ms, 0.9),
-                                   repeats=len(samples_ms))
+                                   repeats=len(samples_ms), samples_ms=in_order)
     return stats
 
 
 def speedup(reference: LatencyStats, candidate: LatencyStats) -> float:
-    """How many times faster `candidate` is than `reference` (ratio of median latencies; >1 = faster)."""
+    """How many times faster `candidate` is than `reference` (>1 = faster).
+
+    Measured together (same rounds): the median over rounds of reference / candidate, so a slow
+    spell of the machine cancels out within each round. Otherwise: the ratio of median latencies.
+    """
     if candidate.median_ms <= 0:
         raise ValueError(f"candidate.median_ms must be > 0 ms to form a ratio, got {candidate.median_ms}.")
+    if reference.samples_ms and len(reference.samples_ms) == len(candidate.samples_ms):
+        ratios = sorted(r / c for r, c in zip(reference.samples_ms, candidate.samples_ms))
+        return _percentile(ratios, 0.5)
     return reference.median_ms / candidate.median_ms
+
+
+def fastest(stats: Mapping[str, LatencyStats]) -> str:
+    """The model that is fastest round by round when they were measured together.
+
+    Each model's time in a round is divided by the geometric mean of all models' times in that
+    round and the median of that over rounds decides: a slow spell of the machine cancels out.
+    Models with different round counts are compared by their medians.
+    """
+    rounds = {len(s.samples_ms) for s in stats.values()}
+    if len(rounds) != 1 or 0 in rounds:
+        return min(stats, key=lambda name: stats[name].median_ms)
+    names = list(stats)
+    relative: dict[str, list[float]] = {name: [] for name in names}
+    for times in zip(*(stats[name].samples_ms for name in names)):
+        mean = math.exp(sum(math.log(t) for t in times) / len(times))
+        for name, t in zip(names, times):
+            relative[name].append(t / mean)
+    return min(names, key=lambda name: _percentile(sorted(relative[name]), 0.5))
