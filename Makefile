@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-slow bench clean
+.PHONY: setup data demo test test-slow bench bench-dispatch clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ test-slow: setup data
 
 bench: setup data
 	$(PY) benchmarks/core.py
+
+bench-dispatch: setup data
+	$(PY) benchmarks/dispatch.py --seconds 8 --repeats 3
 
 clean:
 	rm -rf $(VENV) autoq-runs

@@ -17,7 +17,7 @@ import torch
 import autoq
 from autoq import zoo
 from autoq.measure.baselines import default_fx_ptq
-from autoq.measure.latency import measure_latency
+from autoq.measure.latency import measure_latency, speedup
 
 
 def main() -> None:
@@ -51,10 +51,13 @@ def main() -> None:
     for name, val, test, key in rows:
         ms = timing[key].median_ms
         print(f"{name:30s} {val:8.4f} {test:9.4f} {(fp32_test - test) / fp32_test:+10.2%} {ms:8.2f} "
-              f"{timing['fp32'].median_ms / ms:7.2f}x")
-    print("(batch 1; latencies measured side by side in one interleaved run; loss relative to FP32)")
+              f"{speedup(timing['fp32'], timing[key]):7.2f}x")
+    print("(batch 1; latencies measured side by side in one interleaved run, speedup = median of per-round "
+          "ratios; loss relative to FP32)")
     fallback = [layer["name"] for layer in result.layers if not layer["quantized"]]
-    print(f"\nFP32 fallback layers: {fallback or 'none'}")
+    libraries = [layer["engine"] for layer in result.layers if layer["quantized"]]
+    print(f"\nFP32 fallback layers: {fallback or 'none'}; int8 layers on oneDNN: {libraries.count('onednn')}, "
+          f"FBGEMM: {libraries.count('fbgemm')}, PyTorch's x86 rule: {libraries.count('x86')}")
     print(f"study '{result.study_name}' in {result.storage}; total {time.perf_counter() - started:.0f} s")
 
 
