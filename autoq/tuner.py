@@ -208,9 +208,10 @@ class _Run:
     @staticmethod
     def _store_dispatch(study: optuna.Study, timer: LayerTimer) -> None:
         """Merge this run's layer timings into the study's (other workers may have added theirs)."""
-        records = {(r["layer"], json.dumps(r["shape"], sort_keys=True)): r for r in study.user_attrs.get(DISPATCH_ATTR, [])}
-        for record in timer.records():
-            records[(record["layer"], json.dumps(record["shape"], sort_keys=True))] = record
+        def key(record: dict) -> tuple:
+            return record["layer"], record["module"], json.dumps(record["shape"], sort_keys=True)
+        records = {key(r): r for r in study.user_attrs.get(DISPATCH_ATTR, [])}
+        records.update((key(r), r) for r in timer.records())
         study.set_user_attr(DISPATCH_ATTR, list(records.values()))
 
     def _baseline(self) -> float:

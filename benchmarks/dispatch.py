@@ -163,7 +163,7 @@ def bench_model(name: str, seconds: float, repeats: int) -> dict:
     set_layer_engines(variants["measured"], in_model)
     tuned = dataclasses.replace(base, fold_relu6=builder.has_relu6, channels_last=inputs[0].dim() == 4)
     variants["measured+"] = builder.build(tuned)
-    set_layer_engines(variants["measured+"], timer.choose(variants["measured+"], inputs))
+    set_layer_engines(variants["measured+"], LayerTimer(seconds=2.0).choose(variants["measured+"], inputs))
 
     # autoq's pick: like autoq.tune, time the arms and keep the fastest; then report it from a
     # separate run together with every column (the pick's own timing would flatter it). Repeated:
