@@ -8,6 +8,7 @@ from torch import nn
 from torch.ao.nn import quantized as nnq
 
 import autoq
+from autoq.plan import QuantPlan
 from conftest import fast_settings
 
 
@@ -80,6 +81,11 @@ def test_messy_model_is_tuned_and_quantized(digits, tmp_path):
     assert "aux_head" not in str(result.model.graph)
     with torch.no_grad():
         assert result.model(digits.x[:5]).shape == (5, 10)
+    # per-layer kernels are measured for int8 modules; conv2 (forward overridden) and the functional
+    # linear become functional int8 ops, which follow the plan's engine
+    measured = next(t for t in result.trials if t["params"].get("engine") == "measured")
+    assert measured["state"] != "FAIL"
+    assert set(QuantPlan.from_dict(measured["plan"]).layer_engines) == {"conv1"}
 
 
 def test_functional_and_subclassed_layers_fall_back_individually(digits):
