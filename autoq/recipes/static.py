@@ -24,8 +24,8 @@ from autoq.calibrate.observers import FixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats
 from autoq.capture import Layer, explain_trace_failure, find_layers, keep_fp32, use_base_layer_classes
-from autoq.plan import QuantPlan
 from autoq.dispatch.layers import set_layer_engines
+from autoq.plan import QuantPlan
 from autoq.recipes.engine import quantized_engine
 from autoq.recipes.fusion import fold_relu6, is_relu6
 
