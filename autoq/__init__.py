@@ -2,12 +2,13 @@
 
 from autoq.capture import TraceError
 from autoq.config import TuneConfig
+from autoq.dispatch.apply import apply_dispatch
 from autoq.dispatch.table import DispatchTable
 from autoq.plan import QuantPlan
 from autoq.result import TuneResult, load, save
 from autoq.search.space import SearchSpace
 from autoq.tuner import quantize, tune
 
-__all__ = ["DispatchTable", "QuantPlan", "SearchSpace", "TraceError", "TuneConfig", "TuneResult", "load",
-           "quantize", "save", "tune"]
+__all__ = ["DispatchTable", "QuantPlan", "SearchSpace", "TraceError", "TuneConfig", "TuneResult", "apply_dispatch",
+           "load", "quantize", "save", "tune"]
 __version__ = "0.1.0"

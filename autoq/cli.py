@@ -3,6 +3,7 @@
     autoq dispatch bench [--out TABLE.json] [--suite SHAPES.toml] [--threads N] [--limit N]
     autoq dispatch show TABLE.json
     autoq dispatch export --study NAME [--storage URL] --out TABLE.json
+    autoq dispatch apply MODEL.autoq TABLE.json|shipped --out NEW.autoq
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from collections.abc import Sequence
 import optuna
 import torch
 
+from autoq.dispatch.apply import apply_dispatch
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.rule import DEPTH
 from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_suite
 from autoq.dispatch.table import DispatchTable, Entry
+from autoq.result import load, save
 from autoq.search.study import storage_url
 from autoq.tuner import DISPATCH_ATTR
 
@@ -47,8 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--storage", default=None, help="Optuna storage URL (default: autoq-runs/autoq.db)")
     export.add_argument("--out", required=True, help="table to write")
 
+    apply = actions.add_parser("apply", help="re-pack a saved int8 model's layers per a table (no re-tuning)")
+    apply.add_argument("model", help="model file written by TuneResult.save or autoq.save")
+    apply.add_argument("table", help="dispatch table JSON, or 'shipped' for autoq's table for this CPU")
+    apply.add_argument("--out", required=True, help="model file to write")
+
     args = parser.parse_args(argv)
     try:
+        if args.action == "apply":
+            _apply(args)
+            return 0
         table = {"bench": _bench, "show": _show, "export": _export}[args.action](args)
     except ValueError as error:
         print(f"autoq: error: {error}", file=sys.stderr)
@@ -95,6 +106,14 @@ def _export(args: argparse.Namespace) -> DispatchTable:
     table.save(args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return table
+
+
+def _apply(args: argparse.Namespace) -> None:
+    model = load(args.model)
+    engines = apply_dispatch(model, args.table)
+    save(model, args.out)
+    onednn = sum(library == "onednn" for library in engines.values())
+    print(f"wrote {args.out}: {onednn} layers on oneDNN, {len(engines) - onednn} on FBGEMM")
 
 
 def describe(table: DispatchTable) -> str:

@@ -128,6 +128,7 @@ def _write(model: torch.nn.Module, config: dict, path: str | os.PathLike, summar
     torch.save(model, buffer, pickle_module=_PICKLE_MODULE)
     torch.save({
         "format": SAVE_FORMAT, "version": SAVE_VERSION, "config": config, "summary": summary or {},
+        "layer_shapes": getattr(model, "meta", {}).get("autoq", {}).get("layer_shapes", {}),
         "torch_version": str(torch.__version__), "model": buffer.getvalue(),
     }, path)
 
@@ -153,5 +154,6 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     with quantized_engine(plan.engine):
         model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
     set_layer_engines(model, plan.layer_engines)
-    model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"]}
+    model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"],
+                           "layer_shapes": payload.get("layer_shapes", {})}
     return model

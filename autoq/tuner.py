@@ -16,7 +16,7 @@ import torch
 
 from autoq.capture import as_input_tuple, calibration_batches, check_model
 from autoq.config import TuneConfig
-from autoq.dispatch.layers import layer_shapes, set_layer_engines
+from autoq.dispatch.apply import apply_dispatch, record_layer_shapes, set_model_dispatch
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.table import DispatchTable, shipped_table
 from autoq.measure.fp32 import best_fp32
@@ -67,11 +67,11 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
              ) -> torch.nn.Module:
     """Build the int8 model of a plan (e.g. `TuneResult.config`, or `QuantPlan()`) without searching.
 
-    dispatch: a DispatchTable (or its JSON path) choosing each layer's kernel library from its
-      exact entries or learned rule, 'shipped' for autoq's table for this CPU, or 'measured' to time
-      every layer in place; None keeps the plan's own kernel choices.
+    dispatch: per-layer kernel libraries from a DispatchTable (or its JSON path, or 'shipped' for
+      autoq's table for this CPU: exact entries, else its learned rule), or 'measured' to time
+      every layer inside the model now; None keeps the plan's own kernel choices.
     The plan actually built (with per-layer kernels) is in `model.meta['autoq']['config']`;
-    `autoq.save(model, path)` keeps it.
+    `autoq.save(model, path)` keeps it, and `autoq.apply_dispatch` can re-dispatch it later.
     """
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
@@ -79,31 +79,12 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
     batches = calibration_batches(calib_data, len(example_inputs), plan.calib_samples)
     builder = StaticBuilder(model, example_inputs, batches, non_traceable_modules=list(non_traceable_modules))
     quantized = builder.build(plan)
-    if dispatch is not None:
-        plan.layer_engines, plan.dispatch = _dispatch(quantized, example_inputs, dispatch), (
-            "measured" if dispatch == "measured" else "table")
-        set_layer_engines(quantized, plan.layer_engines)
-    quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
-    return quantized
-
-
-def _dispatch(model: torch.nn.Module, example_inputs: tuple, dispatch: DispatchTable | str) -> dict[str, str]:
-    """{layer: library} for the weighted layers of a built int8 model."""
+    record_layer_shapes(quantized, example_inputs)
     if dispatch == "measured":
-        return LayerTimer().choose(model, example_inputs)
-    if dispatch == "shipped":
-        table = shipped_table()
-        if table is None:
-            raise ValueError("autoq ships no dispatch table for this CPU; build one with `autoq dispatch bench "
-                             "--out table.json` and pass dispatch='table.json', or use dispatch='measured'.")
-    elif isinstance(dispatch, DispatchTable):
-        table = dispatch
-    elif isinstance(dispatch, str):
-        table = DispatchTable.load(dispatch)
-    else:
-        raise TypeError(f"`dispatch` must be a DispatchTable, a table path, 'shipped', 'measured' or None. "
-                        f"Got {type(dispatch).__name__}.")
-    return table.choose_all(layer_shapes(model, example_inputs))
+        set_model_dispatch(quantized, LayerTimer().choose(quantized, example_inputs), "measured")
+    elif dispatch is not None:
+        apply_dispatch(quantized, dispatch)
+    return quantized
 
 
 def _log(config: TuneConfig, message: str) -> None:
@@ -267,6 +248,7 @@ class _Run:
         if plan is None:
             plan = QuantPlan.from_dict(best["plan"])
             model = builder.build(plan)
+        record_layer_shapes(model, self.example_inputs)
         with torch.no_grad():
             accuracy = float(self.eval_fn(model))
         loss = config.loss(baseline, accuracy)

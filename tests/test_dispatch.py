@@ -89,6 +89,23 @@ def test_table_applies_to_a_new_model_and_the_saved_model_keeps_its_dispatch(tmp
         assert torch.equal(reloaded(X), model(X))
 
 
+def test_a_saved_model_is_re_dispatched_from_the_cli_without_inputs(tmp_path, capsys):
+    fp32 = saturation_net()
+    autoq.save(autoq.quantize(fp32, FBGEMM_PLAN, X, [X]), tmp_path / "fbgemm.autoq")
+    two_entry_table(current_cpu(), "onednn").save(tmp_path / "t.json")
+    assert main(["dispatch", "apply", str(tmp_path / "fbgemm.autoq"), str(tmp_path / "t.json"),
+                 "--out", str(tmp_path / "dispatched.autoq")]) == 0
+    assert "1 layers on oneDNN, 1 on FBGEMM" in capsys.readouterr().out
+    model = autoq.load(tmp_path / "dispatched.autoq")
+    assert QuantPlan.from_dict(model.meta["autoq"]["config"]).layer_engines == {"0": "onednn", "1": "fbgemm"}
+    assert relative_error(model, fp32) < 0.05
+    assert relative_error(autoq.load(tmp_path / "fbgemm.autoq"), fp32) > 0.2  # the input file is untouched
+    bare = copy.deepcopy(model)
+    bare.meta["autoq"]["layer_shapes"] = {}
+    with pytest.raises(ValueError, match="layer shapes are recorded"):
+        autoq.apply_dispatch(bare, tmp_path / "t.json")
+
+
 def test_table_from_another_cpu_warns_and_uses_only_its_rule():
     other = CpuIdentity("GenuineIntel", "Some Xeon", ("avx512f", "amx_int8"))
     table = two_entry_table(other, "onednn")
@@ -190,7 +207,7 @@ def test_layers_are_timed_inside_whole_model_runs():
 
 
 def test_quantize_rejects_a_bad_dispatch_argument():
-    with pytest.raises(TypeError, match="`dispatch` must be"):
+    with pytest.raises(TypeError, match="must be a DispatchTable, a JSON path or 'shipped'"):
         autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X], dispatch=3)
     model = autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X], dispatch="measured")
     plan = QuantPlan.from_dict(model.meta["autoq"]["config"])

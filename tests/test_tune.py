@@ -106,6 +106,9 @@ def test_save_and_load_in_a_new_process_gives_identical_outputs(tuned, mnist_tas
         with torch.no_grad():
             assert torch.equal(model(inputs), expected), "outputs differ after reload"
         assert model.meta["autoq"]["config"]["_data"]["engine"] in ("x86", "fbgemm", "onednn")
+        assert set(model.meta["autoq"]["layer_shapes"]) == {{
+            name for name, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)
+            or isinstance(m, torch.ao.nn.quantized.Linear)}}  # so autoq.apply_dispatch needs no inputs
         print("identical")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -169,6 +169,22 @@ class DispatchTable:
         table.add(Entry(LayerShape.from_dict(e["shape"]), dict(e["micros"]), e["source"]) for e in data["entries"])
         return table
 
+    @classmethod
+    def resolve(cls, table: DispatchTable | str | os.PathLike) -> DispatchTable:
+        """A table given as itself, as a JSON path, or as 'shipped' (autoq's table for this CPU)."""
+        if isinstance(table, DispatchTable):
+            return table
+        if table == "shipped":
+            shipped = shipped_table()
+            if shipped is None:
+                raise ValueError("autoq ships no dispatch table for this CPU; build one with `autoq dispatch "
+                                 "bench --out table.json` and use 'table.json' instead.")
+            return shipped
+        if isinstance(table, (str, os.PathLike)):
+            return cls.load(table)
+        raise TypeError(f"A dispatch table must be a DispatchTable, a JSON path or 'shipped'. "
+                        f"Got {type(table).__name__}.")
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

@@ -1,0 +1,43 @@
+"""Applying kernel choices to a built int8 model and recording them in its plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines
+from autoq.dispatch.table import DispatchTable
+from autoq.plan import QuantPlan
+
+
+def record_layer_shapes(model: nn.Module, example_inputs: tuple) -> None:
+    """Store each int8 layer's shape signature in `model.meta['autoq']` (saved with the model)."""
+    model.meta["autoq"]["layer_shapes"] = {
+        name: shape.to_dict() for name, shape in layer_shapes(model, example_inputs).items()}
+
+
+def set_model_dispatch(model: nn.Module, engines: Mapping[str, str], dispatch: str) -> None:
+    """Re-pack `model`'s int8 layers per `engines` and record them (and how they were chosen) in its plan."""
+    plan = QuantPlan.from_dict(model.meta["autoq"]["config"])
+    plan.layer_engines, plan.dispatch = dict(engines), dispatch
+    set_layer_engines(model, plan.layer_engines)
+    model.meta["autoq"]["config"] = plan.to_dict()
+
+
+def apply_dispatch(model: nn.Module, table: DispatchTable | str) -> dict[str, str]:
+    """Re-pack the int8 layers of an autoq model per a dispatch table, in place; returns {layer: library}.
+
+    `model` comes from `autoq.quantize`, a tuning result or `autoq.load`: their layer shapes are
+    recorded in `model.meta['autoq']`, so no inputs are needed. `table` is a DispatchTable, a path
+    to one, or 'shipped' (autoq's table for this CPU). The choice is kept by `autoq.save`.
+    """
+    meta = getattr(model, "meta", {}).get("autoq") or {}
+    if not meta.get("layer_shapes"):
+        raise ValueError("apply_dispatch needs an autoq int8 model whose layer shapes are recorded (built by "
+                         "autoq.quantize or autoq.tune, or loaded from a file they saved); rebuild it with "
+                         "autoq.quantize(model, plan, x, calib, dispatch=table).")
+    shapes = {name: LayerShape.from_dict(shape) for name, shape in meta["layer_shapes"].items()}
+    engines = DispatchTable.resolve(table).choose_all(shapes)
+    set_model_dispatch(model, engines, "table")
+    return engines
