@@ -21,8 +21,7 @@ from autoq.dispatch.rule import DEPTH
 from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_suite
 from autoq.dispatch.table import DispatchTable, Entry
 from autoq.result import load, save
-from autoq.search.study import storage_url
-from autoq.tuner import DISPATCH_ATTR
+from autoq.search.study import layer_timings, storage_url
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +97,7 @@ def _export(args: argparse.Namespace) -> DispatchTable:
         study = optuna.load_study(study_name=args.study, storage=storage_url(args.storage))
     except KeyError as error:
         raise ValueError(f"no study named {args.study!r} in {storage_url(args.storage)}") from error
-    stored = study.user_attrs.get(DISPATCH_ATTR, [])
+    stored = layer_timings(study)
     if not stored:
         raise ValueError(f"study {args.study!r} measured no per-layer kernel timings (no 'measured' trial ran).")
     table = DispatchTable.for_this_machine(LayerTimer(stored).entries())

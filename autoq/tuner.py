@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -26,11 +25,12 @@ from autoq.recipes.static import StaticBuilder
 from autoq.result import TuneResult
 from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers
-from autoq.search.study import FINISHED, SPEED_TIE, best_row, fingerprint, pareto_front, storage_url, trial_rows
+from autoq.search.study import (
+    FINISHED, SPEED_TIE, best_row, fingerprint, layer_timings, pareto_front, storage_url, trial_rows,
+)
 
 
 FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
-DISPATCH_ATTR = "layer_timings"  # study user attr: in-model per-layer kernel timings ('measured' trials)
 
 
 def tune(
@@ -117,7 +117,7 @@ class _Run:
         if not previous:
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
-        timer = LayerTimer(study.user_attrs.get(DISPATCH_ATTR, []), seconds=config.latency_seconds,
+        timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds,
                            threads=config.threads)
         objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous, timer)
         if previous:
@@ -130,7 +130,6 @@ class _Run:
                 study.enqueue_trial(params, skip_if_exists=True)
             study.set_user_attr("sweep_enqueued", True)
         self._optimize(study, objective, None, deadline)
-        self._store_dispatch(study, timer)
         rows = trial_rows(study)
         return self._result(study, builder, rows, baseline, scores, started, self._dispatch_table(timer))
 
@@ -185,15 +184,6 @@ class _Run:
         table = shipped_table() or DispatchTable.for_this_machine()
         table.add(timer.entries())
         return table
-
-    @staticmethod
-    def _store_dispatch(study: optuna.Study, timer: LayerTimer) -> None:
-        """Merge this run's layer timings into the study's (other workers may have added theirs)."""
-        def key(record: dict) -> tuple:
-            return record["layer"], record["module"], json.dumps(record["shape"], sort_keys=True)
-        records = {key(r): r for r in study.user_attrs.get(DISPATCH_ATTR, [])}
-        records.update((key(r), r) for r in timer.records())
-        study.set_user_attr(DISPATCH_ATTR, list(records.values()))
 
     def _baseline(self) -> float:
         try:

@@ -16,6 +16,7 @@ from autoq.measure.latency import measure_latency, speedup
 from autoq.plan import QuantPlan
 from autoq.recipes.static import StaticBuilder
 from autoq.search.space import GLOBAL
+from autoq.search.study import store_layer_timings
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
 
@@ -73,9 +74,12 @@ class Objective:
         try:
             model = self.builder.build(plan)
             if plan.dispatch == "measured" and not plan.layer_engines:
+                known = len(self.timer.records())
                 plan.layer_engines = self.timer.choose(model, self.builder.example_inputs)
                 set_layer_engines(model, plan.layer_engines)
                 trial.set_user_attr("plan", plan.to_dict())
+                if len(self.timer.records()) > known:  # stored at once: a killed run keeps them
+                    store_layer_timings(trial.study, self.timer.records())
             timing = measure_latency(
                 {"fp32": self.fp32_model, "int8": model}, self.builder.example_inputs,
                 threads=self.config.threads, target_seconds=self.config.latency_seconds,

@@ -14,6 +14,7 @@ import optuna
 import torch
 
 DEFAULT_RUN_DIR = "autoq-runs"
+LAYER_TIMINGS_ATTR = "layer_timings"  # study user attr: in-model per-layer kernel timings ('measured' trials)
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -102,3 +103,17 @@ def best_row(rows: list[dict[str, Any]], speed_tie: float = SPEED_TIE) -> tuple[
     if evaluated:
         return min(evaluated, key=lambda r: (r["loss"], -r["speedup"])), False
     return None, False
+
+
+def layer_timings(study: optuna.Study) -> list[dict[str, Any]]:
+    """The per-layer kernel timings 'measured' trials of `study` stored (LayerTimer.records() format)."""
+    return list(study.user_attrs.get(LAYER_TIMINGS_ATTR, []))
+
+
+def store_layer_timings(study: optuna.Study, records: list[dict[str, Any]]) -> None:
+    """Merge `records` into the study's layer timings (other workers may have added theirs)."""
+    def key(record: dict[str, Any]) -> tuple:
+        return record["layer"], record["module"], json.dumps(record["shape"], sort_keys=True)
+    merged = {key(record): record for record in layer_timings(study)}
+    merged.update((key(record), record) for record in records)
+    study.set_user_attr(LAYER_TIMINGS_ATTR, list(merged.values()))
