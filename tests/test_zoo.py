@@ -225,7 +225,8 @@ def test_mobilenet_fashion_task_rejects_impossible_counts() -> None:
 
 @pytest.mark.slow
 def test_mobilenet_fashion_task_small(tmp_path: Path) -> None:
-    task = zoo.mobilenet_fashion_task(resolution=64, n_train=500, n_val=200, n_test=200, cache_dir=tmp_path)
+    task = zoo.mobilenet_fashion_task(resolution=64, n_train=500, n_val=200, n_test=200, cache_dir=tmp_path,
+                                      calib_batches=8)
     assert isinstance(task.model.classifier[1], nn.Linear) and task.model.classifier[1].out_features == 10
     assert [batch.shape for batch in task.calib] == [(16, 3, 64, 64)] * 8
     assert task.example_inputs[0].shape == (1, 3, 64, 64)
