@@ -1,10 +1,9 @@
 """Timing int8 layers under each kernel library: inside whole-model runs, alone, or from a shape alone.
 
 Alone, a layer is called over and over with its weights hot in cache; inside a model its weights
-are cold, and the libraries' order can flip (e.g. a 16x512x1024 linear: 43 vs 46 us hot, 229 vs
-287 us cold), and the library also changes how fast the next ops run. Tuning therefore times each
-layer inside whole-model runs; the shape suite, which has no model around its shapes, times them
-alone.
+are cold, and the libraries' order can flip (benchmarks/dispatch_effects.py: a 128x512x512 linear
+is faster on oneDNN hot and on FBGEMM cold). Tuning therefore times each layer inside whole-model
+runs; the shape suite, which has no model around its shapes, times them alone.
 """
 
 from __future__ import annotations
@@ -60,9 +59,8 @@ def time_layers_in_model(variants: Mapping[str, nn.Module], example_inputs: tupl
     """{layer: {variant: median microseconds}} of every weighted layer's segment inside whole-model runs.
 
     A layer's segment runs from its call to the next weighted layer's call (or the end of the
-    model): the library of a layer also changes how fast the ops after it start (after an FBGEMM
-    call OpenMP's worker threads must be woken again; a GELU right after a 256x512x2048 linear took
-    403 us after FBGEMM and 234 us after oneDNN), so timing the call alone would miss that.
+    model), so whatever a library does to the ops after it (thread state, cache contents) counts
+    towards its time.
     `variants` are the same model packed differently (e.g. {'fbgemm': ..., 'onednn': ...}); their
     runs alternate until `seconds` have passed and each ran `min_runs` times.
     """
