@@ -41,21 +41,30 @@ def block_and_data():
     return model, data
 
 
-def build(block_and_data, fold):
+def build(block_and_data, fold, reduce_range=False):
     model, data = block_and_data
-    plan = QuantPlan(engine="onednn", reduce_range=False, activation_observer="minmax", fold_relu6=fold)
+    plan = QuantPlan(engine="onednn", reduce_range=reduce_range, activation_observer="minmax", fold_relu6=fold)
     return autoq.quantize(model, plan, data[0][:1], data)
 
 
-def test_relu6_after_an_int8_conv_becomes_a_conv_relu_saturating_at_6(block_and_data):
-    folded = build(block_and_data, fold=True)
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_relu6_after_an_int8_conv_becomes_a_conv_relu_saturating_at_6(block_and_data, reduce_range):
+    folded = build(block_and_data, fold=True, reduce_range=reduce_range)
     fused = {name for name, m in folded.named_modules() if isinstance(m, nniq.ConvReLU2d)}
     assert fused == {"a", "b", "c"}
     assert not any(isinstance(m, (nn.ReLU6, nn.Hardtanh)) for m in folded.modules())
     assert "relu6" in folded.code  # the reused conv output keeps its own ReLU6
     for name in fused:
         module = folded.get_submodule(name)
-        assert module.zero_point == 0 and module.scale * 255 <= 6.0 + 1e-6
+        assert module.zero_point == 0 and module.scale * 255 <= 6.0 + 1e-6  # uint8 saturation caps at 6
+    outputs = {}
+    hooks = [folded.get_submodule(name).register_forward_hook(
+        lambda m, args, out, name=name: outputs.__setitem__(name, out.dequantize())) for name in fused]
+    with torch.no_grad():
+        folded(block_and_data[1][2])
+    for hook in hooks:
+        hook.remove()
+    assert all(0 <= float(out.min()) and float(out.max()) <= 6.0 + 1e-5 for out in outputs.values())
 
 
 def test_folding_keeps_the_model_at_least_as_accurate(block_and_data):

@@ -17,6 +17,7 @@ from autoq.recipes.engine import quantized_engine
 
 _FUSED = {nnq.Conv1d: nniq.ConvReLU1d, nnq.Conv2d: nniq.ConvReLU2d, nnq.Conv3d: nniq.ConvReLU3d}
 RELU6_MAX = 6.0
+QUINT8_MAX = 255
 
 
 def is_relu6(graph_module: fx.GraphModule, node: fx.Node) -> bool:
@@ -31,10 +32,12 @@ def is_relu6(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.relu6
 
 
-def fold_relu6(graph_module: fx.GraphModule, engine: str, quant_max: int) -> list[str]:
+def fold_relu6(graph_module: fx.GraphModule, engine: str, observed_quant_max: int) -> list[str]:
     """Fuse every int8 Conv -> ReLU6 pair into ConvReLU with output range [0, min(6, max)] (in place).
 
-    engine: library to pack the fused layers' weights for; quant_max: 255, or 127 with reduce_range.
+    engine: library to pack the fused layers' weights for; observed_quant_max: the top of the conv
+    outputs' observed range (255, or 127 with reduce_range). The fused output always uses the full
+    uint8 range, whose saturation at 255 is what caps it at min(6, max).
     Returns the names of the fused conv modules. A conv whose output has other users is left alone.
     """
     fused = []
@@ -46,7 +49,7 @@ def fold_relu6(graph_module: fx.GraphModule, engine: str, quant_max: int) -> lis
         user = next(iter(node.users))
         if fused_class is None or not is_relu6(graph_module, user):
             continue
-        high = min(RELU6_MAX, float(conv.scale) * (quant_max - int(conv.zero_point)))
+        high = min(RELU6_MAX, float(conv.scale) * (observed_quant_max - int(conv.zero_point)))
         if high <= 0:
             continue
         replacement = fused_class(
@@ -55,7 +58,7 @@ def fold_relu6(graph_module: fx.GraphModule, engine: str, quant_max: int) -> lis
         )
         with quantized_engine(engine):
             replacement.set_weight_bias(conv.weight(), conv.bias())
-        replacement.scale, replacement.zero_point = high / quant_max, 0
+        replacement.scale, replacement.zero_point = high / QUINT8_MAX, 0
         parent, _, attribute = node.target.rpartition(".")
         setattr(graph_module.get_submodule(parent) if parent else graph_module, attribute, replacement)
         user.replace_all_uses_with(node)

@@ -128,7 +128,7 @@ class StaticBuilder:
             fp32_layers = [self._layers[name] for name in plan.fp32_layers]
             quantized = convert_fx(model, qconfig_mapping=qconfig_mapping(plan.weight_granularity, fp32_layers))
         if plan.fold_relu6:
-            fold_relu6(quantized, plan.engine, quant_max=127 if plan.reduce_range else 255)
+            fold_relu6(quantized, plan.engine, observed_quant_max=127 if plan.reduce_range else 255)
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
         set_layer_engines(quantized, plan.layer_engines)
