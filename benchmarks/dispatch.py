@@ -226,8 +226,8 @@ def main() -> None:
     for r in rows:
         print(f"  {r['model']:20s} " + "  ".join(
             f"{c} {statistics.median(speedup(run['fp32'], run[c]) for run in r['runs']):.2f}x" for c in columns))
-    print("\nSum over int8 conv/linear layers (ms): each timed alone on its real input (hot cache) | timed inside "
-          "whole-model runs | whole model")
+    print("\nSum over int8 conv/linear layers (ms): each timed alone on its real input (hot cache) | its segment "
+          "(the layer and the ops up to the next int8 layer) timed inside whole-model runs | whole model")
     for r in rows:
         alone, inside, ms = r["alone_ms"], r["in_model_ms"], r["ms"]
         print(f"  {r['model']:20s} alone: fbgemm {alone['fbgemm']:6.2f} onednn {alone['onednn']:6.2f} | inside: "

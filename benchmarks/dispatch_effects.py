@@ -6,7 +6,10 @@
    and with caches flushed before every call (a 64 MB buffer is written in between).
 2. The op after: a GELU and an attention call timed right after an int8 linear that ran on FBGEMM
    or on oneDNN (everything else identical; the libraries alternate call by call).
-All numbers are medians in microseconds from one run, libraries interleaved.
+3. Where int8 time goes: torch.profiler's share of self CPU time in the int8 conv/linear ops of
+   whole int8 models (PyTorch's default x86 recipe, oneDNN engine); the rest is everything a
+   kernel choice cannot speed up.
+Numbers in 1-2 are medians in microseconds from one run, libraries interleaved.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ import torch
 from autoq.dispatch.layers import LIBRARIES, LayerShape, pack
 from autoq.dispatch.microbench import synthetic_layer
 from autoq.dispatch.table import current_cpu
+from autoq.plan import QuantPlan
+from autoq.recipes.static import StaticBuilder
+from dispatch import MODELS  # benchmarks/dispatch.py: the same model builders
+
+PROFILED = ("mobilenet_v2", "minilm_encoder", "seq2seq_transformer")
+INT8_LAYER_OPS = ("quantized::conv2d", "quantized::conv2d_relu", "quantized::linear", "quantized::linear_relu")
 
 LINEARS = [LayerShape("linear", 16, 512, 1024), LayerShape("linear", 16, 2048, 512),
            LayerShape("linear", 128, 512, 2048), LayerShape("linear", 128, 512, 512)]
@@ -71,6 +80,20 @@ def op_after(shape: LayerShape, calls: int = 400) -> dict[tuple[str, str], float
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
+def int8_layer_share(name: str, runs: int = 10) -> float:
+    """Fraction of profiled self CPU time spent in int8 conv/linear ops of model `name`."""
+    model, inputs, calib = MODELS[name]()
+    int8 = StaticBuilder(model, inputs, calib).build(QuantPlan(engine="onednn"))
+    for _ in range(3):
+        int8(*inputs)
+    with torch.profiler.profile() as profile:
+        for _ in range(runs):
+            int8(*inputs)
+    events = profile.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    return sum(event.self_cpu_time_total for event in events if event.key in INT8_LAYER_OPS) / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -93,6 +116,11 @@ def main() -> None:
         print("|---|---|---|")
         for op in ("gelu", "attention"):
             print(f"| {op} | {t['fbgemm', op]:.0f} | {t['onednn', op]:.0f} |")
+        print("\n| int8 model | share of time in int8 conv/linear ops | elsewhere |")
+        print("|---|---|---|")
+        for name in PROFILED:
+            share = int8_layer_share(name)
+            print(f"| {name} | {share:.0%} | {1 - share:.0%} |")
 
 
 if __name__ == "__main__":

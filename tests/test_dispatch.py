@@ -202,8 +202,6 @@ def test_layers_are_timed_inside_whole_model_runs():
     assert set(timings) == {"0", "1"}
     assert all(set(t) == {"fbgemm", "onednn"} and min(t.values()) > 0 for t in timings.values())
     assert not any(m._forward_hooks or m._forward_pre_hooks for v in variants.values() for m in v.modules())
-    with torch.no_grad():
-        assert torch.equal(variants["onednn"](X), variants["onednn"](X))
 
 
 def test_quantize_rejects_a_bad_dispatch_argument():

@@ -29,8 +29,9 @@ def time_libraries(module: nn.Module, x: torch.Tensor, *, libraries: Sequence[st
     """Median time of `module(x)` per call, in microseconds, with weights packed for each library.
 
     Single calls of the libraries alternate (order rotating) until `seconds` have passed and each
-    ran at least `min_calls` times: on a shared VM the speed drifts by 10-20% within a second, and
-    only call-by-call alternation keeps that drift out of the comparison. `module` is not modified.
+    ran at least `min_calls` times, so drift of the machine's speed hits both alike (on this
+    project's VM it halved the run-to-run change of the FBGEMM/oneDNN ratio compared with timing
+    each library in blocks). `module` is not modified.
     """
     variants = {}
     for library in libraries:
