@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -26,7 +27,8 @@ from autoq.result import TuneResult
 from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers
 from autoq.search.study import (
-    FINISHED, SPEED_TIE, best_row, fingerprint, layer_timings, pareto_front, storage_url, trial_rows,
+    FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row, fingerprint, layer_timings,
+    pareto_front, storage_url, trial_rows,
 )
 
 
@@ -110,6 +112,8 @@ class _Run:
                                 non_traceable_modules=config.non_traceable_modules)
         _log(config, f"{len(builder.layers)} quantizable layers; calibration checkpoints {builder.checkpoints}")
         study = self._study(baseline)
+        study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": dataclasses.asdict(config),
+                                       "layers": list(builder.layers)})
         scores = self._sensitivity(study, builder)
         ranking = rank_layers(scores)
         previous = trial_rows(study)
@@ -212,7 +216,7 @@ class _Run:
             )
 
     def _sensitivity(self, study: optuna.Study, builder: StaticBuilder) -> dict[str, float]:
-        stored = study.user_attrs.get("sensitivity_sqnr_db")
+        stored = study.user_attrs.get(SENSITIVITY_ATTR)
         if stored and set(stored) == set(builder.layers):
             return {layer: float(value) for layer, value in stored.items()}
         samples, batches = 0, []
@@ -223,7 +227,7 @@ class _Run:
                 break
         _log(self.config, f"ranking {len(builder.layers)} layers by output SQNR when quantized alone (simulated)")
         scores = layer_sensitivity(builder, self.fp32, batches, default_plan("x86"))
-        study.set_user_attr("sensitivity_sqnr_db", {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
+        study.set_user_attr(SENSITIVITY_ATTR, {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
         return scores
 
     def _result(self, study, builder, rows, baseline, scores, started, table: DispatchTable) -> TuneResult:
@@ -282,5 +286,9 @@ class _Run:
             study_name=study.study_name, storage=storage_url(config.storage), notes=notes,
             dispatch_table=table,
         )
+        study.set_user_attr(RESULT_ATTR, {
+            "plan": result.config, "accuracy": accuracy, "loss": loss, "speedup": result.speedup,
+            "latency_ms": latency, "feasible": feasible, "layers": layers, "notes": notes,
+        })
         _log(config, "\n" + result.summary())
         return result

@@ -15,6 +15,9 @@ import torch
 
 DEFAULT_RUN_DIR = "autoq-runs"
 LAYER_TIMINGS_ATTR = "layer_timings"  # study user attr: in-model per-layer kernel timings ('measured' trials)
+SENSITIVITY_ATTR = "sensitivity_sqnr_db"  # study user attr: {layer: output SQNR dB quantized alone}, model order
+RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a dict), layers}
+RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accuracy, loss, speedup, latency_ms, ...}
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
