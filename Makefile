@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-slow bench bench-dispatch clean
+.PHONY: setup data postgres demo test test-slow bench bench-dispatch clean
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,20 @@ data:
 	@test -d $(FASHION) || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
 	  || echo "Fashion-MNIST missing: run 'apt-get install dataset-fashion-mnist' as root"
 
+# PostgreSQL server binaries (Debian `postgresql`) for the multi-worker tests, which start their own
+# throwaway server on 127.0.0.1 (tests/postgres.py); Debian keeps them off PATH, under /usr/lib/postgresql/.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
+	  || echo "PostgreSQL missing: run 'apt-get install postgresql' as root (tests that need it are skipped)"
+
 demo: setup data
 	$(PY) examples/tune_mobilenet_fashion.py
 
-test: setup data
+test: setup data postgres
 	$(PY) -m pytest
 
-test-slow: setup data
+test-slow: setup data postgres
 	$(PY) -m pytest -m slow
 
 bench: setup data

@@ -1,5 +1,11 @@
-"""The `autoq` command line. Thin: parses arguments, calls the library, prints.
+"""The `autoq` command line. Thin: parses arguments, loads the run file, calls the library, prints.
 
+    autoq tune RUN.toml [--strategy NAME] [--storage URL] [--trials N] [--timeout S] [--out DIR]
+                        [--quiet] [--measure-lock]
+    autoq resume RUN.toml [same options]        continue the run's study (an error if it has none)
+    autoq report [RUN.toml] [--study NAME] [--storage URL] [--out DIR]
+    autoq bench MODEL.autoq [--run RUN.toml] [--seconds S] [--threads N]
+    autoq strategies                             list the strategy presets
     autoq dispatch bench [--out TABLE.json] [--suite SHAPES.toml] [--threads N] [--limit N]
     autoq dispatch show TABLE.json
     autoq dispatch export --study NAME [--storage URL] --out TABLE.json
@@ -9,24 +15,156 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
 import torch
 
+from autoq.config import load_strategy, strategies
 from autoq.dispatch.apply import apply_dispatch
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.rule import DEPTH
 from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_suite
 from autoq.dispatch.table import DispatchTable, Entry
+from autoq.measure.latency import measure_latency, speedup
 from autoq.result import load, save
+from autoq.run import load_run, prepare
 from autoq.search.study import layer_timings, storage_url
+
+RESULT_FILE = "result.json"  # in a run's output folder: the study it used and the outcome
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoq", description="Accuracy-aware int8 tuning for x86 CPUs.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("tune", "tune the model a run file describes (continues its study if there is one)"),
+                       ("resume", "continue a run file's study after a stop or a kill (an error if it has none)")):
+        run = commands.add_parser(name, help=text)
+        run.add_argument("run", help="run file (TOML)")
+        run.add_argument("--strategy", help=f"strategy preset, replacing the run file's: {', '.join(strategies())}")
+        run.add_argument("--storage", help="Optuna storage URL (e.g. postgresql+psycopg://user@host/db), "
+                                           "replacing the run file's")
+        run.add_argument("--trials", type=int, help="total trials of the study (n_trials)")
+        run.add_argument("--timeout", type=float, help="seconds of search in this call")
+        run.add_argument("--out", help="output folder (default: the run file's `output`)")
+        run.add_argument("--quiet", action="store_true", help="print only the final summary (no progress)")
+        run.add_argument("--measure-lock", action="store_true",
+                         help="take turns with the other workers on this machine when timing")
+
+    report = commands.add_parser("report", help="write the HTML + PNG report of a study (running or finished)")
+    report.add_argument("run", nargs="?", help="run file whose finished run's study to report")
+    report.add_argument("--study", help="study name (default: the run's, or the storage's only study)")
+    report.add_argument("--storage", help="Optuna storage URL (default: the run file's, or autoq-runs/autoq.db)")
+    report.add_argument("--out", help="output folder (default: the run's output folder, or ./autoq-report)")
+
+    bench = commands.add_parser("bench", help="measure a saved int8 model's latency (and, with --run, "
+                                              "its metric and speedup over the FP32 model)")
+    bench.add_argument("model", help="model file written by autoq tune / TuneResult.save / autoq.save")
+    bench.add_argument("--run", help="run file: compare against its FP32 model on its data")
+    bench.add_argument("--seconds", type=float, default=3.0, help="timing effort (default: %(default)s)")
+    bench.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+
+    commands.add_parser("strategies", help="list the strategy presets and their settings")
+    _dispatch_parser(commands)
+
+    args = parser.parse_args(argv)
+    handlers = {"tune": _tune, "resume": _tune, "report": _report, "bench": _bench_model,
+                "strategies": _strategies, "dispatch": _dispatch}
+    try:
+        handlers[args.command](args)
+    except ValueError as error:
+        print(f"autoq: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> None:
+    import autoq
+
+    spec = load_run(args.run, strategy=args.strategy, storage=args.storage, n_trials=args.trials,
+                    timeout=args.timeout, verbose=False if args.quiet else None,
+                    measure_lock=True if args.measure_lock else None,
+                    resume=True if args.command == "resume" else None)
+    output = Path(args.out) if args.out else spec.output
+    job = prepare(spec)
+    result = autoq.tune(job.model, job.example_inputs, job.calib, job.eval_fn, config=spec.tune)
+    output.mkdir(parents=True, exist_ok=True)
+    result.save(output / "model.autoq")
+    if result.dispatch_table is not None and result.dispatch_table.entries:
+        result.dispatch_table.save(output / "dispatch-table.json")
+    (output / RESULT_FILE).write_text(json.dumps({
+        "run": str(spec.path), "study": result.study_name, "storage": result.storage,
+        "feasible": result.feasible, "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy,
+        "loss": result.loss, "speedup": result.speedup, "latency_ms": result.latency_ms, "plan": result.config,
+    }, indent=2))
+    paths = _write_report(result.storage, result.study_name, output)
+    if args.quiet:
+        print(result.summary())
+    print(f"wrote {output / 'model.autoq'}, {paths['html']}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    storage, study_name, output = args.storage, args.study, Path(args.out) if args.out else None
+    if args.run:
+        spec = load_run(args.run)
+        storage = storage or spec.tune.storage
+        output = output or spec.output
+        recorded = spec.output / RESULT_FILE
+        if study_name is None and recorded.is_file():
+            study_name = json.loads(recorded.read_text())["study"]
+    url = storage_url(storage)
+    names = optuna.get_all_study_names(url)
+    if study_name is None:
+        if len(names) != 1:
+            raise ValueError(f"{url} holds {len(names)} studies {names}: name one with --study.")
+        study_name = names[0]
+    if study_name not in names:
+        raise ValueError(f"no study named {study_name!r} in {url}; it holds {names}.")
+    paths = _write_report(url, study_name, output or Path("autoq-report"))
+    print(f"wrote {paths['html']}")
+
+
+def _write_report(url: str, study_name: str, output: Path) -> dict[str, Path]:
+    from autoq.report import write_report
+
+    return write_report(optuna.load_study(study_name=study_name, storage=url), output)
+
+
+def _bench_model(args: argparse.Namespace) -> None:
+    model = load(args.model)
+    if args.run:
+        spec = load_run(args.run, verbose=False)
+        job = prepare(spec)
+        inputs = job.example_inputs
+        models = {"fp32": job.model, "int8": model}
+    else:
+        recorded = model.meta["autoq"].get("inputs")
+        if not recorded:
+            raise ValueError(f"{args.model} does not record its input shapes (saved by an older autoq): "
+                             f"pass --run RUN.toml to time it on the run's data.")
+        inputs = tuple(torch.randn(entry["shape"]).to(getattr(torch, entry["dtype"])) for entry in recorded)
+        models = {"int8": model}
+    timing = measure_latency(models, inputs, threads=args.threads, target_seconds=args.seconds, min_repeats=20)
+    shapes = ", ".join(str(tuple(value.shape)) for value in inputs)
+    print(f"{'model':6s} {'median ms':>10s} {'p10 ms':>8s} {'p90 ms':>8s}"
+          + (f" {'metric':>8s} {'speedup':>8s}" if args.run else "") + f"   inputs {shapes}, "
+          f"{torch.get_num_threads() if args.threads is None else args.threads} threads")
+    for name, stats in timing.items():
+        line = f"{name:6s} {stats.median_ms:10.3f} {stats.p10_ms:8.3f} {stats.p90_ms:8.3f}"
+        if args.run:
+            line += f" {job.eval_fn(models[name]):8.4f} {speedup(timing['fp32'], stats):7.2f}x"
+        print(line)
+
+
+def _strategies(args: argparse.Namespace) -> None:
+    for name in strategies():
+        print(f"{name}: {json.dumps(load_strategy(name), sort_keys=True)}")
+
+
+def _dispatch_parser(commands: argparse._SubParsersAction) -> None:
     dispatch = commands.add_parser("dispatch", help="per-layer int8 kernel dispatch tables (FBGEMM vs oneDNN)")
     actions = dispatch.add_subparsers(dest="action", required=True)
 
@@ -54,18 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply.add_argument("table", help="dispatch table JSON, or 'shipped' for autoq's table for this CPU")
     apply.add_argument("--out", required=True, help="model file to write")
 
-    args = parser.parse_args(argv)
-    try:
-        if args.action == "apply":
-            _apply(args)
-            return 0
-        table = {"bench": _bench, "show": _show, "export": _export}[args.action](args)
-    except ValueError as error:
-        print(f"autoq: error: {error}", file=sys.stderr)
-        return 2
-    print(describe(table))
-    return 0
 
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.action == "apply":
+        _apply(args)
+        return
+    table = {"bench": _bench, "show": _show, "export": _export}[args.action](args)
+    print(describe(table))
 
 def _bench(args: argparse.Namespace) -> DispatchTable:
     shapes = load_suite(args.suite)[: args.limit]

@@ -1,17 +1,48 @@
-"""The settings of a tuning run as one plain dataclass, validated once, up front."""
+"""The settings of a tuning run as one plain dataclass, validated once, up front.
+
+The same type is filled from keyword arguments (`autoq.tune(..., max_loss=0.02)`), from a run
+file's [tune] table, and from a strategy preset (strategies/NAME.toml) that either one names.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
 
 from autoq.search.space import SearchSpace
 
 LOSS_TYPES = ("relative", "absolute")
+STRATEGY_KEY = "strategy"
 
 
 def _invalid(name: str, expected: str, value: object) -> ValueError:
-    return ValueError(f"The '{name}' parameter of autoq.tune must be {expected}. Got {value!r} instead.")
+    return ValueError(f"The '{name}' setting of autoq.tune must be {expected}. Got {value!r} instead.")
+
+
+def strategies() -> list[str]:
+    """Names of the strategy presets shipped with autoq (package data `autoq.strategies`)."""
+    return sorted(path.name[:-5] for path in resources.files("autoq.strategies").iterdir()
+                  if path.name.endswith(".toml"))
+
+
+def load_strategy(name: str) -> dict[str, Any]:
+    """The settings of strategy preset `name` (a [tune] table: TuneConfig fields, `space` nested)."""
+    if not isinstance(name, str) or name not in strategies():
+        raise ValueError(f"Unknown strategy {name!r}. Shipped strategies: {strategies()}.")
+    with resources.files("autoq.strategies").joinpath(f"{name}.toml").open("rb") as file:
+        return tomllib.load(file)
+
+
+def check_keys(data: Mapping, allowed: list[str], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"Unknown key{'s' if len(unknown) > 1 else ''} {unknown} in {where}. "
+                         f"Allowed keys: {sorted(allowed)}.")
 
 
 @dataclass
@@ -30,6 +61,11 @@ class TuneConfig:
     compile_fp32: also build the best FP32 baseline with torch.compile (freezing).
     prune_slower: skip the accuracy evaluation of candidates measurably slower than the best
       feasible one found so far (they cannot win).
+    verbose: progress bars (on a terminal) and a one-line summary per trial on stderr.
+    measure_lock: workers on one machine take turns to time candidates (a file lock), so
+      co-located workers do not disturb each other's latency measurements.
+    resume: only continue an existing study (its name comes from the model, data and settings);
+      an error if there is none. Without it, an existing study is continued and a new one started.
     """
 
     higher_is_better: bool = True
@@ -49,9 +85,31 @@ class TuneConfig:
     non_traceable_modules: list[str] = field(default_factory=list)
     space: SearchSpace = field(default_factory=SearchSpace)
     verbose: bool = True
+    measure_lock: bool = False
+    resume: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "the tune settings") -> TuneConfig:
+        """A config from plain data (keyword settings, a run file's [tune] table).
+
+        data['strategy'] names a preset whose settings apply first; the other keys override them
+        (`space` key by key). Unknown keys raise a ValueError that lists the allowed ones.
+        """
+        data = dict(data)
+        strategy = data.pop(STRATEGY_KEY, None)
+        names = [f.name for f in dataclasses.fields(cls)]
+        check_keys(data, [*names, STRATEGY_KEY], where)
+        settings = load_strategy(strategy) if strategy is not None else {}
+        check_keys(settings, names, f"strategy {strategy!r}")
+        space = data.get("space", {})
+        if isinstance(space, Mapping):
+            data["space"] = {**settings.get("space", {}), **space}
+        settings.update(data)
+        return cls(**settings)
 
     def __post_init__(self) -> None:
-        if isinstance(self.space, dict):
+        if isinstance(self.space, Mapping):
+            check_keys(self.space, [f.name for f in dataclasses.fields(SearchSpace)], "the search space")
             self.space = SearchSpace(**self.space)
         if not isinstance(self.max_loss, (int, float)) or not math.isfinite(self.max_loss) or self.max_loss <= 0:
             raise _invalid("max_loss", "a positive finite number (e.g. 0.01 for 1% relative loss)", self.max_loss)
@@ -63,6 +121,8 @@ class TuneConfig:
             raise _invalid("timeout", "a positive number of seconds or None", self.timeout)
         if self.n_trials is None and self.timeout is None:
             self.n_trials = 40
+        if not isinstance(self.seed, int):
+            raise _invalid("seed", "an int", self.seed)
         for name in ("calib_max_samples", "sensitivity_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -73,6 +133,14 @@ class TuneConfig:
             raise _invalid("latency_seconds", "a positive number of seconds", self.latency_seconds)
         if not isinstance(self.space, SearchSpace):
             raise _invalid("space", "an autoq.SearchSpace (or a dict of its fields)", self.space)
+        for name in ("higher_is_better", "compile_fp32", "prune_slower", "verbose", "measure_lock", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, "true or false", getattr(self, name))
+        for name in ("storage", "study_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise _invalid(name, "a string or None", getattr(self, name))
+        if not isinstance(self.non_traceable_modules, (list, tuple)):
+            raise _invalid("non_traceable_modules", "a list of module class names", self.non_traceable_modules)
         self.non_traceable_modules = list(self.non_traceable_modules)
 
     def loss(self, baseline: float, metric: float) -> float:

@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,7 @@ def _write(model: torch.nn.Module, config: dict, path: str | os.PathLike, summar
     torch.save({
         "format": SAVE_FORMAT, "version": SAVE_VERSION, "config": config, "summary": summary or {},
         "layer_shapes": getattr(model, "meta", {}).get("autoq", {}).get("layer_shapes", {}),
+        "inputs": getattr(model, "meta", {}).get("autoq", {}).get("inputs", []),
         "torch_version": str(torch.__version__), "model": buffer.getvalue(),
     }, path)
 
@@ -151,9 +153,10 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
             f"this autoq reads version {SAVE_VERSION}."
         )
     plan = QuantPlan.from_dict(payload["config"])
-    with quantized_engine(plan.engine):
+    with quantized_engine(plan.engine), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors and TypedStorage
         model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
     set_layer_engines(model, plan.layer_engines)
     model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"],
-                           "layer_shapes": payload.get("layer_shapes", {})}
+                           "layer_shapes": payload.get("layer_shapes", {}), "inputs": payload.get("inputs", [])}
     return model

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,15 +20,19 @@ from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.table import DispatchTable, shipped_table
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import fastest, measure_latency, speedup
+from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan, default_plan
+from autoq.progress import Reporter
 from autoq.recipes.static import StaticBuilder
 from autoq.result import TuneResult
 from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers
 from autoq.search.study import (
-    FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row, fingerprint, layer_timings,
-    pareto_front, storage_url, trial_rows,
+    FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row, counted_trials, fingerprint,
+    layer_timings, open_study, pareto_front, reclaim_interrupted, register_worker, storage_url, trial_rows,
 )
+
+SWEEP_ATTR = "sweep_enqueued"  # study user attr: the observer sweep around the best seed is queued
 
 
 FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
@@ -55,7 +58,7 @@ def tune(
     """
     if config is not None and settings:
         raise TypeError(f"Pass either config=TuneConfig(...) or keyword settings, not both (got {sorted(settings)}).")
-    config = config if config is not None else TuneConfig(**settings)
+    config = config if config is not None else TuneConfig.from_dict(settings, "autoq.tune's settings")
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
     if not callable(eval_fn):
@@ -89,67 +92,81 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
     return quantized
 
 
-def _log(config: TuneConfig, message: str) -> None:
-    if config.verbose:
-        print(f"[autoq] {message}", file=sys.stderr, flush=True)
-
-
 class _Run:
     def __init__(self, model, example_inputs, batches, eval_fn, config: TuneConfig) -> None:
         self.example_inputs, self.batches, self.eval_fn, self.config = example_inputs, batches, eval_fn, config
+        self.reporter = Reporter.shared(config.verbose)
         try:
             self.fp32 = copy.deepcopy(model).eval()
         except Exception as error:
             raise TypeError(f"autoq works on a copy of the model, but copy.deepcopy(model) failed: {error}") from error
 
     def execute(self) -> TuneResult:
-        config = self.config
+        config, reporter = self.config, self.reporter
         started = time.perf_counter()
         baseline = self._baseline()
-        _log(config, f"FP32 baseline metric {baseline:.4f}; capturing and calibrating on "
-                     f"{sum(int(b[0].shape[0]) for b in self.batches)} samples")
-        builder = StaticBuilder(self.fp32, self.example_inputs, self.batches,
-                                non_traceable_modules=config.non_traceable_modules)
-        _log(config, f"{len(builder.layers)} quantizable layers; calibration checkpoints {builder.checkpoints}")
-        study = self._study(baseline)
+        reporter.line(f"FP32 baseline metric {baseline:.4f}; capturing and calibrating on "
+                      f"{sum(int(b[0].shape[0]) for b in self.batches)} samples")
+        with reporter.bar("calibrate", 2 * len(self.batches)) as advance:
+            builder = StaticBuilder(self.fp32, self.example_inputs, self.batches,
+                                    non_traceable_modules=config.non_traceable_modules, progress=advance)
+        reporter.line(f"{len(builder.layers)} quantizable layers; calibration checkpoints {builder.checkpoints}")
+        study, created = self._study(baseline)
+        reporter.line(f"study '{study.study_name}' in {storage_url(config.storage)}")
         study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": dataclasses.asdict(config),
                                        "layers": list(builder.layers)})
+        neighbours = register_worker(study, config.measure_lock)
+        if neighbours and not config.measure_lock:
+            warnings.warn(f"autoq: other workers of study '{study.study_name}' run on this machine ({neighbours}); "
+                          f"their timings disturb each other. Run every worker with measure_lock=true "
+                          f"(`autoq tune --measure-lock`) so they take turns to measure.", stacklevel=3)
+        reclaimed = reclaim_interrupted(study)
+        if reclaimed:
+            reporter.line(f"trials {reclaimed} were interrupted (their worker died): queued again")
         scores = self._sensitivity(study, builder)
         ranking = rank_layers(scores)
-        previous = trial_rows(study)
         seeds = config.space.seed_params(ranking, builder.checkpoints, builder.has_relu6)
-        if not previous:
+        if created or not study.get_trials(deepcopy=False):
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
-        timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds,
-                           threads=config.threads)
-        objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, previous, timer)
-        if previous:
-            _log(config, f"resuming study '{study.study_name}': {len(previous)} finished trials kept")
-        deadline = None if config.timeout is None else time.monotonic() + config.timeout
-        self._optimize(study, objective, len(seeds), deadline)  # the seeds (and any queued trials)
-        if not study.user_attrs.get("sweep_enqueued"):
-            best_seed = self._best_seed(study, len(seeds))
-            for params in config.space.sweep_params(best_seed) if best_seed else []:
-                study.enqueue_trial(params, skip_if_exists=True)
-            study.set_user_attr("sweep_enqueued", True)
-        self._optimize(study, objective, None, deadline)
+        kept = counted_trials(study)
+        if kept:
+            reporter.line(f"resuming study '{study.study_name}': {kept} finished trials kept")
+        timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds, threads=config.threads)
+        objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, timer, reporter)
+        self._optimize(study, objective, len(seeds))
         rows = trial_rows(study)
         return self._result(study, builder, rows, baseline, scores, started, self._dispatch_table(timer))
 
-    def _optimize(self, study: optuna.Study, objective: Objective, at_most: int | None,
-                  deadline: float | None) -> None:
-        """Run trials until the study holds n_trials finished ones, `at_most` more, or the deadline."""
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        budget = None if self.config.n_trials is None else max(self.config.n_trials - finished, 0)
-        if at_most is not None:
-            budget = at_most if budget is None else min(budget, at_most)
-        timeout = None if deadline is None else deadline - time.monotonic()
-        if budget == 0 or (timeout is not None and timeout <= 0):
+    def _optimize(self, study: optuna.Study, objective: Objective, n_seeds: int) -> None:
+        """Run trials until the study counts n_trials (over all workers) or this call's timeout ends."""
+        config = self.config
+        remaining = None if config.n_trials is None else max(config.n_trials - counted_trials(study), 0)
+        if remaining == 0:
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            study.optimize(objective, n_trials=budget, timeout=timeout, catch=(CandidateFailed,))
+        with self.reporter.bar("trials", remaining) as advance:
+            def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                advance(1)
+                self._enqueue_sweep(study, n_seeds)
+                if config.n_trials is not None and counted_trials(study, running=True) >= config.n_trials:
+                    study.stop()  # other workers' running trials complete the count
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                study.optimize(objective, n_trials=remaining, timeout=config.timeout, catch=(CandidateFailed,),
+                               callbacks=[after_trial])
+
+    def _enqueue_sweep(self, study: optuna.Study, n_seeds: int) -> None:
+        """Once every seed trial has finished, queue the observer sweep around the best seed (once per study)."""
+        if study.user_attrs.get(SWEEP_ATTR):
+            return
+        seeds = study.get_trials(deepcopy=False)[:n_seeds]
+        if any(trial.state not in FINISHED for trial in seeds):
+            return
+        study.set_user_attr(SWEEP_ATTR, True)
+        best_seed = self._best_seed(study, n_seeds)
+        for params in self.config.space.sweep_params(best_seed) if best_seed else []:
+            study.enqueue_trial(params, skip_if_exists=True)
 
     @staticmethod
     def _best_seed(study: optuna.Study, n_seeds: int) -> dict | None:
@@ -175,8 +192,9 @@ class _Run:
             if len(finalists) == FINALISTS:
                 break
         models = {key: builder.build(plan) for key, (_, plan) in finalists.items()}
-        timing = measure_latency(models, self.example_inputs, threads=self.config.threads,
-                                 target_seconds=2 * self.config.latency_seconds)
+        with measurement_lock(self.config.measure_lock):
+            timing = measure_latency(models, self.example_inputs, threads=self.config.threads,
+                                     target_seconds=2 * self.config.latency_seconds)
         winner = timing[fastest(timing)]
         tied = [key for key in models if speedup(timing[key], winner) <= 1 + SPEED_TIE]
         key = min(tied, key=lambda k: finalists[k][0]["loss"])
@@ -202,7 +220,7 @@ class _Run:
             raise ValueError("The FP32 metric is 0, so a relative loss is undefined: use loss_type='absolute'.")
         return baseline
 
-    def _study(self, baseline: float) -> optuna.Study:
+    def _study(self, baseline: float) -> tuple[optuna.Study, bool]:
         config = self.config
         name = config.study_name or "autoq-" + fingerprint(self.fp32, self.example_inputs, baseline, config.space)
         n_startup = max(3, min(10, (config.n_trials or 40) // 4))
@@ -210,10 +228,7 @@ class _Run:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return optuna.create_study(
-                storage=storage_url(config.storage), study_name=name, direction="maximize",
-                sampler=sampler, load_if_exists=True,
-            )
+            return open_study(storage_url(config.storage), name, sampler, must_exist=config.resume)
 
     def _sensitivity(self, study: optuna.Study, builder: StaticBuilder) -> dict[str, float]:
         stored = study.user_attrs.get(SENSITIVITY_ATTR)
@@ -225,7 +240,7 @@ class _Run:
             samples += int(batch[0].shape[0])
             if samples >= self.config.sensitivity_samples:
                 break
-        _log(self.config, f"ranking {len(builder.layers)} layers by output SQNR when quantized alone (simulated)")
+        self.reporter.line(f"ranking {len(builder.layers)} layers by output SQNR when quantized alone (simulated)")
         scores = layer_sensitivity(builder, self.fp32, batches, default_plan("x86"))
         study.set_user_attr(SENSITIVITY_ATTR, {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
         return scores
@@ -253,8 +268,9 @@ class _Run:
             compiled = best_fp32(self.fp32, self.example_inputs, compile=True)
             candidates["fp32_compiled"] = compiled.model
             notes += compiled.warnings
-        timing = measure_latency(candidates, self.example_inputs, threads=config.threads,
-                                 target_seconds=4 * config.latency_seconds, min_repeats=20)
+        with measurement_lock(config.measure_lock):
+            timing = measure_latency(candidates, self.example_inputs, threads=config.threads,
+                                     target_seconds=4 * config.latency_seconds, min_repeats=20)
         fp32_best_name = min((n for n in timing if n.startswith("fp32_")), key=lambda n: timing[n].median_ms)
         latency = {
             "fp32_eager": timing["fp32_eager"].median_ms,
@@ -290,5 +306,5 @@ class _Run:
             "plan": result.config, "accuracy": accuracy, "loss": loss, "speedup": result.speedup,
             "latency_ms": latency, "feasible": feasible, "layers": layers, "notes": notes,
         })
-        _log(config, "\n" + result.summary())
+        self.reporter.line("\n" + result.summary())
         return result

@@ -29,10 +29,16 @@ from torchvision.models import mobilenet_v2
 __all__ = [
     "Task",
     "fashion_mnist",
+    "imagenet_inputs",
     "mnist_5k",
+    "mnist_5k_split",
+    "mnist_cnn",
     "mnist_cnn_task",
+    "mnist_inputs",
+    "mobilenet_fashion",
     "mobilenet_fashion_task",
     "mobilenet_v2_imagenet",
+    "normalize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -227,31 +233,49 @@ def mnist_cnn_task(seed: int = 0, cache_dir: Path | None = None) -> Task:
     ``[N, 1, 28, 28]`` normalized as ``(x / 255 - 0.1307) / 0.3081``. ``calib`` is 4 batches of
     32 images from the start of the training split (images the model was trained on).
     """
-    images, labels = mnist_5k()
-    order = _round_robin(labels)
-    n_train, n_val, _ = _MNIST_SPLIT
-    train = order[:n_train]
-    val = order[n_train : n_train + n_val]
-    test = order[n_train + n_val :]
-
+    train_images, train_labels = mnist_5k_split("train")
     cache_file = _resolve_cache_dir(cache_dir) / f"mnist_cnn-v{_CACHE_VERSION}-seed{seed}.pt"
-    state = _cached(cache_file, lambda: _train_mnist_cnn(_mnist_inputs(images[train]), labels[train], seed))
+    state = _cached(cache_file, lambda: _train_mnist_cnn(mnist_inputs(train_images), train_labels, seed))
     with torch.device("meta"):
         model = _mnist_cnn()
     model.load_state_dict(state, assign=True)
     model.eval()
 
     n_batches, batch_size = _MNIST_CALIB
-    calib = list(_mnist_inputs(images[train[: n_batches * batch_size]]).split(batch_size))
+    calib = list(mnist_inputs(train_images[: n_batches * batch_size]).split(batch_size))
     return Task(
         name="mnist_cnn",
         model=model,
         example_inputs=(calib[0][:1],),
         calib=calib,
-        val=(images[val], labels[val]),
-        test=(images[test], labels[test]),
-        preprocess=_mnist_inputs,
+        val=mnist_5k_split("val"),
+        test=mnist_5k_split("test"),
+        preprocess=mnist_inputs,
     )
+
+
+def mnist_5k_split(split: str) -> tuple[Tensor, Tensor]:
+    """The fixed ``mnist_cnn_task`` split of ``mnist_5k``: "train" (4000), "val" (500) or "test" (500).
+
+    Digits are interleaved 0,1,..,9,0,1,.. in file order, then cut in that order.
+    """
+    bounds = {"train": (0, _MNIST_SPLIT[0]), "val": (_MNIST_SPLIT[0], sum(_MNIST_SPLIT[:2])),
+              "test": (sum(_MNIST_SPLIT[:2]), sum(_MNIST_SPLIT))}
+    if split not in bounds:
+        raise ValueError(f"mnist-5k split must be one of {list(bounds)}; got {split!r}.")
+    images, labels = mnist_5k()
+    order = _round_robin(labels)[slice(*bounds[split])]
+    return images[order], labels[order]
+
+
+def mnist_cnn(seed: int = 0) -> nn.Module:
+    """The trained model of ``mnist_cnn_task`` (inputs: ``mnist_inputs`` of 28x28 digits)."""
+    return mnist_cnn_task(seed).model
+
+
+def mobilenet_fashion(seed: int = 0, resolution: int = 224) -> nn.Module:
+    """The trained model of ``mobilenet_fashion_task`` (inputs: ``imagenet_inputs`` at ``resolution``)."""
+    return mobilenet_fashion_task(seed, resolution=resolution, calib_batches=1).model
 
 
 def mobilenet_fashion_task(
@@ -293,7 +317,7 @@ def mobilenet_fashion_task(
             f"(got {n_train} + {n_calib}) and {len(test_labels)} test images for n_val + n_test "
             f"(got {n_val} + {n_test}); lower the counts."
         )
-    preprocess = functools.partial(_fashion_inputs, resolution=resolution)
+    preprocess = functools.partial(imagenet_inputs, resolution=resolution)
     model = mobilenet_v2_imagenet()
     cache_file = _resolve_cache_dir(cache_dir) / (
         f"mobilenet_fashion_probe-v{_CACHE_VERSION}-seed{seed}-res{resolution}-train{n_train}.pt"
@@ -324,19 +348,26 @@ def mobilenet_fashion_task(
 # Helpers: preprocessing, training and caching
 
 
-def _mnist_inputs(images: Tensor) -> Tensor:
-    """uint8 ``[N, 28, 28]`` -> normalized float32 ``[N, 1, 28, 28]``."""
-    return ((images.float() / 255 - _MNIST_MEAN) / _MNIST_STD).unsqueeze(1)
+def normalize(pixels: Tensor, kind: str) -> Tensor:
+    """Float ``[N, C, H, W]`` pixels in [0, 1] -> normalized as for "mnist" (1 channel) or "imagenet" (3)."""
+    if kind == "mnist":
+        return (pixels - _MNIST_MEAN) / _MNIST_STD
+    mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
-def _fashion_inputs(images: Tensor, resolution: int) -> Tensor:
-    """uint8 ``[N, 28, 28]`` -> ImageNet-normalized float32 ``[N, 3, resolution, resolution]``."""
+def mnist_inputs(images: Tensor) -> Tensor:
+    """uint8 ``[N, H, W]`` -> MNIST-normalized float32 ``[N, 1, H, W]``."""
+    return normalize(images.float().unsqueeze(1) / 255, "mnist")
+
+
+def imagenet_inputs(images: Tensor, resolution: int) -> Tensor:
+    """uint8 gray ``[N, H, W]`` -> ImageNet-normalized float32 ``[N, 3, resolution, resolution]``."""
     gray = F.interpolate(
         images.float().unsqueeze(1) / 255, size=(resolution, resolution), mode="bilinear", align_corners=False
     )
-    mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
-    return (gray - mean) / std
+    return normalize(gray, "imagenet")
 
 
 def _round_robin(labels: Tensor) -> Tensor:

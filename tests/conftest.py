@@ -59,3 +59,22 @@ class DigitsData:
 @pytest.fixture(scope="session")
 def digits():
     return DigitsData()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """SQLAlchemy URL of a database on a throwaway PostgreSQL server on 127.0.0.1 (tests/postgres.py).
+
+    Skips when PostgreSQL is not installed, unless AUTOQ_REQUIRE_POSTGRES=1 (CI): then the test fails.
+    """
+    import os
+
+    from postgres import PostgresUnavailable, postgres_server
+
+    try:
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as reason:
+        if os.environ.get("AUTOQ_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"AUTOQ_REQUIRE_POSTGRES=1 but {reason}", pytrace=False)
+        pytest.skip(f"PostgreSQL unavailable: {reason}")

@@ -10,7 +10,7 @@ computes its range from these statistics: no candidate ever re-runs calibration.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,8 +127,12 @@ def checkpoints_for(batches: Sequence[tuple], candidates: Iterable[int] = (32, 6
 
 
 @torch.no_grad()
-def collect_stats(model: torch.nn.Module, batches: Sequence[tuple], checkpoints: Sequence[int]) -> dict[str, list[TensorStats]]:
-    """Run two calibration passes over `batches` and return {collector module name: snapshots}."""
+def collect_stats(model: torch.nn.Module, batches: Sequence[tuple], checkpoints: Sequence[int],
+                  progress: Callable[[int], None] | None = None) -> dict[str, list[TensorStats]]:
+    """Run two calibration passes over `batches` and return {collector module name: snapshots}.
+
+    progress: called with 1 after each batch of each pass.
+    """
     collectors = {name: m for name, m in model.named_modules() if isinstance(m, StatsCollector)}
     for phase in ("range", "histogram"):
         for collector in collectors.values():
@@ -136,6 +140,8 @@ def collect_stats(model: torch.nn.Module, batches: Sequence[tuple], checkpoints:
         seen, pending = 0, list(checkpoints)
         for batch in batches:
             model(*batch)
+            if progress is not None:
+                progress(1)
             seen += _batch_size(batch)
             while pending and seen >= pending[0]:
                 pending.pop(0)

@@ -12,9 +12,12 @@ from autoq.plan import QuantPlan
 
 
 def record_layer_shapes(model: nn.Module, example_inputs: tuple) -> None:
-    """Store each int8 layer's shape signature in `model.meta['autoq']` (saved with the model)."""
+    """Store each int8 layer's shape signature, and the model's input shapes and dtypes, in
+    `model.meta['autoq']` (saved with the model; `autoq bench` times a saved model on such inputs)."""
     model.meta["autoq"]["layer_shapes"] = {
         name: shape.to_dict() for name, shape in layer_shapes(model, example_inputs).items()}
+    model.meta["autoq"]["inputs"] = [{"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+                                     for value in example_inputs]
 
 
 def set_model_dispatch(model: nn.Module, engines: Mapping[str, str], dispatch: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -60,7 +60,9 @@ class StaticBuilder:
         calib_batches: Sequence[tuple],
         *,
         non_traceable_modules: Sequence[str] = (),
+        progress: Callable[[int], None] | None = None,
     ) -> None:
+        """progress: called with 1 after each calibration batch (two passes over calib_batches)."""
         self.example_inputs = example_inputs
         self.non_traceable_modules = list(non_traceable_modules)
         self._model = copy.deepcopy(model).eval()
@@ -70,7 +72,7 @@ class StaticBuilder:
         self._layers = {layer.name: layer for layer in find_layers(base)}
         self.layers = list(self._layers)
         self.checkpoints = checkpoints_for(calib_batches)
-        self.stats: dict[str, list[TensorStats]] = collect_stats(base, calib_batches, self.checkpoints)
+        self.stats: dict[str, list[TensorStats]] = collect_stats(base, calib_batches, self.checkpoints, progress)
         self.observer_names, self.observer_owner = _observer_names_and_owners(base, self._layers.values())
         self.has_relu6 = any(is_relu6(base, node) for node in base.graph.nodes)
 

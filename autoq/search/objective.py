@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 
 import optuna
@@ -13,10 +12,11 @@ from autoq.config import TuneConfig
 from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.measured import LayerTimer
 from autoq.measure.latency import measure_latency, speedup
-from autoq.plan import QuantPlan
+from autoq.measure.lock import measurement_lock
+from autoq.plan import QuantPlan, default_plan
+from autoq.progress import Reporter
 from autoq.recipes.static import StaticBuilder
-from autoq.search.space import GLOBAL
-from autoq.search.study import store_layer_timings
+from autoq.search.study import WORKER_ATTR, store_layer_timings, trial_rows, worker_id
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
 
@@ -36,23 +36,32 @@ class Objective:
         baseline: float,
         ranking: Sequence[str],
         config: TuneConfig,
-        previous: Sequence[dict],
         timer: LayerTimer,
+        reporter: Reporter,
     ) -> None:
         self.builder, self.fp32_model, self.eval_fn = builder, fp32_model, eval_fn
         self.baseline, self.ranking, self.config, self.timer = baseline, list(ranking), config, timer
+        self.reporter = reporter
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.best_feasible_speedup = 0.0
-        for row in previous:
-            if row["state"] == "COMPLETE" and row["plan"] and row["loss"] is not None:
-                self._remember(row["plan_key"] or QuantPlan.from_dict(row["plan"]).key(), row)
+        self.default = default_plan("x86")  # the per-trial line lists what a plan changes from it
+        self.default.calib_samples = builder.checkpoints[-1]
 
     def _remember(self, key: str, outcome: dict) -> None:
         self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "speedup", "int8_ms", "fp32_ms")}
         if outcome["loss"] <= self.config.max_loss:
             self.best_feasible_speedup = max(self.best_feasible_speedup, outcome["speedup"])
 
+    def _sync(self, study: optuna.Study) -> None:
+        """Learn the outcomes of plans measured so far, by this worker or any other on the storage."""
+        for row in trial_rows(study):
+            key = row["plan_key"] or (row["plan"] and QuantPlan.from_dict(row["plan"]).key())
+            if row["state"] == "COMPLETE" and key and key not in self.outcomes and row["loss"] is not None:
+                self._remember(key, row)
+
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        self._sync(trial.study)
         plan = self.config.space.suggest(trial, self.ranking, self.builder.checkpoints, self.builder.has_relu6)
         trial.set_user_attr("plan", plan.to_dict())
         key = plan.key()  # a 'measured' plan is keyed before its layers are timed
@@ -73,17 +82,18 @@ class Objective:
     def _measure(self, trial: optuna.Trial, plan: QuantPlan) -> dict:
         try:
             model = self.builder.build(plan)
-            if plan.dispatch == "measured" and not plan.layer_engines:
-                known = len(self.timer.records())
-                plan.layer_engines = self.timer.choose(model, self.builder.example_inputs)
-                set_layer_engines(model, plan.layer_engines)
-                trial.set_user_attr("plan", plan.to_dict())
-                if len(self.timer.records()) > known:  # stored at once: a killed run keeps them
-                    store_layer_timings(trial.study, self.timer.records())
-            timing = measure_latency(
-                {"fp32": self.fp32_model, "int8": model}, self.builder.example_inputs,
-                threads=self.config.threads, target_seconds=self.config.latency_seconds,
-            )
+            with measurement_lock(self.config.measure_lock):
+                if plan.dispatch == "measured" and not plan.layer_engines:
+                    known = len(self.timer.records())
+                    plan.layer_engines = self.timer.choose(model, self.builder.example_inputs)
+                    set_layer_engines(model, plan.layer_engines)
+                    trial.set_user_attr("plan", plan.to_dict())
+                    if len(self.timer.records()) > known:  # stored at once: a killed run keeps them
+                        store_layer_timings(trial.study, self.timer.records())
+                timing = measure_latency(
+                    {"fp32": self.fp32_model, "int8": model}, self.builder.example_inputs,
+                    threads=self.config.threads, target_seconds=self.config.latency_seconds,
+                )
         except Exception as error:
             self._fail(trial, plan, f"building or running the candidate failed: {type(error).__name__}: {error}")
         measured = {
@@ -112,26 +122,35 @@ class Objective:
         raise CandidateFailed(message)
 
     def _report(self, trial: optuna.Trial, plan: QuantPlan, outcome: dict, verdict: str) -> None:
-        if not self.config.verbose:
-            return
-        layer_observers = sum(1 for k, v in trial.params.items() if k.startswith("observer:") and v != GLOBAL)
-        parts = [
-            f"trial {trial.number:3d}", f"{_kernels(plan):13s}", f"{plan.activation_observer:14s}",
-            f"w={plan.weight_granularity:11s}", f"sym={int(plan.activation_symmetric)}",
-            f"rr={int(plan.reduce_range)}", f"cl={int(plan.channels_last)}", f"r6={int(plan.fold_relu6)}",
-            f"calib={plan.calib_samples}",
-            f"fp32_layers={len(plan.fp32_layers)}", f"layer_obs={layer_observers}",
-        ]
+        """One line per trial: what the plan changes from PyTorch's default, metric, loss, speedup, verdict."""
+        changes = " ".join(f"{name}={value}" for name, value in plan_changes(plan, self.default).items())
+        parts = [f"trial {trial.number:3d}", changes or "PyTorch default recipe"]
         if "metric" in outcome:
-            parts += [f"metric={outcome['metric']:.4f}", f"loss={outcome['loss']:+.4f}"]
+            parts += [f"metric {outcome['metric']:.4f}", f"loss {outcome['loss']:+.4f}"]
         if "speedup" in outcome:
-            parts.append(f"speedup={outcome['speedup']:.2f}x")
-        print("  ".join(parts) + f"  {verdict}", file=sys.stderr, flush=True)
+            parts.append(f"speedup {outcome['speedup']:.2f}x")
+        self.reporter.line("  ".join(parts) + f"  {verdict}")
 
 
-def _kernels(plan: QuantPlan) -> str:
-    """'x86', or for per-layer dispatch the split, e.g. 'measured 31/21' (oneDNN/FBGEMM layers)."""
-    if not plan.layer_engines:
-        return plan.engine
-    onednn = sum(library == "onednn" for library in plan.layer_engines.values())
-    return f"{plan.dispatch} {onednn}/{len(plan.layer_engines) - onednn}"
+def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
+    """The choices of `plan` that differ from `default`, in short form (counts for per-layer lists)."""
+    changes: dict[str, object] = {}
+    kernels = plan.engine if plan.dispatch == "engine" else plan.dispatch
+    if plan.layer_engines:
+        onednn = sum(library == "onednn" for library in plan.layer_engines.values())
+        kernels = f"{plan.dispatch}({onednn} oneDNN/{len(plan.layer_engines) - onednn} FBGEMM)"
+    if kernels != default.engine:
+        changes["kernels"] = kernels
+    for name in ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
+                 "channels_last", "fold_relu6"):
+        if getattr(plan, name) != getattr(default, name):
+            changes[name] = getattr(plan, name)
+    if "percentile" in (plan.activation_observer, *plan.layer_observers.values()):
+        changes["percentile"] = plan.percentile
+    if plan.layer_observers:
+        changes["layer_observers"] = len(plan.layer_observers)
+    if plan.fp32_layers:
+        changes["fp32_layers"] = len(plan.fp32_layers)
+    if plan.calib_samples != default.calib_samples:
+        changes["calib_samples"] = plan.calib_samples
+    return changes

@@ -19,6 +19,8 @@ GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_
 MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
 KERNEL_CHOICES = (*ENGINES, MEASURED)
 PERCENTILES = (99.9, 99.99, 99.999)
+BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
+                        ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6"))
 
 
 @dataclass
@@ -37,17 +39,22 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         for name, allowed in (("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
-                              ("weight_granularities", WEIGHT_GRANULARITIES)):
+                              ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
             values = getattr(self, name)
-            bad = [v for v in values if v not in allowed]
+            if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):
+                raise ValueError(f"The '{name}' parameter of SearchSpace must be a list of values from "
+                                 f"{list(allowed)}. Got {values!r} instead.")
+            values = tuple(values)
+            setattr(self, name, values)
+            bad = [v for v in values if v not in allowed or type(v) is not type(allowed[0])]
             if not values or bad:
                 raise ValueError(
                     f"The '{name}' parameter of SearchSpace must be a non-empty subset of {list(allowed)}. "
                     f"Got {list(values)} instead."
                 )
-        if self.max_fallback is not None and self.max_fallback < 0:
+        if self.max_fallback is not None and (not isinstance(self.max_fallback, int) or self.max_fallback < 0):
             raise ValueError(f"The 'max_fallback' parameter of SearchSpace must be >= 0. Got {self.max_fallback}.")
-        if self.layer_observer_slots < 0:
+        if not isinstance(self.layer_observer_slots, int) or self.layer_observer_slots < 0:
             raise ValueError(f"'layer_observer_slots' must be >= 0. Got {self.layer_observer_slots}.")
 
     def fallback_limit(self, n_layers: int) -> int:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 DEFAULT_RUN_DIR = "autoq-runs"
 LAYER_TIMINGS_ATTR = "layer_timings"  # study user attr: in-model per-layer kernel timings ('measured' trials)
@@ -19,7 +23,11 @@ SENSITIVITY_ATTR = "sensitivity_sqnr_db"  # study user attr: {layer: output SQNR
 RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a dict), layers}
 RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accuracy, loss, speedup, latency_ms, ...}
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
+WORKER_PREFIX = "worker:"  # study user attrs "worker:host:pid" -> {"started", "measure_lock"}
+HEARTBEAT_SECONDS = 30  # a trial whose worker has not beaten for GRACE_SECONDS is retried elsewhere
+GRACE_SECONDS = 120
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def storage_url(storage: str | None) -> str:
@@ -33,6 +41,86 @@ def storage_url(storage: str | None) -> str:
             f"'postgresql://user@host/db'. Got {storage!r} instead."
         )
     return storage
+
+
+def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, must_exist: bool = False,
+               ) -> tuple[optuna.Study, bool]:
+    """The study `name` in storage `url`, created if needed (unless must_exist); True if this call created it.
+
+    The storage keeps a heartbeat per running trial: a trial whose worker died (killed, machine
+    lost) is marked failed and queued again with the same parameters by the next worker to look.
+    """
+    storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    if must_exist and name not in optuna.get_all_study_names(storage):
+        raise ValueError(f"There is no study {name!r} to resume in {url}: run `autoq tune` first "
+                         f"(or check the storage URL, and that the model, data and settings are unchanged: "
+                         f"they name the study).")
+    try:
+        return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(storage=storage, study_name=name, sampler=sampler), False
+
+
+def worker_id() -> str:
+    """This process as a worker: "host:pid"."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def register_worker(study: optuna.Study, measure_lock: bool) -> list[str]:
+    """Record this worker in the study; return the other live workers on this machine."""
+    host = socket.gethostname()
+    others = []
+    for key in study.user_attrs:
+        if key.startswith(f"{WORKER_PREFIX}{host}:"):
+            pid = int(key.rsplit(":", 1)[1])
+            if pid != os.getpid() and _alive(pid):
+                others.append(key[len(WORKER_PREFIX):])
+    study.set_user_attr(f"{WORKER_PREFIX}{worker_id()}", {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "measure_lock": measure_lock,
+    })
+    return others
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_interrupted(study: optuna.Study) -> list[int]:
+    """Fail and re-queue running trials whose worker on this machine no longer exists (e.g. kill -9).
+
+    Trials of workers on other machines are left to the storage heartbeat. Returns their numbers.
+    """
+    host = socket.gethostname()
+    reclaimed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR, "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            RetryHeartbeatStaleTrialCallback()(study, study._storage.get_trial(trial._trial_id))
+            reclaimed.append(trial.number)
+    return reclaimed
+
+
+def interrupted_trials(study: optuna.Study) -> dict[int, int]:
+    """{number of a trial whose worker died: number of the trial that re-runs it}."""
+    return {trial.system_attrs["failed_trial"]: trial.number for trial in study.get_trials(deepcopy=False)
+            if "failed_trial" in trial.system_attrs}
+
+
+def counted_trials(study: optuna.Study, running: bool = False) -> int:
+    """Trials that count toward n_trials: finished ones (and running ones if asked), not interrupted."""
+    states = (*FINISHED, TrialState.RUNNING) if running else FINISHED
+    interrupted = interrupted_trials(study)
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=states) if trial.number not in interrupted)
 
 
 def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, settings: Any) -> str:
@@ -50,13 +138,16 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One plain dict per finished trial: number, state, params, metric, loss, speedup, feasible, error.
-
-    Queued (not yet run) and running trials are left out.
+    """One plain dict per finished trial: number, state, params, metric, loss, speedup, feasible, error,
+    worker ("host:pid"). Queued (not yet run) and running trials are left out.
     """
     rows = []
+    interrupted = interrupted_trials(study)
     for trial in study.get_trials(deepcopy=False, states=FINISHED):
         attrs = trial.user_attrs
+        error = attrs.get("error")
+        if trial.number in interrupted:
+            error = f"interrupted (its worker died); re-run as trial {interrupted[trial.number]}"
         constraint = trial.system_attrs.get("constraints:accuracy_loss")
         rows.append({
             "number": trial.number,
@@ -70,7 +161,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "feasible": constraint is not None and constraint <= 0,
             "plan": attrs.get("plan"),
             "plan_key": attrs.get("plan_key"),
-            "error": attrs.get("error"),
+            "error": error,
+            "worker": attrs.get(WORKER_ATTR),
             "seconds": trial.duration.total_seconds() if trial.duration else None,
         })
     return rows

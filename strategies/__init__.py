@@ -1,0 +1,1 @@
+"""Package data of autoq (installed as `autoq.strategies`): strategy presets, one TOML file each."""
