@@ -108,6 +108,14 @@ class QuantPlan:
             raise ValueError(f"Unknown QuantPlan fields {sorted(unknown)}; allowed: {sorted(known)}.")
         return cls(**data["_data"])
 
+    def kernels(self) -> str:
+        """The kernel choice in short: the engine ('x86', 'fbgemm', 'onednn'), or per-layer dispatch
+        as e.g. 'measured 18/35' (oneDNN/FBGEMM layers; just 'measured' before the layers are timed)."""
+        if not self.layer_engines:
+            return self.engine if self.dispatch == "engine" else self.dispatch
+        onednn = sum(library == "onednn" for library in self.layer_engines.values())
+        return f"{self.dispatch} {onednn}/{len(self.layer_engines) - onednn}"
+
     def key(self) -> str:
         """Stable short hash: equal plans build identical models."""
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -74,12 +74,8 @@ class TuneResult:
             f"  trials    {len(self.trials)} in study '{self.study_name}'",
         ]
         plan = QuantPlan.from_dict(self.config)
-        kernels = plan.engine
-        if plan.layer_engines:
-            onednn = sum(library == "onednn" for library in plan.layer_engines.values())
-            kernels = f"per layer ({plan.dispatch}: {onednn} oneDNN, {len(plan.layer_engines) - onednn} FBGEMM)"
         lines.append(
-            f"  plan      kernels={kernels} fold_relu6={plan.fold_relu6} observer={plan.activation_observer} "
+            f"  plan      kernels={plan.kernels()} (oneDNN/FBGEMM layers) fold_relu6={plan.fold_relu6} observer={plan.activation_observer} "
             f"weights={plan.weight_granularity} fp32_layers={len(plan.fp32_layers)} channels_last={plan.channels_last}"
         )
         lines += [f"  note      {note}" for note in self.notes]

@@ -113,6 +113,7 @@ class _Run:
         reporter.line(f"{len(builder.layers)} quantizable layers; calibration checkpoints {builder.checkpoints}")
         study, created = self._study(baseline)
         reporter.line(f"study '{study.study_name}' in {storage_url(config.storage)}")
+        study.set_user_attr(RESULT_ATTR, None)  # running again: the last final choice is stale until the end
         study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": dataclasses.asdict(config),
                                        "layers": list(builder.layers)})
         neighbours = register_worker(study, config.measure_lock)

@@ -135,12 +135,8 @@ class Objective:
 def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
     """The choices of `plan` that differ from `default`, in short form (counts for per-layer lists)."""
     changes: dict[str, object] = {}
-    kernels = plan.engine if plan.dispatch == "engine" else plan.dispatch
-    if plan.layer_engines:
-        onednn = sum(library == "onednn" for library in plan.layer_engines.values())
-        kernels = f"{plan.dispatch}({onednn} oneDNN/{len(plan.layer_engines) - onednn} FBGEMM)"
-    if kernels != default.engine:
-        changes["kernels"] = kernels
+    if plan.kernels() != default.kernels():
+        changes["kernels"] = plan.kernels().replace(" ", ":")
     for name in ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
                  "channels_last", "fold_relu6"):
         if getattr(plan, name) != getattr(default, name):
