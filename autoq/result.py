@@ -140,7 +140,13 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     The file contains pickled code (an FX GraphModule): load only files you trust. Classes of
     modules kept as FP32 black boxes must be importable. The plan is in `model.meta['autoq']`.
     """
-    payload = torch.load(path, weights_only=True)
+    try:
+        payload = torch.load(path, weights_only=True)
+    except FileNotFoundError as error:
+        raise ValueError(f"model file {os.fspath(path)!r} not found.") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{os.fspath(path)!r} is not an autoq model file (written by TuneResult.save): "
+                         f"{type(error).__name__}") from error
     if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an autoq model file (written by TuneResult.save).")
     if payload.get("version") != SAVE_VERSION:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from autoq.config import TuneConfig
 from autoq.dispatch.layers import set_layer_engines
@@ -19,6 +21,7 @@ from autoq.recipes.static import StaticBuilder
 from autoq.search.study import WORKER_ATTR, store_layer_timings, trial_rows, worker_id
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
+TWIN_WAIT_SECONDS = 900  # longest wait for another worker measuring the same plan
 
 
 class CandidateFailed(Exception):
@@ -43,6 +46,7 @@ class Objective:
         self.baseline, self.ranking, self.config, self.timer = baseline, list(ranking), config, timer
         self.reporter = reporter
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
+        self.pruned: dict[str, dict] = {}  # plan key -> timings of plans pruned as too slow
         self.best_feasible_speedup = 0.0
         self.default = default_plan("x86")  # the per-trial line lists what a plan changes from it
         self.default.calib_samples = builder.checkpoints[-1]
@@ -58,6 +62,17 @@ class Objective:
             key = row["plan_key"] or (row["plan"] and QuantPlan.from_dict(row["plan"]).key())
             if row["state"] == "COMPLETE" and key and key not in self.outcomes and row["loss"] is not None:
                 self._remember(key, row)
+            elif row["state"] == "PRUNED" and key and row["speedup"] is not None:
+                self.pruned[key] = {k: row[k] for k in ("speedup", "int8_ms", "fp32_ms")}
+
+    def _wait_for_twin(self, trial: optuna.Trial, key: str) -> None:
+        """Wait while an earlier running trial (of another worker) measures the same plan, then learn its outcome."""
+        deadline = time.monotonic() + TWIN_WAIT_SECONDS
+        while time.monotonic() < deadline and any(
+                other.number < trial.number and other.user_attrs.get("plan_key") == key
+                for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+            time.sleep(0.5)
+        self._sync(trial.study)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
@@ -66,11 +81,16 @@ class Objective:
         trial.set_user_attr("plan", plan.to_dict())
         key = plan.key()  # a 'measured' plan is keyed before its layers are timed
         trial.set_user_attr("plan_key", key)
+        if key not in self.outcomes and key not in self.pruned:
+            self._wait_for_twin(trial, key)
+        if key in self.pruned and key not in self.outcomes:
+            trial.set_user_attr("duplicate_of_plan", key)
+            self._prune(trial, plan, self.pruned[key])
         if key in self.outcomes:
             outcome = self.outcomes[key]
             trial.set_user_attr("duplicate_of_plan", key)
         else:
-            outcome = self._measure(trial, plan)
+            outcome = self._measure(trial, plan, key)
             self._remember(key, outcome)
         for name, value in outcome.items():
             trial.set_user_attr(name, value)
@@ -79,7 +99,7 @@ class Objective:
         self._report(trial, plan, outcome, "feasible" if feasible else "over budget")
         return outcome["speedup"]
 
-    def _measure(self, trial: optuna.Trial, plan: QuantPlan) -> dict:
+    def _measure(self, trial: optuna.Trial, plan: QuantPlan, key: str) -> dict:
         try:
             model = self.builder.build(plan)
             with measurement_lock(self.config.measure_lock):
@@ -102,11 +122,8 @@ class Objective:
             "fp32_ms": timing["fp32"].median_ms,
         }
         if self.config.prune_slower and measured["speedup"] < self.best_feasible_speedup * (1 - PRUNE_MARGIN):
-            for name, value in measured.items():
-                trial.set_user_attr(name, value)
-            trial.report(measured["speedup"], step=0)
-            self._report(trial, plan, measured, f"pruned: slower than the best feasible {self.best_feasible_speedup:.2f}x")
-            raise optuna.TrialPruned()
+            self.pruned[key] = measured
+            self._prune(trial, plan, measured)
         try:
             with torch.no_grad():
                 metric = float(self.eval_fn(model))
@@ -115,6 +132,13 @@ class Objective:
         if not math.isfinite(metric):
             self._fail(trial, plan, f"eval_fn returned {metric}, not a finite number")
         return {"metric": metric, "loss": self.config.loss(self.baseline, metric), **measured}
+
+    def _prune(self, trial: optuna.Trial, plan: QuantPlan, measured: dict) -> None:
+        for name, value in measured.items():
+            trial.set_user_attr(name, value)
+        trial.report(measured["speedup"], step=0)
+        self._report(trial, plan, measured, f"pruned: slower than the best feasible {self.best_feasible_speedup:.2f}x")
+        raise optuna.TrialPruned()
 
     def _fail(self, trial: optuna.Trial, plan: QuantPlan, message: str) -> None:
         trial.set_user_attr("error", message)

@@ -9,10 +9,13 @@ import json
 import math
 import os
 import socket
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -50,8 +53,7 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, mus
     The storage keeps a heartbeat per running trial: a trial whose worker died (killed, machine
     lost) is marked failed and queued again with the same parameters by the next worker to look.
     """
-    storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    storage = _rdb_storage(url)
     if must_exist and name not in optuna.get_all_study_names(storage):
         raise ValueError(f"There is no study {name!r} to resume in {url}: run `autoq tune` first "
                          f"(or check the storage URL, and that the model, data and settings are unchanged: "
@@ -60,6 +62,19 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, mus
         return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler), True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(storage=storage, study_name=name, sampler=sampler), False
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> RDBStorage:
+    """Optuna's RDB storage with a heartbeat; workers starting together on a fresh database may race
+    to create its tables (a unique-key violation for the loser), so creation is retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def worker_id() -> str:
@@ -105,7 +120,10 @@ def reclaim_interrupted(study: optuna.Study) -> list[int]:
         worker_host, _, pid = worker.rpartition(":")
         if worker_host == host and pid.isdigit() and not _alive(int(pid)):
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            RetryHeartbeatStaleTrialCallback()(study, study._storage.get_trial(trial._trial_id))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = RetryHeartbeatStaleTrialCallback()
+            retry(study, study._storage.get_trial(trial._trial_id))
             reclaimed.append(trial.number)
     return reclaimed
 

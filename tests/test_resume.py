@@ -1,0 +1,122 @@
+"""Stopping and resuming for real: kill -9 of a CLI run, then the same command; dead workers' trials."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from autoq.measure.lock import measurement_lock
+from autoq.search.study import FINISHED, WORKER_ATTR, counted_trials, interrupted_trials, reclaim_interrupted, trial_rows
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
+TRIALS = 7
+
+
+def autoq_command(storage: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "autoq.cli", "tune", str(EXAMPLE), "--storage", storage, "--trials", str(TRIALS),
+            "--out", str(out), "--quiet"]
+
+
+def wait_for(condition, process, seconds=180):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (code {process.returncode}) before it could be killed mid-trial")
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    command = autoq_command(storage, tmp_path / "out")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def running_after_two_complete():
+        names = optuna.get_all_study_names(storage) if (tmp_path / "study.db").exists() else []
+        if not names:
+            return None
+        study = optuna.load_study(study_name=names[0], storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        return (study, running[0].number) if len(complete) >= 2 and running else None
+
+    try:
+        study, killed = wait_for(running_after_two_complete, process)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL
+    before = {t.number: (t.state, t.value, dict(t.user_attrs)) for t in study.get_trials(states=FINISHED)}
+    assert study.trials[killed].state == TrialState.RUNNING  # left behind by the dead process
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name=study.study_name, storage=storage)
+    after = {t.number: t for t in study.get_trials()}
+    # finished trials are kept as they were, and none of their plans is measured again
+    assert {n: (after[n].state, after[n].value, dict(after[n].user_attrs)) for n in before} == before
+    measured_before = {attrs["plan_key"] for state, _, attrs in before.values() if state == TrialState.COMPLETE}
+    new = [t for n, t in after.items() if n not in before and t.state == TrialState.COMPLETE]
+    assert all(t.user_attrs["plan_key"] not in measured_before or "duplicate_of_plan" in t.user_attrs for t in new)
+    # the killed trial is failed, re-run once with the same parameters, and does not count
+    retry = interrupted_trials(study)[killed]
+    assert after[killed].state == TrialState.FAIL and after[retry].state in FINISHED
+    assert after[retry].params == after[killed].params
+    assert not [t for t in after.values() if t.state == TrialState.RUNNING]
+    assert counted_trials(study) == TRIALS
+    assert "interrupted" in next(row["error"] for row in trial_rows(study) if row["number"] == killed)
+    assert (tmp_path / "out" / "model.autoq").is_file()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_only_trials_of_dead_workers_on_this_machine_are_reclaimed(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    distribution = optuna.distributions.CategoricalDistribution(["a", "b"])
+    workers = {"dead here": f"{socket.gethostname()}:{dead_pid()}", "alive here": f"{socket.gethostname()}:{os.getpid()}",
+               "other machine": f"elsewhere.example:{dead_pid()}"}
+    numbers = {}
+    for label, worker in workers.items():
+        trial = study.ask({"x": distribution})
+        trial.set_user_attr(WORKER_ATTR, worker)
+        numbers[label] = trial.number
+    assert reclaim_interrupted(study) == [numbers["dead here"]]
+    states = {label: study.trials[number].state for label, number in numbers.items()}
+    assert states == {"dead here": TrialState.FAIL, "alive here": TrialState.RUNNING, "other machine": TrialState.RUNNING}
+    retry = interrupted_trials(study)[numbers["dead here"]]
+    assert study.trials[retry].state == TrialState.WAITING
+    assert study.trials[retry].params == study.trials[numbers["dead here"]].params
+    assert reclaim_interrupted(study) == []  # idempotent
+
+
+HOLD = """
+import sys, time
+from autoq.measure.lock import measurement_lock
+with measurement_lock(True, sys.argv[1]):
+    start = time.time(); time.sleep(0.4); print(start, time.time())
+"""
+
+
+def test_measurement_lock_makes_workers_on_one_machine_take_turns(tmp_path):
+    lock = str(tmp_path / "measure.lock")
+    workers = [subprocess.Popen([sys.executable, "-c", HOLD, lock], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    spans = sorted(tuple(map(float, worker.communicate(timeout=60)[0].split())) for worker in workers)
+    assert len(spans) == 3
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))  # no overlap
+    with measurement_lock(False, lock):  # disabled: no file lock taken
+        pass
