@@ -31,7 +31,7 @@ class Reporter:
         self.verbose = verbose
         self.console = console or Console(stderr=True, highlight=False)
         self._bars = Progress(
-            TextColumn("[autoq] {task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[autoq] {task.description:<12}", markup=False), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=True, disable=not (verbose and self.console.is_terminal),
         )

@@ -208,3 +208,18 @@ def test_builtin_metrics_match_their_definitions():
     assert metrics.f1(outputs, targets) == pytest.approx(f1_score([0, 2, 2, 1], [0, 1, 2, 0], average="macro"))
     assert metrics.mse(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])) == pytest.approx(2.5)
     assert metrics.BUILTIN["mse"][1] is False
+
+
+@pytest.mark.parametrize("name", strategies())
+def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_allows(name):
+    space = TuneConfig.from_dict({"strategy": name}).space
+    seeds = space.seed_params(["conv1", "conv2"], [32, 64], relu6=True)
+    assert [seed["engine"] for seed in seeds] == sorted(space.engines, key=lambda e: (e != "x86", e == "measured"))
+    default = autoq.QuantPlan()
+    for seed in seeds:
+        for field, allowed in (("activation_observer", space.observers), ("channels_last", space.channels_last),
+                               ("weight_granularity", space.weight_granularities), ("fold_relu6", space.fold_relu6)):
+            assert seed[field] in allowed
+            wanted = False if field == "fold_relu6" else getattr(default, field)
+            assert seed[field] == (wanted if wanted in allowed else allowed[0])
+        assert seed["n_fallback"] == 0 and seed["calib_samples"] == 64

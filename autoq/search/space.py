@@ -96,25 +96,26 @@ class SearchSpace:
     def seed_params(self, ranking: Sequence[str], calib_counts: Sequence[int], relu6: bool = False) -> list[dict]:
         """Trial parameters of PyTorch's default FX PTQ on each allowed engine, x86 first.
 
-        The 'measured' kernel choice, if allowed, comes last with the x86 engine's recipe.
+        The 'measured' kernel choice, if allowed, comes last with the x86 engine's recipe. A choice
+        of the default recipe that the space excludes (e.g. channels_last=False in a space that
+        only allows True) becomes the space's first allowed value: the seed is as close to
+        PyTorch's default as the space allows.
         """
         seeds = []
         for engine in sorted(self.engines, key=lambda e: (e != "x86", e == MEASURED)):
             plan = default_plan("x86" if engine == MEASURED else engine)
-            params = {
-                "activation_observer": plan.activation_observer,
+            seeds.append({
+                "activation_observer": _closest(plan.activation_observer, self.observers),
                 "n_fallback": 0,
                 **{f"observer:{layer}": GLOBAL for layer in ranking[: self.layer_observer_slots]},
                 "engine": engine,
-                "weight_granularity": plan.weight_granularity,
-                "activation_symmetric": plan.activation_symmetric,
-                "reduce_range": plan.reduce_range,
+                "weight_granularity": _closest(plan.weight_granularity, self.weight_granularities),
+                "activation_symmetric": _closest(plan.activation_symmetric, self.activation_symmetric),
+                "reduce_range": _closest(plan.reduce_range, self.reduce_range),
                 "calib_samples": calib_counts[-1],
-                "channels_last": plan.channels_last,
-                **({"fold_relu6": False} if relu6 else {}),
-            }
-            if self._admits(params):
-                seeds.append(params)
+                "channels_last": _closest(plan.channels_last, self.channels_last),
+                **({"fold_relu6": _closest(False, self.fold_relu6)} if relu6 else {}),
+            })
         return seeds
 
     def sweep_params(self, seed: dict) -> list[dict]:
@@ -136,12 +137,7 @@ class SearchSpace:
                 variants.append(params)
         return [params for params in variants if params != seed]
 
-    def _admits(self, params: dict) -> bool:
-        return (
-            params["activation_observer"] in self.observers
-            and params["weight_granularity"] in self.weight_granularities
-            and params["activation_symmetric"] in self.activation_symmetric
-            and params["reduce_range"] in self.reduce_range
-            and params["channels_last"] in self.channels_last
-            and params.get("fold_relu6", False) in self.fold_relu6
-        )
+
+def _closest(default: object, allowed: tuple) -> object:
+    """`default` if the space allows it, else the space's first allowed value."""
+    return default if default in allowed else allowed[0]
