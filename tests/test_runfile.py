@@ -118,8 +118,8 @@ def test_tune_keyword_settings_take_a_strategy_and_reject_unknown_ones(mnist_tas
 
 
 def test_a_prepared_run_has_batches_example_inputs_and_a_metric(tmp_path):
-    spec = load_run(write(tmp_path, MINIMAL.replace('factory = "autoq.zoo:mnist_cnn"',
-                                                   'factory = "model.py:Tiny"\nexample_batch = 2')))
+    spec = load_run(write(tmp_path, "metric = 'model.py:error_rate'\n" + MINIMAL.replace(
+        'factory = "autoq.zoo:mnist_cnn"', 'factory = "model.py:Tiny"\nexample_batch = 2') + "[tune]\nhigher_is_better = false\n"))
     (tmp_path / "model.py").write_text(textwrap.dedent("""
         import torch
         class Tiny(torch.nn.Module):
@@ -128,6 +128,8 @@ def test_a_prepared_run_has_batches_example_inputs_and_a_metric(tmp_path):
                 self.fc = torch.nn.Linear(64, 10)
             def forward(self, x):
                 return self.fc(x.flatten(1))
+        def error_rate(outputs, targets):
+            return float((outputs.argmax(1) != targets).float().mean())
     """))
     job = prepare(spec)
     assert [len(batch) for batch in job.calib] == [16, 16, 16, 16]
@@ -135,24 +137,31 @@ def test_a_prepared_run_has_batches_example_inputs_and_a_metric(tmp_path):
     assert float(job.calib[0].max()) <= 1.0 and float(job.calib[0].min()) >= 0.0  # preprocess 'none': [0, 1]
     eval_batches = list(batches(spec.eval, spec.base))
     assert sum(len(labels) for _, labels in eval_batches) == 1797 - 1500
-    accuracy = job.eval_fn(job.model)
-    expected = metrics.top1(torch.cat([job.model(x) for x, _ in eval_batches]), torch.cat([y for _, y in eval_batches]))
-    assert accuracy == pytest.approx(expected)
+    assert spec.tune.higher_is_better is False
+    error_rate = job.eval_fn(job.model)
+    accuracy = metrics.top1(torch.cat([job.model(x) for x, _ in eval_batches]), torch.cat([y for _, y in eval_batches]))
+    assert error_rate == pytest.approx(1 - accuracy)
 
 
-def test_csv_files_through_hugging_face_datasets(tmp_path):
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_tables_through_hugging_face_datasets(tmp_path, file_format):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(50, 3))
-    labels = (features[:, 0] > 0).astype(int)
-    rows = ["a,b,c,label"] + [f"{x:.6f},{y:.6f},{z:.6f},{t}" for (x, y, z), t in zip(features, labels)]
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    features = rng.normal(size=(50, 3)).astype(np.float32)
+    labels = (features[:, 0] > 0).astype(np.int64)
+    table = pa.table({"a": features[:, 0], "b": features[:, 1], "c": features[:, 2], "label": labels})
+    name = f"data.{file_format}"
+    (pyarrow.csv.write_csv if file_format == "csv" else pyarrow.parquet.write_table)(table, str(tmp_path / name))
     spec = load_run(write(tmp_path, MINIMAL.replace('[eval]\nbuiltin = "digits"\nstart = 1500',
-                                                   '[eval]\nformat = "csv"\nfiles = "data.csv"\n'
+                                                   f'[eval]\nformat = "{file_format}"\nfiles = "{name}"\n'
                                                    'columns = ["a", "c"]\nstart = 10\nsamples = 25\nbatch_size = 10')))
     got = list(batches(spec.eval, spec.base))
     assert [len(y) for _, y in got] == [10, 10, 5]
     inputs = torch.cat([x for x, _ in got])
-    assert torch.allclose(inputs, torch.tensor(features[10:35][:, [0, 2]], dtype=torch.float32), atol=1e-5)
+    assert torch.allclose(inputs, torch.tensor(features[10:35][:, [0, 2]]), atol=1e-5)
     assert torch.equal(torch.cat([y for _, y in got]), torch.tensor(labels[10:35]))
 
 
