@@ -78,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"autoq: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("autoq: stopped. Finished trials are kept; the same command (or `autoq resume RUN.toml`) "
+              "continues the study.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -123,7 +123,7 @@ class _Run:
                           f"(`autoq tune --measure-lock`) so they take turns to measure.", stacklevel=3)
         reclaimed = reclaim_interrupted(study)
         if reclaimed:
-            reporter.line(f"trials {reclaimed} were interrupted (their worker died): queued again")
+            reporter.line(f"trials {reclaimed} were cut short (worker died or stopped): queued again")
         scores = self._sensitivity(study, builder)
         ranking = rank_layers(scores)
         seeds = config.space.seed_params(ranking, builder.checkpoints, builder.has_relu6)

@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from autoq.measure.lock import measurement_lock
-from autoq.search.study import FINISHED, WORKER_ATTR, counted_trials, interrupted_trials, reclaim_interrupted, trial_rows
+from autoq.search.study import (
+    FINISHED, STOPPED_ATTR, WORKER_ATTR, counted_trials, interrupted_trials, reclaim_interrupted, trial_rows,
+)
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
 TRIALS = 7
@@ -35,7 +38,8 @@ def wait_for(condition, process, seconds=180):
     raise AssertionError("timed out waiting for the run")
 
 
-def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_stopped_mid_trial_then_the_same_command_resumes(tmp_path, stop):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     command = autoq_command(storage, tmp_path / "out")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -52,20 +56,25 @@ def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
 
     try:
         study, killed = wait_for(running_after_two_complete, process)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        os.kill(process.pid, stop)
+        _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == -signal.SIGKILL
+    if stop == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+        assert study.trials[killed].state == TrialState.RUNNING  # left behind by the dead process
+    else:
+        assert process.returncode == 130 and "autoq resume" in err
+        assert study.trials[killed].state == TrialState.FAIL and study.trials[killed].user_attrs[STOPPED_ATTR]
     before = {t.number: (t.state, t.value, dict(t.user_attrs)) for t in study.get_trials(states=FINISHED)}
-    assert study.trials[killed].state == TrialState.RUNNING  # left behind by the dead process
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = optuna.load_study(study_name=study.study_name, storage=storage)
     after = {t.number: t for t in study.get_trials()}
     # finished trials are kept as they were, and none of their plans is measured again
-    assert {n: (after[n].state, after[n].value, dict(after[n].user_attrs)) for n in before} == before
+    assert {n: (after[n].state, after[n].value, dict(after[n].user_attrs)) for n in before if n != killed} == {
+        n: value for n, value in before.items() if n != killed}
     measured_before = {attrs["plan_key"] for state, _, attrs in before.values() if state == TrialState.COMPLETE}
     new = [t for n, t in after.items() if n not in before and t.state == TrialState.COMPLETE]
     assert all(t.user_attrs["plan_key"] not in measured_before or "duplicate_of_plan" in t.user_attrs for t in new)
@@ -85,23 +94,34 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_only_trials_of_dead_workers_on_this_machine_are_reclaimed(tmp_path):
+def test_only_trials_cut_short_on_this_machine_are_requeued(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
     distribution = optuna.distributions.CategoricalDistribution(["a", "b"])
-    workers = {"dead here": f"{socket.gethostname()}:{dead_pid()}", "alive here": f"{socket.gethostname()}:{os.getpid()}",
-               "other machine": f"elsewhere.example:{dead_pid()}"}
+    host = socket.gethostname()
+    workers = {"dead here": f"{host}:{dead_pid()}", "alive here": f"{host}:{os.getpid()}",
+               "other machine": f"elsewhere.example:{dead_pid()}", "ctrl-c": f"{host}:{dead_pid()}",
+               "failed candidate": f"{host}:{dead_pid()}"}
     numbers = {}
     for label, worker in workers.items():
         trial = study.ask({"x": distribution})
         trial.set_user_attr(WORKER_ATTR, worker)
         numbers[label] = trial.number
-    assert reclaim_interrupted(study) == [numbers["dead here"]]
+        if label == "ctrl-c":
+            trial.set_user_attr(STOPPED_ATTR, True)
+        if label in ("ctrl-c", "failed candidate"):
+            study.tell(trial, state=TrialState.FAIL)
+    assert reclaim_interrupted(study) == [numbers["dead here"], numbers["ctrl-c"]]
     states = {label: study.trials[number].state for label, number in numbers.items()}
-    assert states == {"dead here": TrialState.FAIL, "alive here": TrialState.RUNNING, "other machine": TrialState.RUNNING}
-    retry = interrupted_trials(study)[numbers["dead here"]]
-    assert study.trials[retry].state == TrialState.WAITING
-    assert study.trials[retry].params == study.trials[numbers["dead here"]].params
-    assert reclaim_interrupted(study) == []  # idempotent
+    assert states == {"dead here": TrialState.FAIL, "alive here": TrialState.RUNNING,
+                      "other machine": TrialState.RUNNING, "ctrl-c": TrialState.FAIL,
+                      "failed candidate": TrialState.FAIL}
+    for label in ("dead here", "ctrl-c"):
+        retry = study.trials[interrupted_trials(study)[numbers[label]]]
+        assert retry.state == TrialState.WAITING and retry.params == study.trials[numbers[label]].params
+        assert not retry.user_attrs  # a clean re-run: no stale plan, worker or stop mark
+    assert reclaim_interrupted(study) == []  # each is re-queued once
+    # cut-short trials do not count toward n_trials, a failed candidate does (running ones when asked)
+    assert counted_trials(study) == 1 and counted_trials(study, running=True) == 3
 
 
 HOLD = """

@@ -18,7 +18,7 @@ from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan, default_plan
 from autoq.progress import Reporter
 from autoq.recipes.static import StaticBuilder
-from autoq.search.study import WORKER_ATTR, store_layer_timings, trial_rows, worker_id
+from autoq.search.study import STOPPED_ATTR, WORKER_ATTR, store_layer_timings, trial_rows, worker_id
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
 TWIN_WAIT_SECONDS = 900  # longest wait for another worker measuring the same plan
@@ -75,6 +75,13 @@ class Objective:
         self._sync(trial.study)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr(STOPPED_ATTR, True)  # Optuna fails the trial; the next run re-queues it
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
         self._sync(trial.study)
         plan = self.config.space.suggest(trial, self.ranking, self.builder.checkpoints, self.builder.has_relu6)

@@ -27,6 +27,9 @@ RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a di
 RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accuracy, loss, speedup, latency_ms, ...}
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
+STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)
+RETRY_OF = "failed_trial"  # trial system attr of a re-run: the number of the trial it replaces (as Optuna's
+#                            RetryHeartbeatStaleTrialCallback names it)
 WORKER_PREFIX = "worker:"  # study user attrs "worker:host:pid" -> {"started", "measure_lock"}
 HEARTBEAT_SECONDS = 30  # a trial whose worker has not beaten for GRACE_SECONDS is retried elsewhere
 GRACE_SECONDS = 120
@@ -109,29 +112,33 @@ def _alive(pid: int) -> bool:
 
 
 def reclaim_interrupted(study: optuna.Study) -> list[int]:
-    """Fail and re-queue running trials whose worker on this machine no longer exists (e.g. kill -9).
+    """Re-queue trials that were cut short: running trials whose worker on this machine no longer
+    exists (kill -9, crash) and trials stopped by Ctrl-C. Returns their numbers.
 
-    Trials of workers on other machines are left to the storage heartbeat. Returns their numbers.
+    Each is failed (if still marked running) and queued again once with the same parameters.
+    Trials of workers on other machines are left to the storage heartbeat.
     """
     host = socket.gethostname()
+    requeued = interrupted_trials(study)
     reclaimed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get(WORKER_ATTR, "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry = RetryHeartbeatStaleTrialCallback()
-            retry(study, study._storage.get_trial(trial._trial_id))
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        worker_host, _, pid = trial.user_attrs.get(WORKER_ATTR, "").rpartition(":")
+        dead = trial.state == TrialState.RUNNING and worker_host == host and pid.isdigit() and not _alive(int(pid))
+        stopped = trial.state == TrialState.FAIL and trial.user_attrs.get(STOPPED_ATTR)
+        if (dead or stopped) and trial.number not in requeued:
+            if dead:
+                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                system_attrs={RETRY_OF: trial.number}))
             reclaimed.append(trial.number)
     return reclaimed
 
 
 def interrupted_trials(study: optuna.Study) -> dict[int, int]:
-    """{number of a trial whose worker died: number of the trial that re-runs it}."""
-    return {trial.system_attrs["failed_trial"]: trial.number for trial in study.get_trials(deepcopy=False)
-            if "failed_trial" in trial.system_attrs}
+    """{number of a trial cut short (worker died, Ctrl-C): number of the trial that re-runs it}."""
+    return {trial.system_attrs[RETRY_OF]: trial.number for trial in study.get_trials(deepcopy=False)
+            if RETRY_OF in trial.system_attrs}
 
 
 def counted_trials(study: optuna.Study, running: bool = False) -> int:
@@ -165,7 +172,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         attrs = trial.user_attrs
         error = attrs.get("error")
         if trial.number in interrupted:
-            error = f"interrupted (its worker died); re-run as trial {interrupted[trial.number]}"
+            error = f"interrupted (worker died or stopped); re-run as trial {interrupted[trial.number]}"
         constraint = trial.system_attrs.get("constraints:accuracy_loss")
         rows.append({
             "number": trial.number,
