@@ -10,7 +10,6 @@ import math
 import os
 import socket
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
