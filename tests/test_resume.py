@@ -140,3 +140,21 @@ def test_measurement_lock_makes_workers_on_one_machine_take_turns(tmp_path):
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))  # no overlap
     with measurement_lock(False, lock):  # disabled: no file lock taken
         pass
+
+
+def test_a_trial_whose_worker_on_another_machine_stops_beating_is_rerun(tmp_path, monkeypatch):
+    from autoq.search import study as study_module
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    study, created = study_module.open_study(f"sqlite:///{tmp_path / 's.db'}", "s", optuna.samplers.RandomSampler())
+    assert created
+    lost = study.ask({"x": optuna.distributions.CategoricalDistribution(["a", "b"])})
+    lost.set_user_attr(WORKER_ATTR, "elsewhere.example:1")
+    study._storage.record_heartbeat(lost._trial_id)  # then that machine goes silent
+    time.sleep(3)
+    study.optimize(lambda trial: float(trial.suggest_categorical("x", ["a", "b"]) == "a"), n_trials=1)
+    retry = interrupted_trials(study)[lost.number]
+    assert study.trials[lost.number].state == TrialState.FAIL
+    assert study.trials[retry].state == TrialState.COMPLETE and study.trials[retry].params == lost.params
+    assert reclaim_interrupted(study) == [] and counted_trials(study) == 1
