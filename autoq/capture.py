@@ -147,15 +147,17 @@ class Layer:
     index: int = 0
 
 
-def use_base_layer_classes(model: nn.Module) -> list[str]:
-    """Give subclasses of Conv/Linear that keep the base forward their base class (in place).
+def use_base_layer_classes(model: nn.Module, bases: tuple[type, ...] = QUANTIZABLE_LAYER_TYPES) -> list[str]:
+    """Give subclasses of `bases` (default: Conv/Linear) that keep the base forward their base class
+    (in place).
 
-    FX quantization matches exact module types, so `class MyConv(nn.Conv2d): pass` would otherwise
-    be traced into as a functional call and lose BN folding. Returns the names changed.
+    FX quantization and quantize_dynamic match exact module types, so `class MyConv(nn.Conv2d): pass`
+    would otherwise be traced into as a functional call (and lose BN folding) or skipped. Returns the
+    names changed.
     """
     changed = []
     for name, module in model.named_modules():
-        for base in QUANTIZABLE_LAYER_TYPES:
+        for base in bases:
             if type(module) is not base and isinstance(module, base) and type(module).forward is base.forward:
                 module.__class__ = base
                 changed.append(name)

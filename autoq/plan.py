@@ -20,7 +20,7 @@ READABLE_VERSIONS = (1, 2)  # version 1 plans lack the dispatch fields; their de
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-RECIPES = ("static",)
+RECIPES = ("static", "dynamic")
 LIBRARIES = ("fbgemm", "onednn")
 DISPATCH = ("engine", "measured", "table")
 
@@ -85,8 +85,18 @@ class QuantPlan:
         self.fp32_layers = sorted(set(self.fp32_layers))
 
     def observer_for(self, layer: str | None) -> str:
-        """The activation observer used for the output of `layer` (None: tensors owned by no layer)."""
+        """The activation observer used for the output of `layer` (None: tensors owned by no layer);
+        'dynamic' when activations are quantized per call at run time."""
+        if self.recipe == "dynamic":
+            return "dynamic"
         return self.layer_observers.get(layer, self.activation_observer) if layer else self.activation_observer
+
+    def layer_table(self, layers: list[str], sensitivity: dict[str, float]) -> list[dict[str, Any]]:
+        """Per layer: name, sqnr_db (output SQNR in dB with only it int8), quantized, observer, engine."""
+        return [{
+            "name": layer, "sqnr_db": sensitivity.get(layer), "quantized": layer not in self.fp32_layers,
+            "observer": self.observer_for(layer), "engine": self.layer_engines.get(layer, self.engine),
+        } for layer in layers]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form: {'_type', '_version', '_data'}."""

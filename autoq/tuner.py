@@ -23,10 +23,12 @@ from autoq.measure.latency import fastest, measure_latency, speedup
 from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan, default_plan
 from autoq.progress import Reporter
+from autoq.recipes.arms import Arms, applicable_arms
+from autoq.recipes.dynamic import DynamicBuilder
 from autoq.recipes.static import StaticBuilder
 from autoq.result import TuneResult
 from autoq.search.objective import CandidateFailed, Objective
-from autoq.search.sensitivity import layer_sensitivity, rank_layers
+from autoq.search.sensitivity import dynamic_layer_sensitivity, layer_sensitivity, rank_layers
 from autoq.search.study import (
     FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row, counted_trials, fingerprint,
     layer_timings, open_study, pareto_front, reclaim_interrupted, register_worker, storage_url, trial_rows,
@@ -81,9 +83,12 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
     plan = copy.deepcopy(config) if isinstance(config, QuantPlan) else QuantPlan.from_dict(config)
-    batches = calibration_batches(calib_data, len(example_inputs), plan.calib_samples)
-    builder = StaticBuilder(model, example_inputs, batches, non_traceable_modules=list(non_traceable_modules))
-    quantized = builder.build(plan)
+    if plan.recipe == "dynamic":
+        quantized = DynamicBuilder(model, example_inputs).build(plan)
+    else:
+        batches = calibration_batches(calib_data, len(example_inputs), plan.calib_samples)
+        builder = StaticBuilder(model, example_inputs, batches, non_traceable_modules=list(non_traceable_modules))
+        quantized = builder.build(plan)
     record_layer_shapes(quantized, example_inputs)
     if dispatch == "measured":
         set_model_dispatch(quantized, LayerTimer().choose(quantized, example_inputs), "measured")
@@ -108,14 +113,17 @@ class _Run:
         reporter.line(f"FP32 baseline metric {baseline:.4f}; capturing and calibrating on "
                       f"{sum(int(b[0].shape[0]) for b in self.batches)} samples")
         with reporter.bar("calibrate", 2 * len(self.batches)) as advance:
-            builder = StaticBuilder(self.fp32, self.example_inputs, self.batches,
-                                    non_traceable_modules=config.non_traceable_modules, progress=advance)
-        reporter.line(f"{len(builder.layers)} quantizable layers; calibration checkpoints {builder.checkpoints}")
+            arms = applicable_arms(self.fp32, self.example_inputs, self.batches, config.space.recipes,
+                                   config.non_traceable_modules, progress=advance)
+        for recipe in arms.recipes:
+            reporter.line(f"recipe {recipe}: {len(arms.layers(recipe))} quantizable layers")
+        for recipe, reason in arms.skipped.items():
+            reporter.line(f"recipe {recipe} skipped: {reason}")
         study, created = self._study(baseline)
         reporter.line(f"study '{study.study_name}' in {storage_url(config.storage)}")
         study.set_user_attr(RESULT_ATTR, None)  # running again: the last final choice is stale until the end
         study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": dataclasses.asdict(config),
-                                       "layers": list(builder.layers)})
+                                       "layers": {recipe: arms.layers(recipe) for recipe in arms.recipes}})
         neighbours = register_worker(study, config.measure_lock)
         if neighbours and not config.measure_lock:
             warnings.warn(f"autoq: other workers of study '{study.study_name}' run on this machine ({neighbours}); "
@@ -124,9 +132,9 @@ class _Run:
         reclaimed = reclaim_interrupted(study)
         if reclaimed:
             reporter.line(f"trials {reclaimed} were cut short (worker died or stopped): queued again")
-        scores = self._sensitivity(study, builder)
-        ranking = rank_layers(scores)
-        seeds = config.space.seed_params(ranking, builder.checkpoints, builder.has_relu6)
+        scores = self._sensitivity(study, arms)
+        arms.rankings = {recipe: rank_layers(recipe_scores) for recipe, recipe_scores in scores.items()}
+        seeds = config.space.seed_params(arms)
         if created or not study.get_trials(deepcopy=False):
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
@@ -134,10 +142,10 @@ class _Run:
         if kept:
             reporter.line(f"resuming study '{study.study_name}': {kept} finished trials kept")
         timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds, threads=config.threads)
-        objective = Objective(builder, self.fp32, self.eval_fn, baseline, ranking, config, timer, reporter)
+        objective = Objective(arms, self.fp32, self.eval_fn, baseline, config, timer, reporter)
         self._optimize(study, objective, len(seeds))
         rows = trial_rows(study)
-        return self._result(study, builder, rows, baseline, scores, started, self._dispatch_table(timer))
+        return self._result(study, arms, rows, baseline, scores, started, self._dispatch_table(timer))
 
     def _optimize(self, study: optuna.Study, objective: Objective, n_seeds: int) -> None:
         """Run trials until the study counts n_trials (over all workers) or this call's timeout ends."""
@@ -178,7 +186,7 @@ class _Run:
             return None
         return dict(min(seeds, key=lambda t: (t.user_attrs["loss"], -t.user_attrs["speedup"])).params)
 
-    def _fastest_finalist(self, builder: StaticBuilder, rows: list[dict]) -> tuple[QuantPlan, torch.nn.Module]:
+    def _fastest_finalist(self, arms: Arms, rows: list[dict]) -> tuple[QuantPlan, torch.nn.Module]:
         """Re-measure the fastest feasible plans side by side and keep the truly fastest.
 
         Each trial is timed on its own, so the top of the ranking is partly measurement luck; the
@@ -192,7 +200,7 @@ class _Run:
             finalists.setdefault(plan.key(), (row, plan))
             if len(finalists) == FINALISTS:
                 break
-        models = {key: builder.build(plan) for key, (_, plan) in finalists.items()}
+        models = {key: arms.build(plan) for key, (_, plan) in finalists.items()}
         with measurement_lock(self.config.measure_lock):
             timing = measure_latency(models, self.example_inputs, threads=self.config.threads,
                                      target_seconds=2 * self.config.latency_seconds)
@@ -231,22 +239,32 @@ class _Run:
             warnings.simplefilter("ignore")
             return open_study(storage_url(config.storage), name, sampler, must_exist=config.resume)
 
-    def _sensitivity(self, study: optuna.Study, builder: StaticBuilder) -> dict[str, float]:
-        stored = study.user_attrs.get(SENSITIVITY_ATTR)
-        if stored and set(stored) == set(builder.layers):
-            return {layer: float(value) for layer, value in stored.items()}
+    def _sensitivity(self, study: optuna.Study, arms: Arms) -> dict[str, dict[str, float]]:
+        """{recipe: {layer: output SQNR in dB when only that layer is int8}}, stored in the study."""
+        stored = study.user_attrs.get(SENSITIVITY_ATTR) or {}
         samples, batches = 0, []
         for batch in self.batches:
             batches.append(batch)
             samples += int(batch[0].shape[0])
             if samples >= self.config.sensitivity_samples:
                 break
-        self.reporter.line(f"ranking {len(builder.layers)} layers by output SQNR when quantized alone (simulated)")
-        scores = layer_sensitivity(builder, self.fp32, batches, default_plan("x86"))
-        study.set_user_attr(SENSITIVITY_ATTR, {k: (v if math.isfinite(v) else 1e9) for k, v in scores.items()})
+        scores = {}
+        for recipe in arms.recipes:
+            if isinstance(stored.get(recipe), dict) and set(stored[recipe]) == set(arms.layers(recipe)):
+                scores[recipe] = {layer: float(value) for layer, value in stored[recipe].items()}
+                continue
+            self.reporter.line(f"ranking {len(arms.layers(recipe))} layers by output SQNR when quantized alone "
+                               f"({recipe})")
+            if recipe == "static":
+                scores[recipe] = layer_sensitivity(arms.builders[recipe], self.fp32, batches, default_plan("x86"))
+            else:
+                scores[recipe] = dynamic_layer_sensitivity(arms.builders[recipe], self.fp32, batches,
+                                                           QuantPlan(recipe="dynamic"))
+        study.set_user_attr(SENSITIVITY_ATTR, {recipe: {k: (v if math.isfinite(v) else 1e9) for k, v in s.items()}
+                                               for recipe, s in scores.items()})
         return scores
 
-    def _result(self, study, builder, rows, baseline, scores, started, table: DispatchTable) -> TuneResult:
+    def _result(self, study, arms: Arms, rows, baseline, scores, started, table: DispatchTable) -> TuneResult:
         config = self.config
         best, feasible = best_row(rows)
         if best is None:
@@ -254,15 +272,15 @@ class _Run:
                 f"No trial of study '{study.study_name}' produced an evaluated model; see the errors in "
                 f"its trials: {[r['error'] for r in rows if r['error']][:3]}"
             )
-        plan, model = self._fastest_finalist(builder, rows) if feasible else (None, None)
+        plan, model = self._fastest_finalist(arms, rows) if feasible else (None, None)
         if plan is None:
             plan = QuantPlan.from_dict(best["plan"])
-            model = builder.build(plan)
+            model = arms.build(plan)
         record_layer_shapes(model, self.example_inputs)
         with torch.no_grad():
             accuracy = float(self.eval_fn(model))
         loss = config.loss(baseline, accuracy)
-        notes = []
+        notes = [f"recipe {recipe} skipped: {reason}" for recipe, reason in arms.skipped.items()]
         reference = best_fp32(self.fp32, self.example_inputs, compile=False)
         candidates = {"fp32_eager": self.fp32, "fp32_folded": reference.model, "int8": model}
         if config.compile_fp32:
@@ -290,10 +308,7 @@ class _Run:
                 stacklevel=3,
             )
         notes.append(f"tuning took {time.perf_counter() - started:.0f} s")
-        layers = [{
-            "name": layer, "sqnr_db": scores.get(layer), "quantized": layer not in plan.fp32_layers,
-            "observer": plan.observer_for(layer), "engine": plan.layer_engines.get(layer, plan.engine),
-        } for layer in builder.layers]
+        layers = plan.layer_table(arms.layers(plan.recipe), scores[plan.recipe])
         if table.entries:
             table.refit()
         result = TuneResult(

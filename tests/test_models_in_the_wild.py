@@ -109,7 +109,13 @@ def test_untraceable_submodule_is_named_with_the_fix(digits, tmp_path):
         return digits.accuracy(m)
 
     with pytest.raises(autoq.TraceError, match=r"module 'router' \(Router\).*non_traceable_modules=\['router'\]"):
-        autoq.tune(model, (digits.x[:1],), digits.calib, eval_fn, n_trials=2, **fast_settings(tmp_path))
+        autoq.tune(model, (digits.x[:1],), digits.calib, eval_fn, n_trials=2, space={"recipes": ["static"]},
+                   **fast_settings(tmp_path))
+    # with the default recipes ('auto') the model is still tuned, dynamically (no capture needed),
+    # and the result says why static was skipped and how to fix it
+    result = autoq.tune(model, (digits.x[:1],), digits.calib, eval_fn, n_trials=2, **fast_settings(tmp_path))
+    assert result.config["_data"]["recipe"] == "dynamic"
+    assert any("static skipped" in note and "non_traceable_modules=['router']" in note for note in result.notes)
 
 
 def test_non_traceable_module_stays_fp32_and_the_rest_is_quantized(digits, tmp_path):

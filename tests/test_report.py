@@ -168,9 +168,9 @@ LAYERS = ["features.0", "features.3", "classifier.fc"]
 
 def synthetic_study(*trials, loss_type="relative", max_loss=0.01, baseline=0.9, name="synthetic <study>"):
     study = optuna.create_study(study_name=name, direction="maximize")
-    study.set_user_attr(RUN_ATTR, {"baseline": baseline, "layers": LAYERS,
+    study.set_user_attr(RUN_ATTR, {"baseline": baseline, "layers": {"static": LAYERS},
                                    "config": {"max_loss": max_loss, "loss_type": loss_type, "n_trials": 20}})
-    study.set_user_attr(SENSITIVITY_ATTR, {"features.0": 18.5, "features.3": 31.25, "classifier.fc": 1e9})
+    study.set_user_attr(SENSITIVITY_ATTR, {"static": {"features.0": 18.5, "features.3": 31.25, "classifier.fc": 1e9}})
     for state, loss, speedup, plan, error in trials:
         attrs = {"plan": plan.to_dict(), "plan_key": plan.key(), "speedup": speedup, "error": error}
         if loss is not None:

@@ -1,6 +1,7 @@
 """Run files: parsing, validation errors that name the key, data sources, metrics, strategy presets."""
 
 import textwrap
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,9 @@ def test_builtin_metrics_match_their_definitions():
 @pytest.mark.parametrize("name", strategies())
 def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_allows(name):
     space = TuneConfig.from_dict({"strategy": name}).space
-    seeds = space.seed_params(["conv1", "conv2"], [32, 64], relu6=True)
+    arms = SimpleNamespace(recipes=["static"], rankings={"static": ["conv1", "conv2"]}, checkpoints=[32, 64],
+                           has_relu6=True)
+    seeds = space.seed_params(arms)
     assert [seed["engine"] for seed in seeds] == sorted(space.engines, key=lambda e: (e != "x86", e == "measured"))
     default = autoq.QuantPlan()
     for seed in seeds:

@@ -96,7 +96,8 @@ def gather(study: optuna.Study) -> ReportContent:
             "latency_ms": {"fp32_eager": best["fp32_ms"], "int8": best["int8_ms"]},
             "feasible": best["feasible"], "plan": best["plan"],
         }
-        layers = _plan_layers(QuantPlan.from_dict(best["plan"]), run["layers"], sensitivity)
+        plan = QuantPlan.from_dict(best["plan"])
+        layers = plan.layer_table(run["layers"][plan.recipe], sensitivity.get(plan.recipe, {}))
         notes = ["the run has not finished (still running, or interrupted): this is the best trial so far; "
                  "run `autoq tune` again with the same settings to resume it"]
         if not best["feasible"]:
@@ -108,14 +109,6 @@ def gather(study: optuna.Study) -> ReportContent:
         state_counts=dict(Counter(trial.state.name for trial in study.get_trials(deepcopy=False))),
         chosen=chosen, outcome=outcome, layers=layers, notes=notes,
     )
-
-
-def _plan_layers(plan: QuantPlan, layer_names: list[str], sensitivity: dict[str, float]) -> list[dict]:
-    """Per layer: name, sqnr_db (output SQNR in dB with only it int8), quantized, observer, engine."""
-    return [{
-        "name": layer, "sqnr_db": sensitivity.get(layer), "quantized": layer not in plan.fp32_layers,
-        "observer": plan.observer_for(layer), "engine": plan.layer_engines.get(layer, plan.engine),
-    } for layer in layer_names]
 
 
 def _row_of_plan(rows: list[dict[str, Any]], plan: dict[str, Any]) -> dict[str, Any] | None:

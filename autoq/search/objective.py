@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import optuna
 import torch
@@ -17,7 +17,7 @@ from autoq.measure.latency import measure_latency, speedup
 from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan, default_plan
 from autoq.progress import Reporter
-from autoq.recipes.static import StaticBuilder
+from autoq.recipes.arms import Arms
 from autoq.search.study import STOPPED_ATTR, WORKER_ATTR, store_layer_timings, trial_rows, worker_id
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
@@ -33,23 +33,22 @@ class Objective:
 
     def __init__(
         self,
-        builder: StaticBuilder,
+        arms: Arms,
         fp32_model: torch.nn.Module,
         eval_fn: Callable[[torch.nn.Module], float],
         baseline: float,
-        ranking: Sequence[str],
         config: TuneConfig,
         timer: LayerTimer,
         reporter: Reporter,
     ) -> None:
-        self.builder, self.fp32_model, self.eval_fn = builder, fp32_model, eval_fn
-        self.baseline, self.ranking, self.config, self.timer = baseline, list(ranking), config, timer
+        self.arms, self.fp32_model, self.eval_fn = arms, fp32_model, eval_fn
+        self.baseline, self.config, self.timer = baseline, config, timer
         self.reporter = reporter
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.pruned: dict[str, dict] = {}  # plan key -> timings of plans pruned as too slow
         self.best_feasible_speedup = 0.0
         self.default = default_plan("x86")  # the per-trial line lists what a plan changes from it
-        self.default.calib_samples = builder.checkpoints[-1]
+        self.default.calib_samples = arms.checkpoints[-1] if arms.checkpoints else None
 
     def _remember(self, key: str, outcome: dict) -> None:
         self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "speedup", "int8_ms", "fp32_ms")}
@@ -84,7 +83,7 @@ class Objective:
     def _run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
         self._sync(trial.study)
-        plan = self.config.space.suggest(trial, self.ranking, self.builder.checkpoints, self.builder.has_relu6)
+        plan = self.config.space.suggest(trial, self.arms)
         trial.set_user_attr("plan", plan.to_dict())
         key = plan.key()  # a 'measured' plan is keyed before its layers are timed
         trial.set_user_attr("plan_key", key)
@@ -108,17 +107,17 @@ class Objective:
 
     def _measure(self, trial: optuna.Trial, plan: QuantPlan, key: str) -> dict:
         try:
-            model = self.builder.build(plan)
+            model = self.arms.build(plan)
             with measurement_lock(self.config.measure_lock):
                 if plan.dispatch == "measured" and not plan.layer_engines:
                     known = len(self.timer.records())
-                    plan.layer_engines = self.timer.choose(model, self.builder.example_inputs)
+                    plan.layer_engines = self.timer.choose(model, self.arms.example_inputs)
                     set_layer_engines(model, plan.layer_engines)
                     trial.set_user_attr("plan", plan.to_dict())
                     if len(self.timer.records()) > known:  # stored at once: a killed run keeps them
                         store_layer_timings(trial.study, self.timer.records())
                 timing = measure_latency(
-                    {"fp32": self.fp32_model, "int8": model}, self.builder.example_inputs,
+                    {"fp32": self.fp32_model, "int8": model}, self.arms.example_inputs,
                     threads=self.config.threads, target_seconds=self.config.latency_seconds,
                 )
         except Exception as error:
@@ -168,7 +167,7 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
     changes: dict[str, object] = {}
     if plan.kernels() != default.kernels():
         changes["kernels"] = plan.kernels().replace(" ", ":")
-    for name in ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
+    for name in ("recipe", "activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
                  "channels_last", "fold_relu6"):
         if getattr(plan, name) != getattr(default, name):
             changes[name] = getattr(plan, name)
@@ -178,6 +177,6 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
         changes["layer_observers"] = len(plan.layer_observers)
     if plan.fp32_layers:
         changes["fp32_layers"] = len(plan.fp32_layers)
-    if plan.calib_samples != default.calib_samples:
+    if plan.recipe == "static" and plan.calib_samples != default.calib_samples:
         changes["calib_samples"] = plan.calib_samples
     return changes

@@ -17,6 +17,7 @@ from torch import nn
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
 from autoq.plan import QuantPlan
+from autoq.recipes.dynamic import DynamicBuilder
 from autoq.recipes.static import StaticBuilder
 
 
@@ -104,6 +105,18 @@ def layer_sensitivity(
         for name in observed:
             switches[name].qparams = None
         scores[layer_name] = sqnr_db(reference, candidate)
+    return scores
+
+
+@torch.no_grad()
+def dynamic_layer_sensitivity(builder: DynamicBuilder, fp32_model: nn.Module, batches: Sequence[tuple],
+                              plan: QuantPlan) -> dict[str, float]:
+    """{layer: output SQNR in dB with only that layer dynamically quantized (real int8 kernels)}."""
+    reference = [t for batch in batches for t in output_tensors(fp32_model(*batch))]
+    scores = {}
+    for layer in builder.layers:
+        model = builder.build(plan, layers=[layer])
+        scores[layer] = sqnr_db(reference, [t for batch in batches for t in output_tensors(model(*batch))])
     return scores
 
 

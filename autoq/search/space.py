@@ -8,12 +8,12 @@ and packed for the faster one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optuna
 
 from autoq.plan import ENGINES, OBSERVERS, WEIGHT_GRANULARITIES, QuantPlan, default_plan
+from autoq.recipes.arms import AUTO, RECIPE_CHOICES, Arms
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
 MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
@@ -27,6 +27,7 @@ BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
 class SearchSpace:
     """What the search may vary. Every field is a tuple of allowed values or a bound."""
 
+    recipes: tuple[str, ...] = (AUTO,)
     engines: tuple[str, ...] = KERNEL_CHOICES
     observers: tuple[str, ...] = OBSERVERS
     weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
@@ -38,7 +39,7 @@ class SearchSpace:
     layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
 
     def __post_init__(self) -> None:
-        for name, allowed in (("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
+        for name, allowed in (("recipes", RECIPE_CHOICES), ("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
                               ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
             values = getattr(self, name)
             if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):
@@ -52,6 +53,9 @@ class SearchSpace:
                     f"The '{name}' parameter of SearchSpace must be a non-empty subset of {list(allowed)}. "
                     f"Got {list(values)} instead."
                 )
+        if AUTO in self.recipes and len(self.recipes) > 1:
+            raise ValueError(f"The 'recipes' parameter of SearchSpace is either ['auto'] or a list of recipes "
+                             f"to search. Got {list(self.recipes)} instead.")
         if self.max_fallback is not None and (not isinstance(self.max_fallback, int) or self.max_fallback < 0):
             raise ValueError(f"The 'max_fallback' parameter of SearchSpace must be >= 0. Got {self.max_fallback}.")
         if not isinstance(self.layer_observer_slots, int) or self.layer_observer_slots < 0:
@@ -61,14 +65,25 @@ class SearchSpace:
         limit = self.max_fallback if self.max_fallback is not None else max(4, n_layers // 4)
         return min(limit, max(n_layers - 1, 0))
 
-    def suggest(self, trial: optuna.Trial, ranking: Sequence[str], calib_counts: Sequence[int],
-                relu6: bool = False) -> QuantPlan:
-        """The plan for this trial; `ranking` lists layers most sensitive first.
+    def suggest(self, trial: optuna.Trial, arms: Arms) -> QuantPlan:
+        """The plan for this trial.
 
-        relu6: the model has Conv -> ReLU6 pairs (only then is fold_relu6 a choice). A 'measured'
-        kernel choice returns a plan with dispatch='measured' and no layer_engines yet: the
-        objective times the layers of the built candidate to fill them.
+        With several recipes the trial first picks one ('recipe'); dynamic plans have their own
+        parameters ('dynamic:...'). A 'measured' kernel choice returns a plan with
+        dispatch='measured' and no layer_engines yet: the objective times the layers of the built
+        candidate to fill them. Fallbacks follow `arms.rankings` (most sensitive layers first).
         """
+        recipe = trial.suggest_categorical("recipe", arms.recipes) if len(arms.recipes) > 1 else arms.recipes[0]
+        ranking = arms.rankings[recipe]
+        if recipe == "dynamic":
+            n_fallback = trial.suggest_int("dynamic:n_fallback", 0, self.fallback_limit(len(ranking)))
+            kernels = trial.suggest_categorical("engine", self.engines)
+            return QuantPlan(
+                recipe="dynamic", engine="x86" if kernels == MEASURED else kernels,
+                dispatch="measured" if kernels == MEASURED else "engine", fp32_layers=list(ranking[:n_fallback]),
+                weight_granularity=trial.suggest_categorical("dynamic:weight_granularity", self.weight_granularities),
+            )
+        relu6, calib_counts = arms.has_relu6, arms.checkpoints
         observer = trial.suggest_categorical("activation_observer", self.observers)
         n_fallback = trial.suggest_int("n_fallback", 0, self.fallback_limit(len(ranking)))
         layer_observers = {}
@@ -93,8 +108,10 @@ class SearchSpace:
             fold_relu6=relu6 and trial.suggest_categorical("fold_relu6", self.fold_relu6),
         )
 
-    def seed_params(self, ranking: Sequence[str], calib_counts: Sequence[int], relu6: bool = False) -> list[dict]:
-        """Trial parameters of PyTorch's default FX PTQ on each allowed engine, x86 first.
+    def seed_params(self, arms: Arms) -> list[dict]:
+        """Trial parameters of PyTorch's default recipes on each allowed engine, x86 first: FX static
+        PTQ (get_default_qconfig_mapping), then `quantize_dynamic` (per-tensor weights), for the
+        recipes searched.
 
         The 'measured' kernel choice, if allowed, comes last with the x86 engine's recipe. A choice
         of the default recipe that the space excludes (e.g. channels_last=False in a space that
@@ -102,20 +119,29 @@ class SearchSpace:
         PyTorch's default as the space allows.
         """
         seeds = []
+        several = len(arms.recipes) > 1  # only then is 'recipe' a parameter
         for engine in sorted(self.engines, key=lambda e: (e != "x86", e == MEASURED)):
             plan = default_plan("x86" if engine == MEASURED else engine)
-            seeds.append({
-                "activation_observer": _closest(plan.activation_observer, self.observers),
-                "n_fallback": 0,
-                **{f"observer:{layer}": GLOBAL for layer in ranking[: self.layer_observer_slots]},
-                "engine": engine,
-                "weight_granularity": _closest(plan.weight_granularity, self.weight_granularities),
-                "activation_symmetric": _closest(plan.activation_symmetric, self.activation_symmetric),
-                "reduce_range": _closest(plan.reduce_range, self.reduce_range),
-                "calib_samples": calib_counts[-1],
-                "channels_last": _closest(plan.channels_last, self.channels_last),
-                **({"fold_relu6": _closest(False, self.fold_relu6)} if relu6 else {}),
-            })
+            if "static" in arms.recipes:
+                seeds.append({
+                    **({"recipe": "static"} if several else {}),
+                    "activation_observer": _closest(plan.activation_observer, self.observers),
+                    "n_fallback": 0,
+                    **{f"observer:{layer}": GLOBAL for layer in arms.rankings["static"][: self.layer_observer_slots]},
+                    "engine": engine,
+                    "weight_granularity": _closest(plan.weight_granularity, self.weight_granularities),
+                    "activation_symmetric": _closest(plan.activation_symmetric, self.activation_symmetric),
+                    "reduce_range": _closest(plan.reduce_range, self.reduce_range),
+                    "calib_samples": arms.checkpoints[-1],
+                    "channels_last": _closest(plan.channels_last, self.channels_last),
+                    **({"fold_relu6": _closest(False, self.fold_relu6)} if arms.has_relu6 else {}),
+                })
+            if "dynamic" in arms.recipes:
+                seeds.append({
+                    **({"recipe": "dynamic"} if several else {}),
+                    "dynamic:n_fallback": 0, "engine": engine,
+                    "dynamic:weight_granularity": _closest("per_tensor", self.weight_granularities),
+                })
         return seeds
 
     def sweep_params(self, seed: dict) -> list[dict]:
@@ -123,8 +149,12 @@ class SearchSpace:
         (and with ReLU6 folded, which gives its conv outputs a finer grid, if the model has any).
 
         Run right after the seeds, they give the sampler an informed start on the dimensions that
-        matter most for accuracy before it spends trials on fallbacks and per-layer choices.
+        matter most for accuracy before it spends trials on fallbacks and per-layer choices. For a
+        dynamic seed (no observers) the variations are its other weight granularities.
         """
+        if "dynamic:weight_granularity" in seed:
+            return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.weight_granularities
+                    if granularity != seed["dynamic:weight_granularity"]]
         preferred = {"reduce_range": False if False in self.reduce_range else seed["reduce_range"]}
         if "fold_relu6" in seed:
             preferred["fold_relu6"] = True if True in self.fold_relu6 else seed["fold_relu6"]
