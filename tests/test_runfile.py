@@ -69,7 +69,7 @@ def test_every_shipped_strategy_is_a_valid_config(name):
 
 
 def test_strategies_include_the_presets_the_readme_lists():
-    assert {"fast", "thorough", "cnn-static", "transformer-static"} <= set(strategies())
+    assert {"fast", "thorough", "cnn-static", "transformer-static", "transformer-dynamic"} <= set(strategies())
 
 
 @pytest.mark.parametrize("text, expected", [
