@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -37,7 +38,9 @@ def main() -> None:
     result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), strategy=args.strategy,
                         max_loss=args.max_loss, n_trials=args.trials, storage=args.storage)
 
-    default = torch.ao.quantization.quantize_dynamic(task.model, {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        default = torch.ao.quantization.quantize_dynamic(task.model, {nn.Linear}, dtype=torch.qint8)
     timing = measure_latency({"fp32": task.model, "default": default, "autoq": result.model},
                              task.example_inputs, target_seconds=5.0)
     fp32_test = task.accuracy(task.model, "test")
