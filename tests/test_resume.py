@@ -10,15 +10,17 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from autoq.measure.lock import measurement_lock
 from autoq.search.study import (
-    FINISHED, STOPPED_ATTR, WORKER_ATTR, counted_trials, interrupted_trials, reclaim_interrupted, trial_rows,
+    FINISHED, STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, counted_trials, interrupted_trials, is_surplus,
+    reclaim_interrupted, trial_rows,
 )
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
-TRIALS = 7
+TRIALS = 12
 
 
 def autoq_command(storage: str, out: Path) -> list[str]:
@@ -45,14 +47,18 @@ def test_stopped_mid_trial_then_the_same_command_resumes(tmp_path, stop):
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def running_after_two_complete():
-        names = optuna.get_all_study_names(storage) if (tmp_path / "study.db").exists() else []
+        try:  # the run may be creating the database's tables right now
+            names = optuna.get_all_study_names(storage) if (tmp_path / "study.db").exists() else []
+        except sqlalchemy.exc.OperationalError:
+            return None
         if not names:
             return None
         study = optuna.load_study(study_name=names[0], storage=storage)
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         running = [t for t in trials if t.state == TrialState.RUNNING]
-        return (study, running[0].number) if len(complete) >= 2 and running else None
+        # mid-trial: its parameters are chosen (a trial killed before that is re-run with new ones)
+        return (study, running[0].number) if len(complete) >= 2 and running and running[0].params else None
 
     try:
         study, killed = wait_for(running_after_two_complete, process)
@@ -81,7 +87,7 @@ def test_stopped_mid_trial_then_the_same_command_resumes(tmp_path, stop):
     # the killed trial is failed, re-run once with the same parameters, and does not count
     retry = interrupted_trials(study)[killed]
     assert after[killed].state == TrialState.FAIL and after[retry].state in FINISHED
-    assert after[retry].params == after[killed].params
+    assert after[killed].params.items() <= after[retry].params.items()  # killed mid-suggest: the rest is new
     assert not [t for t in after.values() if t.state == TrialState.RUNNING]
     assert counted_trials(study) == TRIALS
     assert "interrupted" in next(row["error"] for row in trial_rows(study) if row["number"] == killed)
@@ -158,3 +164,16 @@ def test_a_trial_whose_worker_on_another_machine_stops_beating_is_rerun(tmp_path
     assert study.trials[lost.number].state == TrialState.FAIL
     assert study.trials[retry].state == TrialState.COMPLETE and study.trials[retry].params == lost.params
     assert reclaim_interrupted(study) == [] and counted_trials(study) == 1
+
+
+def test_a_trial_started_after_the_budget_is_used_up_is_surplus(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    distribution = optuna.distributions.CategoricalDistribution(["a", "b"])
+    trials = [study.ask({"x": distribution}) for _ in range(4)]  # started in this order
+    study.tell(trials[0], 1.0)
+    assert [is_surplus(study, t.number, 3) for t in trials] == [False, False, False, True]
+    trials[3].set_user_attr(SURPLUS_ATTR, True)
+    study.tell(trials[3], state=TrialState.PRUNED)
+    later = study.ask({"x": distribution})
+    assert is_surplus(study, later.number, 3)  # still three counting trials before it
+    assert counted_trials(study, running=True) == 3 + 1  # surplus trials never count; 'later' is running

@@ -18,7 +18,9 @@ from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan, default_plan
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms
-from autoq.search.study import STOPPED_ATTR, WORKER_ATTR, store_layer_timings, trial_rows, worker_id
+from autoq.search.study import (
+    STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, store_layer_timings, trial_rows, worker_id,
+)
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
 TWIN_WAIT_SECONDS = 900  # longest wait for another worker measuring the same plan
@@ -82,6 +84,10 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
+        if self.config.n_trials is not None and is_surplus(trial.study, trial.number, self.config.n_trials):
+            trial.set_user_attr(SURPLUS_ATTR, True)  # another worker took the last trial first
+            trial.study.stop()
+            raise optuna.TrialPruned()
         self._sync(trial.study)
         plan = self.config.space.suggest(trial, self.arms)
         trial.set_user_attr("plan", plan.to_dict())

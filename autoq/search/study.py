@@ -26,6 +26,7 @@ RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a di
 RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accuracy, loss, speedup, latency_ms, ...}
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
+SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)
 RETRY_OF = "failed_trial"  # trial system attr of a re-run: the number of the trial it replaces (as Optuna's
 #                            RetryHeartbeatStaleTrialCallback names it)
@@ -67,13 +68,14 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, mus
 
 
 def _rdb_storage(url: str, attempts: int = 5) -> RDBStorage:
-    """Optuna's RDB storage with a heartbeat; workers starting together on a fresh database may race
-    to create its tables (a unique-key violation for the loser), so creation is retried."""
+    """Optuna's RDB storage with a heartbeat; processes opening a fresh database together may race
+    to create its tables (a unique-key violation, or SQLite's "table already exists", for the
+    loser), so creation is retried."""
     for attempt in range(1, attempts + 1):
         try:
             return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
-        except sqlalchemy.exc.IntegrityError:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             if attempt == attempts:
                 raise
             time.sleep(0.5 * attempt)
@@ -140,11 +142,28 @@ def interrupted_trials(study: optuna.Study) -> dict[int, int]:
             if RETRY_OF in trial.system_attrs}
 
 
-def counted_trials(study: optuna.Study, running: bool = False) -> int:
-    """Trials that count toward n_trials: finished ones (and running ones if asked), not interrupted."""
-    states = (*FINISHED, TrialState.RUNNING) if running else FINISHED
+def _counting(study: optuna.Study, states: tuple) -> list[optuna.trial.FrozenTrial]:
     interrupted = interrupted_trials(study)
-    return sum(1 for trial in study.get_trials(deepcopy=False, states=states) if trial.number not in interrupted)
+    return [trial for trial in study.get_trials(deepcopy=False, states=states)
+            if trial.number not in interrupted and not trial.user_attrs.get(SURPLUS_ATTR)]
+
+
+def counted_trials(study: optuna.Study, running: bool = False) -> int:
+    """Trials that count toward n_trials: finished ones (and running ones if asked), neither
+    interrupted nor surplus."""
+    return len(_counting(study, (*FINISHED, TrialState.RUNNING) if running else FINISHED))
+
+
+def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Whether trial `number` started after the study already had n_trials counting trials.
+
+    Workers check the budget before asking for a trial, but two finishing together can both
+    start one: all workers order started trials the same way (start time, then number), so
+    exactly the late ones find they are surplus.
+    """
+    started = sorted(_counting(study, (*FINISHED, TrialState.RUNNING)),
+                     key=lambda trial: (trial.datetime_start, trial.number))
+    return [trial.number for trial in started].index(number) >= n_trials
 
 
 def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, settings: Any) -> str:
@@ -163,12 +182,14 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One plain dict per finished trial: number, state, params, metric, loss, speedup, feasible, error,
-    worker ("host:pid"). Queued (not yet run) and running trials are left out.
+    worker ("host:pid"). Queued (not yet run), running and surplus trials are left out.
     """
     rows = []
     interrupted = interrupted_trials(study)
     for trial in study.get_trials(deepcopy=False, states=FINISHED):
         attrs = trial.user_attrs
+        if attrs.get(SURPLUS_ATTR):
+            continue
         error = attrs.get("error")
         if trial.number in interrupted:
             error = f"interrupted (worker died or stopped); re-run as trial {interrupted[trial.number]}"
