@@ -75,7 +75,8 @@ class TuneResult:
         ]
         plan = QuantPlan.from_dict(self.config)
         lines.append(
-            f"  plan      kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} fold_relu6={plan.fold_relu6} observer={plan.activation_observer} "
+            f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "
+            f"fold_relu6={plan.fold_relu6} observer={plan.observer_for(None)} "
             f"weights={plan.weight_granularity} fp32_layers={len(plan.fp32_layers)} channels_last={plan.channels_last}"
         )
         lines += [f"  note      {note}" for note in self.notes]
