@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 DEFAULT_RUN_DIR = "autoq-runs"
 LAYER_TIMINGS_ATTR = "layer_timings"  # study user attr: in-model per-layer kernel timings ('measured' trials)
-SENSITIVITY_ATTR = "sensitivity_sqnr_db"  # study user attr: {layer: output SQNR dB quantized alone}, model order
-RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a dict), layers}
+SENSITIVITY_ATTR = "sensitivity_sqnr_db"  # study user attr: {recipe: {layer: output SQNR dB quantized alone}}
+RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a dict), layers: {recipe: [layer]}}
 RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accuracy, loss, speedup, latency_ms, ...}
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
