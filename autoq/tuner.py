@@ -8,6 +8,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import optuna
@@ -21,23 +22,25 @@ from autoq.dispatch.table import DispatchTable, shipped_table
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import fastest, measure_latency, speedup
 from autoq.measure.lock import measurement_lock
-from autoq.plan import QuantPlan, default_plan
+from autoq.plan import INDUCTOR_RECIPES, QuantPlan, default_plan
 from autoq.progress import Reporter
-from autoq.recipes.arms import Arms, applicable_arms
-from autoq.recipes.dynamic import DynamicBuilder
-from autoq.recipes.static import StaticBuilder
+from autoq.recipes.arms import Arms, applicable_arms, builder, calibrated
+from autoq.recipes.qat import Training
 from autoq.result import TuneResult
+from autoq.search.ctrl_c import CTRL_C
 from autoq.search.objective import CandidateFailed, Objective
-from autoq.search.sensitivity import dynamic_layer_sensitivity, layer_sensitivity, rank_layers
+from autoq.search.sensitivity import layer_sensitivity, rank_layers, single_layer_sensitivity
 from autoq.search.study import (
-    FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row, counted_trials, fingerprint,
-    layer_timings, open_study, pareto_front, reclaim_interrupted, register_worker, storage_url, trial_rows,
+    DROPPED_ATTR, DROPPED_RECIPES_ATTR, FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row,
+    counted_trials, fingerprint, layer_timings, open_study, pareto_front, reclaim_interrupted, register_worker,
+    storage_url, trial_rows,
 )
 
 SWEEP_ATTR = "sweep_enqueued"  # study user attr: the observer sweep around the best seed is queued
 
 
 FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
+DROP_MARGIN = 0.25  # a recipe whose best seed is this much slower than another's (as accurate) is dropped
 
 
 def tune(
@@ -46,6 +49,9 @@ def tune(
     calib_data: Iterable,
     eval_fn: Callable[[torch.nn.Module], float],
     *,
+    train_data: Iterable | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    train_fn: Callable[[torch.nn.Module, int, float], None] | None = None,
     config: TuneConfig | None = None,
     **settings: Any,
 ) -> TuneResult:
@@ -54,6 +60,9 @@ def tune(
     example_inputs: inputs for capture and latency measurement (a tensor or a tuple).
     calib_data: iterable of batches: inputs, or (inputs, target) pairs.
     eval_fn: eval_fn(model) -> metric (float; higher is better unless higher_is_better=False).
+    train_data + loss_fn(output, target), or train_fn(model, epochs, lr): enable the QAT recovery
+      arm (a short quantization-aware fine-tune, tried when post-training plans miss the budget);
+      train_data yields (inputs, target) batches.
     settings: the fields of `TuneConfig` (max_loss=0.01, loss_type='relative', n_trials, timeout,
       storage, seed, ...), or pass a whole `config=TuneConfig(...)`.
     The user's model is never modified. Speedups are measured on this machine, FP32 eager vs int8.
@@ -66,29 +75,52 @@ def tune(
     if not callable(eval_fn):
         raise TypeError(f"`eval_fn` must be callable as eval_fn(model) -> float. Got {type(eval_fn).__name__}.")
     batches = calibration_batches(calib_data, len(example_inputs), config.calib_max_samples)
-    return _Run(model, example_inputs, batches, eval_fn, config).execute()
+    training = None
+    if train_data is not None or loss_fn is not None or train_fn is not None:
+        training = Training(train_data, loss_fn, train_fn, max_seconds=config.qat_seconds)
+    return _Run(model, example_inputs, batches, eval_fn, config, training).execute()
+
+
+def dominated_recipes(best: dict[str, dict], max_loss: float) -> dict[str, str]:
+    """Recipes that measured clearly worse: {recipe: why}.
+
+    best: per recipe, the outcome ('loss', 'speedup') of its best seed. A recipe is dropped when
+    another one is more than DROP_MARGIN faster and no less accurate (or within the budget).
+    """
+    dropped = {}
+    for recipe, outcome in best.items():
+        for other, better in best.items():
+            if (other != recipe and better["speedup"] > outcome["speedup"] * (1 + DROP_MARGIN)
+                    and better["loss"] <= max(outcome["loss"], max_loss)):
+                dropped[recipe] = (f"{other} is {better['speedup'] / outcome['speedup']:.2f}x faster "
+                                   f"({better['speedup']:.2f}x vs {outcome['speedup']:.2f}x) at loss "
+                                   f"{better['loss']:+.4f} (vs {outcome['loss']:+.4f})")
+                break
+    return dropped
 
 
 def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: Any, calib_data: Iterable,
              non_traceable_modules: Iterable[str] = (), dispatch: DispatchTable | str | None = None,
-             ) -> torch.nn.Module:
+             training: Training | None = None) -> torch.nn.Module:
     """Build the int8 model of a plan (e.g. `TuneResult.config`, or `QuantPlan()`) without searching.
 
     dispatch: per-layer kernel libraries from a DispatchTable (or its JSON path, or 'shipped' for
       autoq's table for this CPU: exact entries, else its learned rule), or 'measured' to time
-      every layer inside the model now; None keeps the plan's own kernel choices.
+      every layer inside the model now; None keeps the plan's own kernel choices (PT2E plans: Inductor
+      picks kernels, dispatch must be None).
+    training: a `autoq.recipes.qat.Training` (train_data + loss_fn, or train_fn), for 'qat' plans.
     The plan actually built (with per-layer kernels) is in `model.meta['autoq']['config']`;
     `autoq.save(model, path)` keeps it, and `autoq.apply_dispatch` can re-dispatch it later.
     """
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
     plan = copy.deepcopy(config) if isinstance(config, QuantPlan) else QuantPlan.from_dict(config)
-    if plan.recipe == "dynamic":
-        quantized = DynamicBuilder(model, example_inputs).build(plan)
-    else:
-        batches = calibration_batches(calib_data, len(example_inputs), plan.calib_samples)
-        builder = StaticBuilder(model, example_inputs, batches, non_traceable_modules=list(non_traceable_modules))
-        quantized = builder.build(plan)
+    if plan.recipe in INDUCTOR_RECIPES and dispatch is not None:
+        raise ValueError(f"dispatch does not apply to recipe {plan.recipe!r}: Inductor picks its kernels itself.")
+    batches = [] if plan.observer_for(None) == "dynamic" else calibration_batches(
+        calib_data, len(example_inputs), plan.calib_samples)
+    quantized = builder(plan.recipe, model, example_inputs, batches, list(non_traceable_modules),
+                        training=training).build(plan)
     record_layer_shapes(quantized, example_inputs)
     if dispatch == "measured":
         set_model_dispatch(quantized, LayerTimer().choose(quantized, example_inputs), "measured")
@@ -98,8 +130,10 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
 
 
 class _Run:
-    def __init__(self, model, example_inputs, batches, eval_fn, config: TuneConfig) -> None:
+    def __init__(self, model, example_inputs, batches, eval_fn, config: TuneConfig,
+                 training: Training | None) -> None:
         self.example_inputs, self.batches, self.eval_fn, self.config = example_inputs, batches, eval_fn, config
+        self.training = training
         self.reporter = Reporter.shared(config.verbose)
         try:
             self.fp32 = copy.deepcopy(model).eval()
@@ -112,9 +146,9 @@ class _Run:
         baseline = self._baseline()
         reporter.line(f"FP32 baseline metric {baseline:.4f}; {sum(int(b[0].shape[0]) for b in self.batches)} "
                       f"calibration samples")
-        with reporter.bar("calibrate", 2 * len(self.batches)) as advance:
+        with reporter.bar("calibrate", 2 * len(self.batches) * calibrated(config.space.recipes)) as advance:
             arms = applicable_arms(self.fp32, self.example_inputs, self.batches, config.space.recipes,
-                                   config.non_traceable_modules, progress=advance)
+                                   config.non_traceable_modules, progress=advance, training=self.training)
         for recipe in arms.recipes:
             reporter.line(f"recipe {recipe}: {len(arms.layers(recipe))} quantizable layers")
         for recipe, reason in arms.skipped.items():
@@ -155,36 +189,58 @@ class _Run:
             return
         with self.reporter.bar("trials", remaining) as advance:
             def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-                advance(1)
-                self._enqueue_sweep(study, n_seeds)
+                if not trial.user_attrs.get(DROPPED_ATTR):
+                    advance(1)
+                self._enqueue_sweep(study, n_seeds, objective.arms)
                 if config.n_trials is not None and counted_trials(study, running=True) >= config.n_trials:
                     study.stop()  # other workers' running trials complete the count
 
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), CTRL_C.deferred():  # Ctrl-C never cuts a storage write in half
                 warnings.simplefilter("ignore")
-                study.optimize(objective, n_trials=remaining, timeout=config.timeout, catch=(CandidateFailed,),
-                               callbacks=[after_trial])
+                # no n_trials here: trials of dropped recipes do not count, after_trial stops at the budget
+                study.optimize(objective, timeout=config.timeout, catch=(CandidateFailed,), callbacks=[after_trial])
 
-    def _enqueue_sweep(self, study: optuna.Study, n_seeds: int) -> None:
-        """Once every seed trial has finished, queue the observer sweep around the best seed (once per study)."""
+    def _enqueue_sweep(self, study: optuna.Study, n_seeds: int, arms: Arms) -> None:
+        """Once every seed trial has finished (once per study): drop the recipes that measured clearly
+        worse, then queue each remaining recipe's sweep around its best seed."""
         if study.user_attrs.get(SWEEP_ATTR):
             return
         seeds = study.get_trials(deepcopy=False)[:n_seeds]
         if any(trial.state not in FINISHED for trial in seeds):
             return
         study.set_user_attr(SWEEP_ATTR, True)
-        best_seed = self._best_seed(study, n_seeds)
-        for params in self.config.space.sweep_params(best_seed) if best_seed else []:
-            study.enqueue_trial(params, skip_if_exists=True)
+        best = self._best_seeds(seeds)
+        dropped = dominated_recipes({recipe: trial.user_attrs for recipe, trial in best.items()},
+                                    self.config.max_loss)
+        if "qat" in arms.recipes:  # the recovery arm: only if no all-int8 post-training seed meets the budget
+            feasible = [t.number for t in seeds if t.state == optuna.trial.TrialState.COMPLETE
+                        and t.user_attrs.get("loss", math.inf) <= self.config.max_loss
+                        and not QuantPlan.from_dict(t.user_attrs["plan"]).fp32_layers]
+            if feasible:
+                dropped["qat"] = (f"post-training quantization meets the budget with every layer int8 "
+                                  f"(trial {feasible[0]}): QAT is only tried when it does not")
+            else:
+                study.enqueue_trial(self.config.space.qat_seed(arms), skip_if_exists=True)
+        if dropped:
+            study.set_user_attr(DROPPED_RECIPES_ATTR, dropped)
+            for recipe, reason in dropped.items():
+                self.reporter.line(f"recipe {recipe} dropped: {reason}")
+        for recipe, trial in best.items():
+            if recipe not in dropped:
+                for params in self.config.space.sweep_params(dict(trial.params)):
+                    study.enqueue_trial(params, skip_if_exists=True)
 
-    @staticmethod
-    def _best_seed(study: optuna.Study, n_seeds: int) -> dict | None:
-        """Parameters of the seed trial with the lowest accuracy loss (fastest on ties)."""
-        seeds = [t for t in study.get_trials(deepcopy=False)[:n_seeds]
-                 if t.state == optuna.trial.TrialState.COMPLETE and "loss" in t.user_attrs]
-        if not seeds:
-            return None
-        return dict(min(seeds, key=lambda t: (t.user_attrs["loss"], -t.user_attrs["speedup"])).params)
+    def _best_seeds(self, seeds: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:
+        """Per recipe, its seed trial with the lowest accuracy loss (fastest on ties)."""
+        best: dict[str, optuna.trial.FrozenTrial] = {}
+        for trial in seeds:
+            if trial.state != optuna.trial.TrialState.COMPLETE or "loss" not in trial.user_attrs:
+                continue
+            recipe = QuantPlan.from_dict(trial.user_attrs["plan"]).recipe
+            rank = (trial.user_attrs["loss"], -trial.user_attrs["speedup"])
+            if recipe not in best or rank < (best[recipe].user_attrs["loss"], -best[recipe].user_attrs["speedup"]):
+                best[recipe] = trial
+        return best
 
     def _fastest_finalist(self, arms: Arms, rows: list[dict]) -> tuple[QuantPlan, torch.nn.Module]:
         """Re-measure the fastest feasible plans side by side and keep the truly fastest.
@@ -255,11 +311,15 @@ class _Run:
                 continue
             self.reporter.line(f"ranking {len(arms.layers(recipe))} layers by output SQNR when quantized alone "
                                f"({recipe})")
-            if recipe == "static":
-                scores[recipe] = layer_sensitivity(arms.builders[recipe], self.fp32, batches, default_plan("x86"))
-            else:
-                scores[recipe] = dynamic_layer_sensitivity(arms.builders[recipe], self.fp32, batches,
-                                                           QuantPlan(recipe="dynamic"))
+            arm = arms.builders[recipe]
+            if recipe in ("static", "qat"):
+                static = arm if recipe == "static" else arm.static
+                scores[recipe] = layer_sensitivity(static, self.fp32, batches, default_plan("x86"))
+                continue
+            plan = QuantPlan(recipe=recipe)
+            build = partial(arm.build, plan) if recipe == "dynamic" else partial(arm.reference, plan)
+            scores[recipe] = single_layer_sensitivity(lambda layer: build(layers=[layer]), arm.layers,
+                                                      self.fp32, batches)
         study.set_user_attr(SENSITIVITY_ATTR, {recipe: {k: (v if math.isfinite(v) else 1e9) for k, v in s.items()}
                                                for recipe, s in scores.items()})
         return scores

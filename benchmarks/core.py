@@ -1,30 +1,64 @@
-"""Core benchmark: autoq vs PyTorch's default FX PTQ on real trained models, side by side.
+"""Core benchmark: autoq beside the alternatives users weigh it against, on real trained models.
 
-    python benchmarks/core.py [--trials N] [--models mnist_cnn,mobilenet_v2_fashion]
+    python benchmarks/core.py [--trials N] [--models mnist_cnn,ucr_lstm,...] [--out benchmarks/RESULTS.md]
 
-Per model: FP32 eager, best FP32 (BN folded + channels_last, torch.compile with freezing when it
-helps), PyTorch default FX PTQ on the x86 engine, and autoq (fresh study, same calibration data,
-1% relative budget). Metrics are top-1 accuracy on the validation split the tuner sees and on a
-held-out test split it never sees; all latencies of one model come from one interleaved run.
+Per model, in one process and one interleaved timing run:
+  FP32 eager; FP32 folded + channels_last; FP32 torch.compile (freezing); bf16 autocast (eager and
+  compiled); PyTorch's default FX PTQ on the x86, fbgemm and onednn engines; PyTorch's default
+  `quantize_dynamic` (models without convolutions); torchao's default PT2E static flow through
+  Inductor, plain and int8-mixed-bf16; autoq (all recipes that apply, 1% relative budget, same
+  calibration data; with the task's training data, so QAT is tried when post-training misses);
+  and, where the task has training data, autoq pinned to the QAT recipe.
+Accuracy is top-1 on the validation split the tuner sees and on a held-out test split it never
+sees. Methods that do not apply to a model are listed under the table with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import autoq
 from autoq import zoo
-from autoq.measure.baselines import default_fx_ptq
+from autoq.measure.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
 from autoq.measure.fp32 import best_fp32
-from autoq.measure.latency import measure_latency
+from autoq.measure.latency import measure_latency, speedup
 
-TASKS = {"mnist_cnn": zoo.mnist_cnn_task, "mobilenet_v2_fashion": zoo.mobilenet_fashion_task}
+TASKS: dict[str, Callable[[], zoo.Task]] = {
+    "mnist_cnn": zoo.mnist_cnn_task,
+    "ucr_lstm": zoo.ucr_lstm_task,
+    "mobilenet_v2_fashion": zoo.mobilenet_fashion_task,
+    # 3000 validation sentences: with 1000, a 1% loss hides in the noise (+-1.3 points)
+    "minilm_sentiment": lambda: zoo.minilm_sentiment_task(n_val=3000, n_test=3000),
+}
+FP32_METHODS = ("FP32 eager", "FP32 folded+channels_last", "FP32 torch.compile(freezing)")
+QAT_TRIALS = 6
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    val: float
+    test: float
+    test_loss: float
+    ms: float
+    vs_eager: float
+    vs_best: float
+    recipe: str = ""
+    trials: int | None = None
+    first_ok: int | None = None
+    tune_s: float | None = None
 
 
 def cpu_name() -> str:
@@ -35,67 +69,128 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def bench_task(name: str, trials: int, storage_dir: str) -> list[dict]:
-    task = TASKS[name]()
-    calib = [(batch,) for batch in task.calib]
+def baselines(task: zoo.Task) -> dict[str, Callable[[], nn.Module]]:
+    """The non-autoq methods, as builders (a builder may raise: the method does not apply)."""
+    calib = [batch if isinstance(batch, tuple) else (batch,) for batch in task.calib]
+    x = task.example_inputs
+    methods = {
+        "FP32 eager": lambda: task.model,
+        "FP32 folded+channels_last": lambda: best_fp32(task.model, x, compile=False).model,
+        "FP32 torch.compile(freezing)": lambda: best_fp32(task.model, x, compile=True).model,
+        "bf16 autocast (eager)": lambda: bf16_autocast(task.model, x, compile=False),
+        "bf16 autocast (compiled)": lambda: bf16_autocast(task.model, x, compile=True),
+    }
+    for engine in ("x86", "fbgemm", "onednn"):
+        methods[f"default FX PTQ ({engine})"] = lambda engine=engine: default_fx_ptq(task.model, x, calib, engine)
+    methods["default quantize_dynamic"] = lambda: _dynamic(task.model)
+    methods["torchao PT2E static (Inductor)"] = lambda: default_pt2e(task.model, x, calib)
+    methods["torchao PT2E int8-mixed-bf16"] = lambda: default_pt2e(task.model, x, calib, mixed_bf16=True)
+    return methods
+
+
+def _dynamic(model: nn.Module) -> nn.Module:
+    if any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules()):
+        raise ValueError("a conv net: dynamic quantization would convert its Linear head only")
+    return default_dynamic(model)
+
+
+def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = None) -> tuple[autoq.TuneResult, float]:
+    training: dict = {}
+    if task.train is not None:
+        training = dict(train_data=list(task.batches("train", batch_size=64)), loss_fn=F.cross_entropy)
+    if recipes:
+        training["space"] = {"recipes": recipes}
     started = time.perf_counter()
     result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), max_loss=0.01,
-                        n_trials=trials, storage=f"sqlite:///{storage_dir}/{name}.db", verbose=False)
-    tune_seconds = time.perf_counter() - started
-    first_feasible = next((t["number"] for t in result.trials if t["feasible"]), None)
-    fp32_eager = task.model
-    models = {
-        "FP32 eager": fp32_eager,
-        "FP32 folded+channels_last": best_fp32(task.model, task.example_inputs, compile=False).model,
-        "FP32 torch.compile(freezing)": best_fp32(task.model, task.example_inputs, compile=True).model,
-        "default FX PTQ (x86)": default_fx_ptq(task.model, task.example_inputs, calib, "x86"),
-        "autoq": result.model,
-    }
+                        n_trials=trials, storage=storage, verbose=False, **training)
+    return result, time.perf_counter() - started
+
+
+def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dict[str, str]]:
+    """Rows of every method that applies to `name`'s model, and {method: reason} for the others."""
+    task = TASKS[name]()
+    models, skipped, tuned = {}, {}, {}
+    for method, build in baselines(task).items():
+        try:
+            models[method] = build()
+        except Exception as error:  # a baseline that cannot handle this model is a finding, not a crash
+            skipped[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
+    storage = f"sqlite:///{storage_dir}/{name}.db"
+    tuned["autoq"] = tune(task, trials, storage)
+    if task.train is not None:
+        tuned["autoq, QAT recipe pinned"] = tune(task, min(trials, QAT_TRIALS), storage.replace(".db", "-qat.db"),
+                                                 ["qat"])
+    models.update({method: result.model for method, (result, _) in tuned.items()})
     timing = measure_latency(models, task.example_inputs, target_seconds=6.0, min_repeats=30)
-    best_fp32_ms = min(timing[m].median_ms for m in models if m.startswith("FP32"))
-    fp32_metrics = {split: task.accuracy(fp32_eager, split) for split in ("val", "test")}
+    best = min((m for m in models if m in FP32_METHODS), key=lambda m: timing[m].median_ms)
+    fp32 = {split: task.accuracy(task.model, split) for split in ("val", "test")}
     rows = []
     for method, model in models.items():
-        # FP32 rewrites are checked to match eager outputs (best_fp32), so they share its metrics;
-        # evaluating a compiled model on new batch shapes would only measure recompilation
-        metrics = fp32_metrics if method.startswith("FP32") else {
-            split: task.accuracy(model, split) for split in ("val", "test")}
-        test = metrics["test"]
-        rows.append({
-            "model": name, "method": method,
-            "val": metrics["val"], "test": test, "test_loss": (fp32_metrics["test"] - test) / fp32_metrics["test"],
-            "ms": timing[method].median_ms,
-            "vs_eager": timing["FP32 eager"].median_ms / timing[method].median_ms,
-            "vs_best": best_fp32_ms / timing[method].median_ms,
-            "trials": len(result.trials) if method == "autoq" else None,
-            "first_ok": first_feasible if method == "autoq" else None,
-            "tune_s": tune_seconds if method == "autoq" else None,
-        })
-    return rows
+        # FP32 rewrites are checked to match eager outputs (best_fp32), so they share its metrics
+        metrics = fp32 if method in FP32_METHODS else {split: task.accuracy(model, split) for split in ("val", "test")}
+        row = Row(name, method, metrics["val"], metrics["test"], (fp32["test"] - metrics["test"]) / fp32["test"],
+                  timing[method].median_ms, speedup(timing["FP32 eager"], timing[method]),
+                  speedup(timing[best], timing[method]))
+        if method in tuned:
+            result, seconds = tuned[method]
+            row.recipe = result.config["_data"]["recipe"]
+            row.trials, row.tune_s = len(result.trials), seconds
+            row.first_ok = next((t["number"] for t in result.trials if t["feasible"]), None)
+        rows.append(row)
+    return rows, skipped
+
+
+def table(rows: list[Row]) -> list[str]:
+    """Markdown table of `rows`, then one geomean row per method over the models it ran on."""
+    lines = ["| model | method | recipe | val acc | test acc | test loss | ms | vs eager | vs best FP32 | trials "
+             "| 1st in-budget | tune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bold = "**" if r.method == "autoq" else ""
+        extra = (f"{r.trials} | {'-' if r.first_ok is None else r.first_ok} | {r.tune_s:.0f}" if r.trials is not None
+                 else " | | ")
+        lines.append(f"| {r.model} | {bold}{r.method}{bold} | {r.recipe} | {r.val:.4f} | {r.test:.4f} | "
+                     f"{r.test_loss:+.2%} | {r.ms:.3f} | {r.vs_eager:.2f}x | {r.vs_best:.2f}x | {extra} |")
+    for method in dict.fromkeys(r.method for r in rows):
+        ran = [r for r in rows if r.method == method]
+        geo = {key: math.exp(sum(math.log(getattr(r, key)) for r in ran) / len(ran)) for key in ("vs_eager", "vs_best")}
+        lines.append(f"| geomean ({len(ran)} models) | {method} | | | | | | {geo['vs_eager']:.2f}x | "
+                     f"{geo['vs_best']:.2f}x | | | |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--models", default=",".join(TASKS))
+    parser.add_argument("--out", help="also write the report (markdown) to this file")
     args = parser.parse_args()
-    rows = []
+    unknown = set(args.models.split(",")) - set(TASKS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {list(TASKS)}")
+    started = time.perf_counter()
+    rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as storage_dir:
         for name in args.models.split(","):
-            rows += bench_task(name, args.trials, storage_dir)
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"python {platform.python_version()}")
-    print(f"command: python {' '.join(sys.argv)}")
-    print("batch 1; accuracy = top-1; test loss relative to FP32 eager; speedups from one interleaved run per model\n")
-    header = (f"| {'model':22s} | {'method':30s} | {'val acc':>7s} | {'test acc':>8s} | {'test loss':>9s} | "
-              f"{'ms':>7s} | {'vs eager':>8s} | {'vs best FP32':>12s} | {'trials':>6s} | {'1st in-budget':>13s} | {'tune s':>6s} |")
-    print(header)
-    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-    for r in rows:
-        extra = (f"{r['trials']:6d} | {r['first_ok'] if r['first_ok'] is not None else '-':>13} | {r['tune_s']:6.0f}"
-                 if r["trials"] is not None else f"{'':6s} | {'':13s} | {'':6s}")
-        print(f"| {r['model']:22s} | {r['method']:30s} | {r['val']:7.4f} | {r['test']:8.4f} | {r['test_loss']:+9.2%} | "
-              f"{r['ms']:7.3f} | {r['vs_eager']:7.2f}x | {r['vs_best']:11.2f}x | {extra} |")
+            task_rows, task_skipped = bench_task(name, args.trials, storage_dir)
+            rows += task_rows
+            skipped.update({(name, method): reason for method, reason in task_skipped.items()})
+    report = [
+        f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"python {platform.python_version()}; {time.perf_counter() - started:.0f} s in all",
+        f"command: python {' '.join(sys.argv)}",
+        "timing batch: each task's example inputs (images 1, UCR series 32, sentences 8); accuracy = top-1; "
+        "test loss relative to FP32 eager; speedups are medians of per-round ratios from one interleaved run "
+        "per model; 1% relative budget for autoq",
+        "",
+        *table(rows),
+        "",
+        *[f"- not run: {model} / {method}: {reason}" for (model, method), reason in skipped.items()],
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            out.write(f"# Benchmark results\n\n{text}\n")
 
 
 if __name__ == "__main__":

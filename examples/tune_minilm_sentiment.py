@@ -1,5 +1,8 @@
 """Tune INT8 quantization of all-MiniLM-L6-v2 + a logistic-regression sentiment head (real weights,
 real movie-review sentences), the transformer case PyTorch's default dynamic quantization misses.
+autoq searches every recipe that applies (preset `transformer`: dynamic and PT2E + Inductor static
+and dynamic) and is compared, in one interleaved timing run, with FP32 eager and compiled, PyTorch's
+default `quantize_dynamic` and torchao's default PT2E static flow through Inductor.
 
     python examples/tune_minilm_sentiment.py [--trials N] [--storage URL] [--strategy NAME]
 
@@ -21,6 +24,8 @@ from torch import nn
 
 import autoq
 from autoq import zoo
+from autoq.measure.baselines import default_pt2e
+from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup
 
 
@@ -28,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16, help="total trials in the study")
     parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in autoq-runs/)")
-    parser.add_argument("--strategy", default="transformer-dynamic", help="strategy preset")
+    parser.add_argument("--strategy", default="transformer", help="strategy preset")
     parser.add_argument("--max-loss", type=float, default=0.01, help="relative accuracy budget")
     args = parser.parse_args()
 
@@ -41,19 +46,24 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice
         default = torch.ao.quantization.quantize_dynamic(task.model, {nn.Linear}, dtype=torch.qint8)
-    timing = measure_latency({"fp32": task.model, "default": default, "autoq": result.model},
-                             task.example_inputs, target_seconds=5.0)
+    pt2e = default_pt2e(task.model, task.example_inputs, task.calib)
+    compiled = best_fp32(task.model, task.example_inputs).model
+    models = {"fp32": task.model, "fp32_compiled": compiled, "default": default, "pt2e": pt2e,
+              "autoq": result.model}
+    timing = measure_latency(models, task.example_inputs, target_seconds=5.0)
     fp32_test = task.accuracy(task.model, "test")
-    rows = [("FP32 eager", task.model, "fp32"), ("PyTorch default quantize_dynamic", default, "default"),
-            ("autoq", result.model, "autoq")]
+    rows = [("FP32 eager", "fp32"), ("FP32 torch.compile (freezing)", "fp32_compiled"),
+            ("PyTorch default quantize_dynamic", "default"), ("torchao PT2E static, Inductor", "pt2e"),
+            ("autoq", "autoq")]
     print(f"\n{'model':34s} {'val acc':>8s} {'test acc':>9s} {'test loss':>10s} {'ms':>8s} {'speedup':>8s}")
-    for name, model, key in rows:
+    for name, key in rows:
+        model = models[key]
         test = task.accuracy(model, "test")
         print(f"{name:34s} {task.accuracy(model, 'val'):8.4f} {test:9.4f} {(fp32_test - test) / fp32_test:+10.2%} "
               f"{timing[key].median_ms:8.2f} {speedup(timing['fp32'], timing[key]):7.2f}x")
     print("(batch 8; latencies measured side by side in one interleaved run; loss relative to FP32)")
     fallback = [layer["name"] for layer in result.layers if not layer["quantized"]]
-    print(f"\nrecipe {result.config['_data']['recipe']}, FP32 fallback layers: {fallback or 'none'}")
+    print(f"\nplan: {result.config['_data']}\nFP32 fallback layers: {fallback or 'none'}")
     print(f"study '{result.study_name}' in {result.storage}; total {time.perf_counter() - started:.0f} s")
 
 

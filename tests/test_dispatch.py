@@ -216,7 +216,7 @@ def test_quantize_rejects_a_bad_dispatch_argument():
 def test_tuning_times_layers_in_place_stores_them_and_resume_reuses_them(mnist_task, tmp_path, monkeypatch):
     from conftest import fast_settings
 
-    settings = fast_settings(tmp_path, space=autoq.SearchSpace(engines=("measured",)))
+    settings = fast_settings(tmp_path, space=autoq.SearchSpace(recipes=("static",), engines=("measured",)))
     args = (mnist_task.model, mnist_task.example_inputs, mnist_task.calib, mnist_task.eval_fn())
     result = autoq.tune(*args, n_trials=3, **settings)
     plan = QuantPlan.from_dict(result.config)

@@ -9,7 +9,7 @@ import autoq
 from autoq.plan import QuantPlan
 from autoq.recipes.arms import applicable_arms
 from autoq.recipes.dynamic import DynamicBuilder
-from autoq.search.sensitivity import dynamic_layer_sensitivity
+from autoq.search.sensitivity import single_layer_sensitivity
 
 from conftest import fast_settings, state_of
 
@@ -66,17 +66,21 @@ def test_builder_converts_every_linear_and_lstm_and_keeps_the_fallbacks(digits, 
 
 def test_dynamic_sensitivity_ranks_every_layer_with_real_int8_kernels(digits, lstm):
     builder = DynamicBuilder(lstm, (digits.x[:1],))
-    scores = dynamic_layer_sensitivity(builder, lstm, [(digits.x[:64],)], QuantPlan(recipe="dynamic"))
+    plan = QuantPlan(recipe="dynamic")
+    scores = single_layer_sensitivity(lambda layer: builder.build(plan, layers=[layer]), builder.layers, lstm,
+                                      [(digits.x[:64],)])
     assert set(scores) == {"embed", "lstm", "head"}
     assert all(10 < value < 80 for value in scores.values())  # int8 noise: finite, far from lossless
 
 
 def test_auto_picks_recipes_by_layer_types(digits, lstm, mnist_task):
-    assert applicable_arms(lstm, (digits.x[:1],), [(digits.calib[0],)], ["auto"]).recipes == ["static", "dynamic"]
+    everything = ["static", "pt2e-static", "dynamic", "pt2e-dynamic"]
+    assert applicable_arms(lstm, (digits.x[:1],), [(digits.calib[0],)], ["auto"]).recipes == everything
     mlp = MLP().eval()
-    assert applicable_arms(mlp, (digits.x[:1],), [(digits.calib[0],)], ["auto"]).recipes == ["static", "dynamic"]
+    assert applicable_arms(mlp, (digits.x[:1],), [(digits.calib[0],)], ["auto"]).recipes == everything
     cnn = applicable_arms(mnist_task.model, mnist_task.example_inputs, [(b,) for b in mnist_task.calib[:1]], ["auto"])
-    assert cnn.recipes == ["static"] and "conv net" in cnn.skipped["dynamic"]
+    assert cnn.recipes == ["static", "pt2e-static"] and "conv net" in cnn.skipped["dynamic"]
+    assert "conv net" in cnn.skipped["pt2e-dynamic"] and "training data" in cnn.skipped["qat"]
     forced = applicable_arms(mnist_task.model, mnist_task.example_inputs, [(b,) for b in mnist_task.calib[:1]],
                              ["dynamic"])
     assert forced.recipes == ["dynamic"]
@@ -86,7 +90,7 @@ def test_auto_picks_recipes_by_layer_types(digits, lstm, mnist_task):
 
 def test_tuning_an_lstm_searches_both_recipes_and_returns_a_loadable_model(digits, lstm, tmp_path):
     result = autoq.tune(lstm, (digits.x[:1],), digits.calib, digits.accuracy, n_trials=10, max_loss=0.02,
-                        **fast_settings(tmp_path))
+                        space={"recipes": ["static", "dynamic"]}, **fast_settings(tmp_path))
     recipes = {row["params"]["recipe"] for row in result.trials}
     assert recipes == {"static", "dynamic"}
     assert result.feasible and result.loss <= 0.02

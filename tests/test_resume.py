@@ -69,7 +69,7 @@ def test_stopped_mid_trial_then_the_same_command_resumes(tmp_path, stop):
         assert process.returncode == -signal.SIGKILL
         assert study.trials[killed].state == TrialState.RUNNING  # left behind by the dead process
     else:
-        assert process.returncode == 130 and "autoq resume" in err
+        assert process.returncode == 130 and "autoq resume" in err, err[-3000:]
         assert study.trials[killed].state == TrialState.FAIL and study.trials[killed].user_attrs[STOPPED_ATTR]
     before = {t.number: (t.state, t.value, dict(t.user_attrs)) for t in study.get_trials(states=FINISHED)}
 

@@ -90,6 +90,9 @@ def test_strategies_include_the_presets_the_readme_lists():
     ("[calib]\nbuiltin = 'digits'\n[eval]\nbuiltin = 'digits'\n", "[model]: missing"),
     (MINIMAL + "[tune\n", "not valid TOML"),
     (MINIMAL.replace("samples = 64", "samples = 0"), "[calib] samples: must be a positive int. Got 0"),
+    ("loss = 'cross_entropy'\n" + MINIMAL, "loss: is the QAT training loss, but there is no [train] table"),
+    ("loss = 'hinge'\n" + MINIMAL + "[train]\nbuiltin = 'digits'\n", "loss: must look like 'package.module:callable'"),
+    (MINIMAL + "[train]\nbuiltin = 'digits'\nepochs = 2\n", "Unknown key ['epochs'] in [train]"),
 ])
 def test_bad_run_files_name_the_key_and_the_allowed_values(tmp_path, text, expected):
     message = error_of(tmp_path, text)
@@ -142,6 +145,15 @@ def test_a_prepared_run_has_batches_example_inputs_and_a_metric(tmp_path):
     error_rate = job.eval_fn(job.model)
     accuracy = metrics.top1(torch.cat([job.model(x) for x, _ in eval_batches]), torch.cat([y for _, y in eval_batches]))
     assert error_rate == pytest.approx(1 - accuracy)
+
+
+def test_a_train_table_gives_qat_batches_with_targets_and_the_loss(tmp_path):
+    spec = load_run(write(tmp_path, "loss = 'mse'\n" + MINIMAL + "[train]\nbuiltin = 'digits'\nsamples = 100\n"
+                                    "batch_size = 50\n"))
+    job = prepare(spec)
+    assert [(len(x), len(y)) for x, y in job.train] == [(50, 50), (50, 50)]
+    assert job.loss_fn is metrics.LOSSES["mse"]
+    assert prepare(load_run(write(tmp_path, MINIMAL, "plain.toml"))).train is None
 
 
 @pytest.mark.parametrize("file_format", ["csv", "parquet"])

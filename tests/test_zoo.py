@@ -164,7 +164,7 @@ def test_task_accuracy_preprocesses_raw_batches() -> None:
 
 def test_task_rejects_unknown_split_and_bad_batch_size() -> None:
     task = _one_hot_task(torch.arange(10))
-    with pytest.raises(ValueError, match="'val' or 'test'; got 'train'"):
+    with pytest.raises(ValueError, match="'val' or 'test' \\(this task has no train split\\); got 'train'"):
         task.accuracy(task.model, "train")
     with pytest.raises(ValueError, match="batch_size must be a positive"):
         task.accuracy(task.model, batch_size=0)
@@ -200,6 +200,16 @@ def test_mnist_cnn_task_data_layout(mnist_task: Task) -> None:
     normalized = mnist_task.preprocess(torch.full((1, 28, 28), 255, dtype=torch.uint8))
     assert normalized.dtype == torch.float32
     assert float(normalized.max()) == pytest.approx((1 - 0.1307) / 0.3081)
+
+
+def test_mnist_cnn_task_exposes_its_training_split_apart_from_val_and_test(mnist_task: Task) -> None:
+    raw, labels = mnist_task.train
+    assert raw.shape == (4000, 28, 28) and len(labels) == 4000
+    assert mnist_task.accuracy(mnist_task.model, "train") >= 0.97  # the images it was fitted on
+    inputs, batch_labels = next(mnist_task.batches("train", batch_size=16))
+    assert inputs.shape == (16, 1, 28, 28) and inputs.dtype == torch.float32 and torch.equal(batch_labels, labels[:16])
+    train_images = {bytes(image.flatten().tolist()) for image in raw}
+    assert not train_images & {bytes(image.flatten().tolist()) for image in mnist_task.val[0]}
 
 
 def test_mnist_cnn_task_second_call_uses_the_cache(mnist_task: Task, mnist_cache: Path) -> None:

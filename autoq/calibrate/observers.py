@@ -1,9 +1,10 @@
-"""The observer that carries a precomputed activation range into torch's convert_fx."""
+"""Observers that carry a precomputed activation range into torch's convert_fx and torchao's convert_pt2e."""
 
 from __future__ import annotations
 
 import torch
 from torch.ao.quantization.observer import UniformQuantizationObserverBase
+from torchao.quantization.pt2e import observer as pt2e_observer
 
 
 class FixedRangeObserver(UniformQuantizationObserverBase):
@@ -23,5 +24,27 @@ class FixedRangeObserver(UniformQuantizationObserverBase):
         return x
 
     @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+
+class Pt2eFixedRangeObserver(pt2e_observer.UniformQuantizationObserverBase):
+    """`FixedRangeObserver` for torchao's PT2E flow: the range is set after prepare_pt2e
+    (`set_range`), from the calibration statistics of the tensor it observes."""
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 quant_min: int = 0, quant_max: int = 255, eps: float = torch.finfo(torch.float32).eps,
+                 **kwargs) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, eps=eps)
+        self.register_buffer("min_val", torch.tensor(0.0))
+        self.register_buffer("max_val", torch.tensor(1.0))
+
+    def set_range(self, min_val: float, max_val: float) -> None:
+        self.min_val.fill_(float(min_val))
+        self.max_val.fill_(float(max_val))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._calculate_qparams(self.min_val, self.max_val)

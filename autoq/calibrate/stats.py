@@ -111,6 +111,16 @@ class StatsCollector(ObserverBase):
         raise RuntimeError("StatsCollector only gathers statistics; autoq replaces it before convert.")
 
 
+def snapshot_at(snapshots: list[TensorStats], samples: int | None) -> TensorStats | None:
+    """The statistics after `samples` calibration samples (None: all; no snapshots: None)."""
+    if not snapshots:
+        return None
+    if samples is None:
+        return snapshots[-1]
+    fitting = [s for s in snapshots if s.samples <= samples]
+    return fitting[-1] if fitting else snapshots[0]
+
+
 def _batch_size(batch: tuple) -> int:
     first = next((t for t in batch if isinstance(t, torch.Tensor)), None)
     return int(first.shape[0]) if first is not None and first.dim() > 0 else 1

@@ -1,4 +1,5 @@
-"""Built-in accuracy metrics for run files: metric(outputs, targets) -> float over a whole eval set."""
+"""Built-in accuracy metrics (metric(outputs, targets) -> float over a whole eval set) and training
+losses (for QAT) that run files name."""
 
 from __future__ import annotations
 
@@ -30,4 +31,10 @@ BUILTIN: dict[str, tuple[Metric, bool]] = {  # name -> (metric, higher is better
     "top1": (top1, True),
     "f1": (f1, True),
     "mse": (mse, False),
+}
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {  # run files' `loss` (QAT fine-tunes)
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "mse": lambda outputs, targets: torch.nn.functional.mse_loss(outputs, targets.float().view_as(outputs)),
 }

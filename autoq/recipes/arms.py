@@ -4,7 +4,10 @@
 captured; dynamic (Linear/LSTM/GRU weights int8, activations quantized per call) when the model
 has such layers and either no convolutions (transformers, MLPs), recurrent layers (which static
 leaves in FP32), or no graph capture. Conv nets get static only: there dynamic would quantize a
-head and nothing else.
+head and nothing else. QAT ('qat', FX) is searched when the user gives training data and static
+applies: it is the recovery arm, tried only if post-training seeds miss the budget (see
+`autoq.tuner`). The PT2E + Inductor twins of both ('pt2e-static', 'pt2e-dynamic') are
+searched under the same rule whenever torch.export can capture the model.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from autoq.capture import TraceError
-from autoq.plan import QuantPlan
+from autoq.plan import CALIBRATED_RECIPES, INDUCTOR_RECIPES, RECIPES, QuantPlan
 from autoq.recipes.dynamic import DynamicBuilder, dynamic_layers
+from autoq.recipes.pt2e import Pt2eBuilder, bf16_supported
+from autoq.recipes.qat import QatBuilder, Training
 from autoq.recipes.static import StaticBuilder
 
 AUTO = "auto"
-RECIPE_CHOICES = (AUTO, "static", "dynamic")
+RECIPE_CHOICES = (AUTO, *RECIPES)
+Builder = StaticBuilder | DynamicBuilder | QatBuilder | Pt2eBuilder
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RECURRENT = (nn.LSTM, nn.GRU)
 
@@ -27,13 +33,16 @@ _RECURRENT = (nn.LSTM, nn.GRU)
 class Arms:
     """Builders of the recipes a run searches, by recipe name, and their layers' sensitivity ranking."""
 
-    def __init__(self, builders: dict[str, StaticBuilder | DynamicBuilder], skipped: dict[str, str]) -> None:
+    def __init__(self, builders: dict[str, Builder], skipped: dict[str, str]) -> None:
         self.builders, self.skipped = builders, skipped
         self.rankings: dict[str, list[str]] = {}  # recipe -> layers, most sensitive first
         self.example_inputs = next(iter(builders.values())).example_inputs
         static = builders.get("static")
-        self.checkpoints: list[int] = list(static.checkpoints) if static else []
+        # calibration sample counts where statistics were snapshotted (same for every calibrated arm)
+        self.checkpoints: list[int] = next((list(b.checkpoints) for b in builders.values()
+                                            if getattr(b, "checkpoints", None)), [])
         self.has_relu6 = bool(static and static.has_relu6)
+        self.bf16 = any(recipe in INDUCTOR_RECIPES for recipe in builders) and bf16_supported()
 
     @property
     def recipes(self) -> list[str]:
@@ -49,38 +58,74 @@ class Arms:
         return self.builders[plan.recipe].build(plan)
 
 
+def builder(recipe: str, model: nn.Module, example_inputs: tuple, batches: Sequence[tuple],
+            non_traceable_modules: Sequence[str] = (), progress: Callable[[int], None] | None = None,
+            training: Training | None = None) -> Builder:
+    """The builder of `recipe` for `model` (captures, and for calibrated recipes calibrates, once);
+    'qat' needs `training`."""
+    if recipe in ("static", "qat"):
+        static = StaticBuilder(model, example_inputs, batches, non_traceable_modules=non_traceable_modules,
+                               progress=progress)
+        if recipe == "static":
+            return static
+        if training is None:
+            raise ValueError("The 'qat' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn.")
+        return QatBuilder(model, static, training)
+    if recipe == "dynamic":
+        return DynamicBuilder(model, example_inputs)
+    return Pt2eBuilder(model, example_inputs, batches, recipe=recipe, progress=progress)
+
+
+def calibrated(recipes: Sequence[str]) -> int:
+    """How many of `recipes` calibrate (two passes over the calibration batches each)."""
+    return sum(recipe in CALIBRATED_RECIPES for recipe in (RECIPES if tuple(recipes) == (AUTO,) else recipes))
+
+
 def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[tuple], recipes: Sequence[str],
                     non_traceable_modules: Sequence[str] = (),
-                    progress: Callable[[int], None] | None = None) -> Arms:
+                    progress: Callable[[int], None] | None = None, training: Training | None = None) -> Arms:
     """The arms `recipes` asks for (('auto',): those that apply, see the module docstring).
 
     A recipe asked for by name that cannot apply is an error; under 'auto' it is skipped, with the
     reason in `Arms.skipped`.
     """
     auto = tuple(recipes) == (AUTO,)
-    builders: dict[str, StaticBuilder | DynamicBuilder] = {}
+    builders: dict[str, Builder] = {}
     skipped: dict[str, str] = {}
-    if auto or "static" in recipes:
-        try:
-            builders["static"] = StaticBuilder(model, example_inputs, batches,
-                                               non_traceable_modules=non_traceable_modules, progress=progress)
-        except TraceError as error:
+    for recipe in ("static", "pt2e-static"):
+        if auto or recipe in recipes or (recipe == "static" and "qat" in recipes and training is not None):
+            try:
+                builders[recipe] = builder(recipe, model, example_inputs, batches, non_traceable_modules, progress)
+            except TraceError as error:
+                if not auto:
+                    raise
+                skipped[recipe] = str(error)
+    if auto or "qat" in recipes:
+        if training is None:
             if not auto:
-                raise
-            skipped["static"] = str(error)
+                raise ValueError("The 'qat' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn.")
+            skipped["qat"] = "no training data (pass train_data and loss_fn, or train_fn)"
+        elif "static" in builders:
+            builders["qat"] = QatBuilder(model, builders["static"], training)
+        elif auto:
+            skipped["qat"] = skipped["static"]
+    if "static" in builders and not (auto or "static" in recipes):
+        del builders["static"]  # built only for QAT's layers
     modules = list(model.modules())
-    if auto:
-        has_dynamic_layers = bool(dynamic_layers(model))
-        wants_dynamic = ("static" not in builders or any(isinstance(m, _RECURRENT) for m in modules)
-                         or not any(isinstance(m, _CONVS) for m in modules))
-        if not has_dynamic_layers:
-            skipped["dynamic"] = "no Linear, LSTM or GRU modules"
-        elif not wants_dynamic:
-            skipped["dynamic"] = "a conv net: dynamic quantization would only cover its Linear layers"
+    for recipe, twin in (("dynamic", "static"), ("pt2e-dynamic", "pt2e-static")):
+        if not auto:
+            if recipe in recipes:
+                builders[recipe] = builder(recipe, model, example_inputs, batches)
+            continue
+        if twin in skipped and recipe == "pt2e-dynamic":
+            skipped[recipe] = skipped[twin]
+        elif not dynamic_layers(model):
+            skipped[recipe] = "no Linear, LSTM or GRU modules"
+        elif not ("static" not in builders or any(isinstance(m, _RECURRENT) for m in modules)
+                  or not any(isinstance(m, _CONVS) for m in modules)):
+            skipped[recipe] = "a conv net: dynamic quantization would only cover its Linear layers"
         else:
-            builders["dynamic"] = DynamicBuilder(model, example_inputs)
-    elif "dynamic" in recipes:
-        builders["dynamic"] = DynamicBuilder(model, example_inputs)
+            builders[recipe] = builder(recipe, model, example_inputs, batches)
     if not builders:
         raise ValueError(f"no quantization recipe applies to this model: {skipped}")
     return Arms(builders, skipped)

@@ -22,7 +22,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoq.calibrate.observers import FixedRangeObserver
 from autoq.calibrate.ranges import activation_range
-from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats
+from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import Layer, explain_trace_failure, find_layers, keep_fp32, use_base_layer_classes
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
@@ -101,7 +101,7 @@ class StaticBuilder:
 
     def activation_observer(self, name: str, plan: QuantPlan) -> FixedRangeObserver:
         """The observer `plan` puts at collector `name`, with its range from the calibration statistics."""
-        stats = _snapshot(self.stats[name], plan.calib_samples)
+        stats = snapshot_at(self.stats[name], plan.calib_samples)
         if stats is None:
             low, high = 0.0, 1.0  # never reached during calibration: any range will do
         else:
@@ -153,15 +153,6 @@ def _drop_dead_code(prepared: torch.fx.GraphModule) -> None:
     attrs = prepared.meta["_observed_graph_module_attrs"]
     alive = {node.name for node in prepared.graph.nodes}
     attrs.node_name_to_qconfig = {k: v for k, v in attrs.node_name_to_qconfig.items() if k in alive}
-
-
-def _snapshot(snapshots: list[TensorStats], samples: int | None) -> TensorStats | None:
-    if not snapshots:
-        return None
-    if samples is None:
-        return snapshots[-1]
-    fitting = [s for s in snapshots if s.samples <= samples]
-    return fitting[-1] if fitting else snapshots[0]
 
 
 def _observer_names_and_owners(

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from autoq.plan import QuantPlan
+from autoq.plan import CALIBRATED_RECIPES, RECIPE_FIELDS, QuantPlan
 from autoq.report.content import ReportContent, gather
 from autoq.report.plots import history_png, pareto_png
 
@@ -120,8 +120,8 @@ def _outcome_facts(content: ReportContent) -> list[tuple[str, str]]:
         ("activation observer", _observer(plan)),
         ("weights", f"{plan.weight_granularity}, reduce_range={plan.reduce_range}"),
         ("FP32 fallback layers", ", ".join(plan.fp32_layers) or "none"),
-        ("other", f"calib_samples={plan.calib_samples}, activation_symmetric={plan.activation_symmetric}, "
-                  f"channels_last={plan.channels_last}, fold_relu6={plan.fold_relu6}"),
+        ("recipe", ", ".join([plan.recipe] + [f"{name}={getattr(plan, name)}" for name in RECIPE_FIELDS[plan.recipe]]
+                             + [f"calib_samples={plan.calib_samples}"] * (plan.recipe in CALIBRATED_RECIPES))),
     ]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoq.measure.metrics import BUILTIN, Metric
+from autoq.measure.metrics import BUILTIN, LOSSES, Metric
 from autoq.progress import Reporter
 from autoq.run.spec import DataSpec, ModelSpec, RunSpec
 
@@ -28,6 +28,8 @@ class Job:
     example_inputs: tuple[Tensor, ...]
     calib: list[Tensor]
     eval_fn: Callable[[nn.Module], float]
+    train: list[Batch] | None = None  # QAT fine-tuning batches of (inputs, targets)
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 def prepare(spec: RunSpec) -> Job:
@@ -41,7 +43,13 @@ def prepare(spec: RunSpec) -> Job:
         raise ValueError(f"{spec.path} [model] example_batch={spec.model.example_batch} is larger than the "
                          f"first calibration batch ({example_inputs[0].shape[0]} samples); raise [calib] batch_size.")
     metric = BUILTIN[spec.metric][0] if spec.metric in BUILTIN else resolve(spec.metric, spec.base, "metric")
-    return Job(model, example_inputs, calib, evaluator(spec.eval, spec.base, metric, spec.tune.verbose))
+    job = Job(model, example_inputs, calib, evaluator(spec.eval, spec.base, metric, spec.tune.verbose))
+    if spec.train is not None:
+        job.train = list(batches(spec.train, spec.base))
+        if not job.train:
+            raise ValueError(f"{spec.path} [train]: the data source yielded no batch.")
+        job.loss_fn = LOSSES[spec.loss] if spec.loss in LOSSES else resolve(spec.loss, spec.base, "loss")
+    return job
 
 
 def resolve(path: str, base: Path, where: str) -> Any:

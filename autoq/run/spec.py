@@ -3,6 +3,7 @@
     name = "mobilenet-fashion"          # optional: default is the file name; names the output dir
     output = "autoq-runs/NAME"          # optional: model, report and run record go here
     metric = "top1"                     # top1 | f1 | mse | "module:function" (outputs, targets) -> float
+    loss = "cross_entropy"              # QAT training loss: cross_entropy | mse | "module:function"
 
     [model]                             # one of factory / torchvision
     factory = "autoq.zoo:mobilenet_fashion"   # "pkg.module:callable" or "path/to/file.py:callable"
@@ -13,6 +14,8 @@
     [calib]                             # one of builtin / factory / format; same keys for [eval]
     builtin = "fashion-mnist"
     ...
+
+    [train]                             # optional, same keys as [calib]: enables the QAT recovery arm
 
     [tune]                              # autoq.TuneConfig fields (strategy = "NAME" applies a preset)
     max_loss = 0.01
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from autoq.config import TuneConfig, check_keys
-from autoq.measure.metrics import BUILTIN
+from autoq.measure.metrics import BUILTIN, LOSSES
 
 BUILTIN_DATA = ("fashion-mnist", "mnist-5k", "digits")
 FORMATS = ("csv", "parquet", "json", "imagefolder")
@@ -156,6 +159,8 @@ class RunSpec:
     metric: str
     tune: TuneConfig
     output: Path
+    train: DataSpec | None = None  # QAT fine-tuning data (None: no QAT)
+    loss: str = "cross_entropy"
 
     @property
     def base(self) -> Path:
@@ -163,7 +168,7 @@ class RunSpec:
         return self.path.parent
 
 
-RUN_KEYS = ["name", "output", "metric", "model", "calib", "eval", "tune"]
+RUN_KEYS = ["name", "output", "metric", "loss", "model", "calib", "eval", "train", "tune"]
 
 
 def load_run(path: str | Path, **overrides: Any) -> RunSpec:
@@ -194,8 +199,15 @@ def _parse(path: Path, data: dict[str, Any], overrides: dict[str, Any]) -> RunSp
         _require(data[section], dict, f"[{section}]", "a table")
     check_keys(data["model"], [f.name for f in dataclasses.fields(ModelSpec)], "[model]")
     data_keys = [f.name for f in dataclasses.fields(DataSpec) if f.name != "where"]
-    for section in ("calib", "eval"):
-        check_keys(data[section], data_keys, f"[{section}]")
+    for section in ("calib", "eval", "train"):
+        if section in data:
+            _require(data[section], dict, f"[{section}]", "a table")
+            check_keys(data[section], data_keys, f"[{section}]")
+    loss = _require(data.get("loss", "cross_entropy"), str, "loss", f"one of {list(LOSSES)} or an import path")
+    if loss not in LOSSES:
+        _import_path(loss, "loss")
+    if "loss" in data and "train" not in data:
+        raise _error("loss", "is the QAT training loss, but there is no [train] table: add one or remove 'loss'.")
     metric = _require(data.get("metric", "top1"), str, "metric", f"one of {list(BUILTIN)} or an import path")
     if metric not in BUILTIN:
         _import_path(metric, "metric")
@@ -213,4 +225,5 @@ def _parse(path: Path, data: dict[str, Any], overrides: dict[str, Any]) -> RunSp
         name=name, path=path, model=ModelSpec(**data["model"]),
         calib=DataSpec(where="[calib]", **data["calib"]), eval=DataSpec(where="[eval]", **data["eval"]),
         metric=metric, tune=TuneConfig.from_dict(tune, "[tune]"), output=Path(output),
+        train=DataSpec(where="[train]", **data["train"]) if "train" in data else None, loss=loss,
     )

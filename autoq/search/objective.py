@@ -15,11 +15,13 @@ from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.measured import LayerTimer
 from autoq.measure.latency import measure_latency, speedup
 from autoq.measure.lock import measurement_lock
-from autoq.plan import QuantPlan, default_plan
+from autoq.plan import CALIBRATED_RECIPES, RECIPE_FIELDS, QuantPlan, default_plan
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms
+from autoq.search.ctrl_c import CTRL_C
 from autoq.search.study import (
-    STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, store_layer_timings, trial_rows, worker_id,
+    DROPPED_ATTR, DROPPED_RECIPES_ATTR, STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, store_layer_timings,
+    trial_rows, worker_id,
 )
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
@@ -49,20 +51,22 @@ class Objective:
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.pruned: dict[str, dict] = {}  # plan key -> timings of plans pruned as too slow
         self.best_feasible_speedup = 0.0
+        self.best_feasible_plan: dict | None = None  # the plan of best_feasible_speedup, as stored in its trial
+        self._best_model: tuple[str, torch.nn.Module] | None = None  # (plan key, model), built when first needed
         self.default = default_plan("x86")  # the per-trial line lists what a plan changes from it
         self.default.calib_samples = arms.checkpoints[-1] if arms.checkpoints else None
 
-    def _remember(self, key: str, outcome: dict) -> None:
+    def _remember(self, key: str, outcome: dict, plan: dict) -> None:
         self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "speedup", "int8_ms", "fp32_ms")}
-        if outcome["loss"] <= self.config.max_loss:
-            self.best_feasible_speedup = max(self.best_feasible_speedup, outcome["speedup"])
+        if outcome["loss"] <= self.config.max_loss and outcome["speedup"] > self.best_feasible_speedup:
+            self.best_feasible_speedup, self.best_feasible_plan = outcome["speedup"], plan
 
     def _sync(self, study: optuna.Study) -> None:
         """Learn the outcomes of plans measured so far, by this worker or any other on the storage."""
         for row in trial_rows(study):
             key = row["plan_key"] or (row["plan"] and QuantPlan.from_dict(row["plan"]).key())
             if row["state"] == "COMPLETE" and key and key not in self.outcomes and row["loss"] is not None:
-                self._remember(key, row)
+                self._remember(key, row, row["plan"])
             elif row["state"] == "PRUNED" and key and row["speedup"] is not None:
                 self.pruned[key] = {k: row[k] for k in ("speedup", "int8_ms", "fp32_ms")}
 
@@ -72,6 +76,7 @@ class Objective:
         while time.monotonic() < deadline and any(
                 other.number < trial.number and other.user_attrs.get("plan_key") == key
                 for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+            CTRL_C.check()
             time.sleep(0.5)
         self._sync(trial.study)
 
@@ -84,12 +89,17 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
+        plan = self.config.space.suggest(trial, self.arms)
+        dropped = trial.study.user_attrs.get(DROPPED_RECIPES_ATTR) or {}
+        if plan.recipe in dropped:  # not counted: the sampler learns to avoid the recipe
+            trial.set_user_attr(DROPPED_ATTR, plan.recipe)
+            trial.report(0.0, step=0)
+            raise optuna.TrialPruned()
         if self.config.n_trials is not None and is_surplus(trial.study, trial.number, self.config.n_trials):
             trial.set_user_attr(SURPLUS_ATTR, True)  # another worker took the last trial first
             trial.study.stop()
             raise optuna.TrialPruned()
         self._sync(trial.study)
-        plan = self.config.space.suggest(trial, self.arms)
         trial.set_user_attr("plan", plan.to_dict())
         key = plan.key()  # a 'measured' plan is keyed before its layers are timed
         trial.set_user_attr("plan_key", key)
@@ -103,7 +113,7 @@ class Objective:
             trial.set_user_attr("duplicate_of_plan", key)
         else:
             outcome = self._measure(trial, plan, key)
-            self._remember(key, outcome)
+            self._remember(key, outcome, trial.user_attrs["plan"])
         for name, value in outcome.items():
             trial.set_user_attr(name, value)
         feasible = outcome["loss"] <= self.config.max_loss
@@ -113,37 +123,63 @@ class Objective:
 
     def _measure(self, trial: optuna.Trial, plan: QuantPlan, key: str) -> dict:
         try:
-            model = self.arms.build(plan)
+            started = time.perf_counter()
+            with CTRL_C.work():
+                model = self.arms.build(plan)
+            build_seconds = time.perf_counter() - started
             with measurement_lock(self.config.measure_lock):
                 if plan.dispatch == "measured" and not plan.layer_engines:
                     known = len(self.timer.records())
-                    plan.layer_engines = self.timer.choose(model, self.arms.example_inputs)
+                    with CTRL_C.work():
+                        plan.layer_engines = self.timer.choose(model, self.arms.example_inputs)
                     set_layer_engines(model, plan.layer_engines)
                     trial.set_user_attr("plan", plan.to_dict())
                     if len(self.timer.records()) > known:  # stored at once: a killed run keeps them
                         store_layer_timings(trial.study, self.timer.records())
-                timing = measure_latency(
-                    {"fp32": self.fp32_model, "int8": model}, self.arms.example_inputs,
-                    threads=self.config.threads, target_seconds=self.config.latency_seconds,
-                )
+                with CTRL_C.work():
+                    timing = measure_latency(
+                        {"fp32": self.fp32_model, "int8": model}, self.arms.example_inputs,
+                        threads=self.config.threads, target_seconds=self.config.latency_seconds,
+                    )
         except Exception as error:
             self._fail(trial, plan, f"building or running the candidate failed: {type(error).__name__}: {error}")
         measured = {
             "speedup": speedup(timing["fp32"], timing["int8"]),
             "int8_ms": timing["int8"].median_ms,
             "fp32_ms": timing["fp32"].median_ms,
+            "build_s": build_seconds,  # building (for Inductor recipes: compiling) the candidate
         }
         if self.config.prune_slower and measured["speedup"] < self.best_feasible_speedup * (1 - PRUNE_MARGIN):
-            self.pruned[key] = measured
-            self._prune(trial, plan, measured)
+            with CTRL_C.work():
+                slower = self._slower_than_best(model)
+            if slower:
+                self.pruned[key] = measured
+                self._prune(trial, plan, measured)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), CTRL_C.work():
                 metric = float(self.eval_fn(model))
         except Exception as error:
             self._fail(trial, plan, f"eval_fn raised {type(error).__name__}: {error}")
         if not math.isfinite(metric):
             self._fail(trial, plan, f"eval_fn returned {metric}, not a finite number")
         return {"metric": metric, "loss": self.config.loss(self.baseline, metric), **measured}
+
+    def _slower_than_best(self, model: torch.nn.Module) -> bool:
+        """Whether `model` is PRUNE_MARGIN slower than the best feasible plan's model, timed side by side.
+
+        Speedups of separate trials are separate measurements: on a noisy machine a lucky one would
+        otherwise get every later equal plan pruned. The best model is rebuilt once per new best.
+        """
+        plan = QuantPlan.from_dict(self.best_feasible_plan)
+        if self._best_model is None or self._best_model[0] != plan.key():
+            try:
+                self._best_model = (plan.key(), self.arms.build(plan))
+            except Exception:  # e.g. another worker's recipe this worker does not search: trust the numbers
+                return True
+        with measurement_lock(self.config.measure_lock):
+            timing = measure_latency({"best": self._best_model[1], "candidate": model}, self.arms.example_inputs,
+                                     threads=self.config.threads, target_seconds=self.config.latency_seconds)
+        return speedup(timing["best"], timing["candidate"]) < 1 - PRUNE_MARGIN
 
     def _prune(self, trial: optuna.Trial, plan: QuantPlan, measured: dict) -> None:
         for name, value in measured.items():
@@ -173,8 +209,7 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
     changes: dict[str, object] = {}
     if plan.kernels() != default.kernels():
         changes["kernels"] = plan.kernels().replace(" ", ":")
-    for name in ("recipe", "activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
-                 "channels_last", "fold_relu6"):
+    for name in ("recipe", *RECIPE_FIELDS[plan.recipe]):
         if getattr(plan, name) != getattr(default, name):
             changes[name] = getattr(plan, name)
     if "percentile" in (plan.activation_observer, *plan.layer_observers.values()):
@@ -183,6 +218,6 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
         changes["layer_observers"] = len(plan.layer_observers)
     if plan.fp32_layers:
         changes["fp32_layers"] = len(plan.fp32_layers)
-    if plan.recipe == "static" and plan.calib_samples != default.calib_samples:
+    if plan.recipe in CALIBRATED_RECIPES and plan.calib_samples != default.calib_samples:
         changes["calib_samples"] = plan.calib_samples
     return changes

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
 from autoq.plan import QuantPlan
-from autoq.recipes.dynamic import DynamicBuilder
 from autoq.recipes.static import StaticBuilder
 
 
@@ -109,13 +108,17 @@ def layer_sensitivity(
 
 
 @torch.no_grad()
-def dynamic_layer_sensitivity(builder: DynamicBuilder, fp32_model: nn.Module, batches: Sequence[tuple],
-                              plan: QuantPlan) -> dict[str, float]:
-    """{layer: output SQNR in dB with only that layer dynamically quantized (real int8 kernels)}."""
+def single_layer_sensitivity(build: Callable[[str], nn.Module], layers: Sequence[str], fp32_model: nn.Module,
+                             batches: Sequence[tuple]) -> dict[str, float]:
+    """{layer: output SQNR in dB of `build(layer)`, a model with only that layer quantized}.
+
+    For the recipes without a cheaper simulation: dynamic (real int8 kernels) and PT2E (its
+    quantize/dequantize reference graph).
+    """
     reference = [t for batch in batches for t in output_tensors(fp32_model(*batch))]
     scores = {}
-    for layer in builder.layers:
-        model = builder.build(plan, layers=[layer])
+    for layer in layers:
+        model = build(layer)
         scores[layer] = sqnr_db(reference, [t for batch in batches for t in output_tensors(model(*batch))])
     return scores
 

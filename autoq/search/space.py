@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from autoq.plan import ENGINES, OBSERVERS, WEIGHT_GRANULARITIES, QuantPlan, default_plan
+from autoq.plan import ENGINES, INDUCTOR_RECIPES, OBSERVERS, WEIGHT_GRANULARITIES, QuantPlan, default_plan
 from autoq.recipes.arms import AUTO, RECIPE_CHOICES, Arms
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
@@ -20,7 +20,8 @@ MEASURED = "measured"  # kernel choice: per layer, by timing each layer under bo
 KERNEL_CHOICES = (*ENGINES, MEASURED)
 PERCENTILES = (99.9, 99.99, 99.999)
 BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
-                        ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6"))
+                        ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6", "mixed_bf16",
+                         "cpp_wrapper"))
 
 
 @dataclass
@@ -35,6 +36,10 @@ class SearchSpace:
     reduce_range: tuple[bool, ...] = (True, False)
     channels_last: tuple[bool, ...] = (False, True)
     fold_relu6: tuple[bool, ...] = (False, True)
+    mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
+    cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
+    qat_epochs: tuple[int, int] = (1, 3)  # QAT fine-tune length, epochs (inclusive bounds)
+    qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
     max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
     layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
 
@@ -56,6 +61,14 @@ class SearchSpace:
         if AUTO in self.recipes and len(self.recipes) > 1:
             raise ValueError(f"The 'recipes' parameter of SearchSpace is either ['auto'] or a list of recipes "
                              f"to search. Got {list(self.recipes)} instead.")
+        self.qat_epochs, self.qat_lr = tuple(self.qat_epochs), tuple(self.qat_lr)
+        if not (len(self.qat_epochs) == 2 and all(isinstance(e, int) for e in self.qat_epochs)
+                and 1 <= self.qat_epochs[0] <= self.qat_epochs[1]):
+            raise ValueError(f"The 'qat_epochs' parameter of SearchSpace must be [low, high] with 1 <= low <= high. "
+                             f"Got {list(self.qat_epochs)} instead.")
+        if not (len(self.qat_lr) == 2 and 0 < self.qat_lr[0] <= self.qat_lr[1] < 1):
+            raise ValueError(f"The 'qat_lr' parameter of SearchSpace must be [low, high] with 0 < low <= high < 1. "
+                             f"Got {list(self.qat_lr)} instead.")
         if self.max_fallback is not None and (not isinstance(self.max_fallback, int) or self.max_fallback < 0):
             raise ValueError(f"The 'max_fallback' parameter of SearchSpace must be >= 0. Got {self.max_fallback}.")
         if not isinstance(self.layer_observer_slots, int) or self.layer_observer_slots < 0:
@@ -68,8 +81,8 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial, arms: Arms) -> QuantPlan:
         """The plan for this trial.
 
-        With several recipes the trial first picks one ('recipe'); dynamic plans have their own
-        parameters ('dynamic:...'). A 'measured' kernel choice returns a plan with
+        With several recipes the trial first picks one ('recipe'); plans of other recipes than static
+        have their own parameters ('dynamic:...', 'pt2e-static:...'). A 'measured' kernel choice returns a plan with
         dispatch='measured' and no layer_engines yet: the objective times the layers of the built
         candidate to fill them. Fallbacks follow `arms.rankings` (most sensitive layers first).
         """
@@ -79,23 +92,24 @@ class SearchSpace:
             n_fallback = trial.suggest_int("dynamic:n_fallback", 0, self.fallback_limit(len(ranking)))
             kernels = trial.suggest_categorical("engine", self.engines)
             return QuantPlan(
-                recipe="dynamic", engine="x86" if kernels == MEASURED else kernels,
-                dispatch="measured" if kernels == MEASURED else "engine", fp32_layers=list(ranking[:n_fallback]),
+                recipe="dynamic", **_kernel_choice(kernels), fp32_layers=list(ranking[:n_fallback]),
                 weight_granularity=trial.suggest_categorical("dynamic:weight_granularity", self.weight_granularities),
             )
+        if recipe in INDUCTOR_RECIPES:
+            return self._suggest_inductor(trial, arms, recipe)
+        if recipe == "qat":
+            n_fallback = trial.suggest_int("qat:n_fallback", 0, self.fallback_limit(len(ranking)))
+            kernels = trial.suggest_categorical("engine", self.engines)
+            return QuantPlan(
+                recipe="qat", **_kernel_choice(kernels), fp32_layers=list(ranking[:n_fallback]),
+                qat_epochs=trial.suggest_int("qat:epochs", *self.qat_epochs),
+                qat_lr=trial.suggest_float("qat:lr", *self.qat_lr, log=True),
+            )
         relu6, calib_counts = arms.has_relu6, arms.checkpoints
-        observer = trial.suggest_categorical("activation_observer", self.observers)
-        n_fallback = trial.suggest_int("n_fallback", 0, self.fallback_limit(len(ranking)))
-        layer_observers = {}
-        for layer in ranking[: self.layer_observer_slots]:
-            choice = trial.suggest_categorical(f"observer:{layer}", (GLOBAL, *self.observers))
-            if choice != GLOBAL:
-                layer_observers[layer] = choice
-        uses_percentile = "percentile" in (observer, *layer_observers.values())
+        observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, "")
         kernels = trial.suggest_categorical("engine", self.engines)
         return QuantPlan(
-            engine="x86" if kernels == MEASURED else kernels,
-            dispatch="measured" if kernels == MEASURED else "engine",
+            **_kernel_choice(kernels),
             activation_observer=observer,
             layer_observers=layer_observers,
             fp32_layers=list(ranking[:n_fallback]),
@@ -108,10 +122,40 @@ class SearchSpace:
             fold_relu6=relu6 and trial.suggest_categorical("fold_relu6", self.fold_relu6),
         )
 
+    def _suggest_ranges(self, trial: optuna.Trial, ranking: list[str], prefix: str
+                        ) -> tuple[str, int, dict[str, str], bool]:
+        """Activation observer, number of FP32 fallbacks, per-layer observers and whether any uses percentile."""
+        observer = trial.suggest_categorical(f"{prefix}activation_observer", self.observers)
+        n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.fallback_limit(len(ranking)))
+        layer_observers = {}
+        for layer in ranking[: self.layer_observer_slots]:
+            choice = trial.suggest_categorical(f"{prefix}observer:{layer}", (GLOBAL, *self.observers))
+            if choice != GLOBAL:
+                layer_observers[layer] = choice
+        return observer, n_fallback, layer_observers, "percentile" in (observer, *layer_observers.values())
+
+    def _suggest_inductor(self, trial: optuna.Trial, arms: Arms, recipe: str) -> QuantPlan:
+        """A PT2E plan: its parameters are prefixed with the recipe ('pt2e-static:n_fallback', ...)."""
+        prefix, ranking = f"{recipe}:", arms.rankings[recipe]
+        lowering = {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.cpp_wrapper),
+                    "mixed_bf16": arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.mixed_bf16)}
+        if recipe == "pt2e-dynamic":
+            n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.fallback_limit(len(ranking)))
+            return QuantPlan(recipe=recipe, fp32_layers=list(ranking[:n_fallback]), **lowering)
+        observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, prefix)
+        return QuantPlan(
+            recipe=recipe, activation_observer=observer, layer_observers=layer_observers,
+            fp32_layers=list(ranking[:n_fallback]), reduce_range=False,
+            calib_samples=trial.suggest_categorical(f"{prefix}calib_samples", tuple(arms.checkpoints)),
+            percentile=trial.suggest_categorical(f"{prefix}percentile", PERCENTILES) if uses_percentile else 99.99,
+            **lowering,
+        )
+
     def seed_params(self, arms: Arms) -> list[dict]:
         """Trial parameters of PyTorch's default recipes on each allowed engine, x86 first: FX static
         PTQ (get_default_qconfig_mapping), then `quantize_dynamic` (per-tensor weights), for the
-        recipes searched.
+        recipes searched; then X86InductorQuantizer's defaults for the PT2E recipes (histogram
+        observer, Python wrapper, no bf16).
 
         The 'measured' kernel choice, if allowed, comes last with the x86 engine's recipe. A choice
         of the default recipe that the space excludes (e.g. channels_last=False in a space that
@@ -142,7 +186,27 @@ class SearchSpace:
                     "dynamic:n_fallback": 0, "engine": engine,
                     "dynamic:weight_granularity": _closest("per_tensor", self.weight_granularities),
                 })
+        for recipe in (r for r in INDUCTOR_RECIPES if r in arms.recipes):
+            prefix = f"{recipe}:"
+            seed = {**({"recipe": recipe} if several else {}),
+                    f"{prefix}cpp_wrapper": _closest(False, self.cpp_wrapper)}
+            if arms.bf16:
+                seed[f"{prefix}mixed_bf16"] = _closest(False, self.mixed_bf16)
+            if recipe == "pt2e-static":
+                seed.update({f"{prefix}activation_observer": _closest("histogram", self.observers),
+                             **{f"{prefix}observer:{layer}": GLOBAL
+                                for layer in arms.rankings[recipe][: self.layer_observer_slots]},
+                             f"{prefix}calib_samples": arms.checkpoints[-1]})
+            seeds.append({**seed, f"{prefix}n_fallback": 0})
         return seeds
+
+    def qat_seed(self, arms: Arms) -> dict:
+        """Trial parameters of PyTorch's default x86 QAT, no fallbacks, the shortest fine-tune at a
+        mid learning rate: queued only when post-training seeds miss the budget (see autoq.tuner)."""
+        low, high = self.qat_lr
+        return {**({"recipe": "qat"} if len(arms.recipes) > 1 else {}), "qat:n_fallback": 0,
+                "engine": _closest("x86", self.engines), "qat:epochs": self.qat_epochs[0],
+                "qat:lr": min(max(1e-4, low), high)}
 
     def sweep_params(self, seed: dict) -> list[dict]:
         """Variations of the best seed: every other observer method, at full 8-bit range if allowed
@@ -150,22 +214,43 @@ class SearchSpace:
 
         Run right after the seeds, they give the sampler an informed start on the dimensions that
         matter most for accuracy before it spends trials on fallbacks and per-layer choices. For a
-        dynamic seed (no observers) the variations are its other weight granularities.
+        dynamic seed (no observers) the variations are its other weight granularities; for a PT2E
+        seed its other lowering options (cpp_wrapper, mixed_bf16) and, if static, observers.
         """
         if "dynamic:weight_granularity" in seed:
             return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.weight_granularities
                     if granularity != seed["dynamic:weight_granularity"]]
+        recipe = next((r for r in INDUCTOR_RECIPES if f"{r}:n_fallback" in seed), None)
+        if recipe is not None:  # the Inductor lowering options, then (static) the other observers
+            variants = [{**seed, f"{recipe}:{name}": value} for name, values in
+                        (("cpp_wrapper", self.cpp_wrapper), ("mixed_bf16", self.mixed_bf16))
+                        if f"{recipe}:{name}" in seed for value in values]
+            if recipe == "pt2e-static":
+                variants += self._observer_variants(seed, f"{recipe}:")
+            return [params for params in _unique(variants) if params != seed]
         preferred = {"reduce_range": False if False in self.reduce_range else seed["reduce_range"]}
         if "fold_relu6" in seed:
             preferred["fold_relu6"] = True if True in self.fold_relu6 else seed["fold_relu6"]
+        return [params for params in self._observer_variants({**seed, **preferred}, "") if params != seed]
+
+    def _observer_variants(self, seed: dict, prefix: str) -> list[dict]:
         variants = []
         for observer in self.observers:
-            params = {**seed, **preferred, "activation_observer": observer}
+            params = {**seed, f"{prefix}activation_observer": observer}
             if observer == "percentile":
-                variants += [{**params, "percentile": percentile} for percentile in PERCENTILES]
+                variants += [{**params, f"{prefix}percentile": percentile} for percentile in PERCENTILES]
             else:
                 variants.append(params)
-        return [params for params in variants if params != seed]
+        return variants
+
+
+def _kernel_choice(kernels: str) -> dict[str, str]:
+    """Plan fields of a kernel choice: an engine, or 'measured' per-layer dispatch (from x86's packing)."""
+    return {"engine": "x86", "dispatch": MEASURED} if kernels == MEASURED else {"engine": kernels, "dispatch": "engine"}
+
+
+def _unique(params: list[dict]) -> list[dict]:
+    return [p for i, p in enumerate(params) if p not in params[:i]]
 
 
 def _closest(default: object, allowed: tuple) -> object:

@@ -27,6 +27,8 @@ RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accurac
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
+DROPPED_ATTR = "dropped_recipe"  # trial user attr: drew a recipe dropped as clearly worse; ran nothing, not counted
+DROPPED_RECIPES_ATTR = "dropped_recipes"  # study user attr: {recipe: why it was dropped}
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)
 RETRY_OF = "failed_trial"  # trial system attr of a re-run: the number of the trial it replaces (as Optuna's
 #                            RetryHeartbeatStaleTrialCallback names it)
@@ -145,12 +147,17 @@ def interrupted_trials(study: optuna.Study) -> dict[int, int]:
 def _counting(study: optuna.Study, states: tuple) -> list[optuna.trial.FrozenTrial]:
     interrupted = interrupted_trials(study)
     return [trial for trial in study.get_trials(deepcopy=False, states=states)
-            if trial.number not in interrupted and not trial.user_attrs.get(SURPLUS_ATTR)]
+            if trial.number not in interrupted and not _ran_nothing(trial)]
+
+
+def _ran_nothing(trial: optuna.trial.FrozenTrial) -> bool:
+    """Surplus trials and trials of a dropped recipe: pruned at once, not counted, not listed."""
+    return bool(trial.user_attrs.get(SURPLUS_ATTR) or trial.user_attrs.get(DROPPED_ATTR))
 
 
 def counted_trials(study: optuna.Study, running: bool = False) -> int:
     """Trials that count toward n_trials: finished ones (and running ones if asked), neither
-    interrupted nor surplus."""
+    interrupted nor surplus nor of a dropped recipe."""
     return len(_counting(study, (*FINISHED, TrialState.RUNNING) if running else FINISHED))
 
 
@@ -188,7 +195,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     interrupted = interrupted_trials(study)
     for trial in study.get_trials(deepcopy=False, states=FINISHED):
         attrs = trial.user_attrs
-        if attrs.get(SURPLUS_ATTR):
+        if _ran_nothing(trial):
             continue
         error = attrs.get("error")
         if trial.number in interrupted:

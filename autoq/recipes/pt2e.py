@@ -1,0 +1,239 @@
+"""PT2E quantization lowered by Inductor: torch.export -> torchao's X86InductorQuantizer -> torch.compile.
+
+This is where PyTorch's x86 int8 work is heading: the quantized graph is compiled (weights frozen
+into the code, int8 ops fused by Inductor's oneDNN lowering) instead of run op by op. Two recipes:
+'pt2e-static' (activations calibrated) and 'pt2e-dynamic' (activation ranges per call).
+
+`Pt2eBuilder` exports the model once (batch dimension dynamic, dead code dropped: an unused
+output such as a BERT pooler otherwise breaks prepare_pt2e), calibrates once with autoq's
+statistics collectors, then builds any number of candidates: each is prepared with the plan's FP32
+fallbacks (`set_module_name_qconfig(name, None)`), gets the plan's ranges, is converted and then
+compiled with freezing (and optionally cpp_wrapper and int8-mixed-bf16 autocast). Compile time is
+part of each build; Inductor's on-disk cache makes rebuilding a plan cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch._inductor import config as inductor_config
+from torch.utils import _pytree as pytree
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86q
+
+from autoq.calibrate.observers import Pt2eFixedRangeObserver
+from autoq.calibrate.ranges import activation_range
+from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
+from autoq.capture import TraceError
+from autoq.plan import INDUCTOR_RECIPES, QuantPlan
+
+_LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+              torch.ops.aten.conv3d.default}
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), which int8-mixed-bf16 needs to pay off."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def export_graph(model: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
+    """`model` captured by torch.export (non-strict, batch dimension dynamic), dead code removed.
+
+    Raises TraceError naming the export failure.
+    """
+    try:
+        graph = _export(model, example_inputs).module()
+    except Exception as error:  # export failures come in many types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TraceError(f"torch.export could not capture the model for PT2E: {type(error).__name__}: {first}. "
+                         f"Make forward() exportable (see the torch.export docs) or search the FX recipes "
+                         f"only (recipes=['static', 'dynamic']).") from error
+    drop_dead_code(graph)
+    return graph
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) with the batch dimension of every input dynamic."""
+    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs]
+    dynamic = tuple({0: torch.export.Dim.AUTO} if b else None for b in batched)
+    # a batch of 1 would be specialized (export treats size-1 dims as constants): export a batch of 2
+    inputs = tuple(torch.cat([x, x]) if b and x.shape[0] == 1 else x for x, b in zip(example_inputs, batched))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+
+
+def drop_dead_code(graph: torch.fx.GraphModule) -> None:
+    """Remove computations whose results the model never returns (in place).
+
+    Exported graphs keep them, e.g. the pooler of a BERT encoder whose pooled output the model
+    ignores; prepare_pt2e then fails with an IndexError on the dangling pattern.
+    """
+    if graph.graph.eliminate_dead_code():
+        graph.delete_all_unused_submodules()
+        graph.recompile()
+
+
+def _layer_name(node: torch.fx.Node) -> str | None:
+    """Module name of a linear/conv node in an exported graph (the innermost module it ran in)."""
+    stack = node.meta.get("nn_module_stack")
+    if node.op != "call_function" or node.target not in _LAYER_OPS or not stack:
+        return None
+    return list(stack.values())[-1][0]
+
+
+def float32_outputs(output: object) -> object:
+    """`output` (tensors, nested in tuples/lists/dicts) with floating tensors as float32 (autocast gives bf16)."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, output)
+
+
+class Lowered(nn.Module):
+    """A compiled int8 graph, called without autograd (as it was frozen) and, for int8-mixed-bf16,
+    under bf16 autocast; floating outputs come back as float32.
+
+    Inductor's settings are applied around every call, not passed as torch.compile options: its
+    int8 weight-prepack passes read the global `freezing` flag, and a new input shape recompiles.
+    Each batch size gets its own static compile (the exported graph takes any): Inductor's int8
+    conv lowering fails on dynamic-shape graphs in torch 2.14.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule, example_inputs: tuple, *, mixed_bf16: bool,
+                 cpp_wrapper: bool) -> None:
+        super().__init__()
+        self.graph, self.example_inputs = graph, example_inputs
+        self.compiled = torch.compile(graph, dynamic=False)
+        self.mixed_bf16, self.settings = mixed_bf16, {"freezing": True, "cpp_wrapper": cpp_wrapper}
+        self.meta: dict = {}  # model.meta['autoq'] holds the plan, as on every model autoq builds
+
+    def to_bytes(self) -> bytes:
+        """The int8 graph as a saved torch.export program (compiled code does not pickle)."""
+        buffer = io.BytesIO()
+        torch.export.save(_export(self.graph, self.example_inputs), buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, plan: QuantPlan) -> Lowered:
+        """Inverse of `to_bytes`; compiles again on the first call."""
+        program = torch.export.load(io.BytesIO(data))
+        example_inputs = tuple(program.example_inputs[0])
+        return cls(program.module(), example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
+
+    def forward(self, *args: object) -> object:
+        with (torch.no_grad(), inductor_config.patch(self.settings),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.mixed_bf16)):
+            output = self.compiled(*args)
+        return float32_outputs(output)
+
+
+class Pt2eBuilder:
+    """Exports (and, for static, calibrates) `model` once; `build(plan)` returns a compiled int8 model."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple, calib_batches: Sequence[tuple], *,
+                 recipe: str = "pt2e-static", progress: Callable[[int], None] | None = None) -> None:
+        """progress: called with 1 after each calibration batch (two passes; static only)."""
+        if recipe not in INDUCTOR_RECIPES:
+            raise ValueError(f"Pt2eBuilder builds {list(INDUCTOR_RECIPES)}, not {recipe!r}.")
+        self.recipe, self.example_inputs = recipe, example_inputs
+        self.dynamic = recipe == "pt2e-dynamic"
+        self._graph = export_graph(copy.deepcopy(model).eval(), example_inputs)
+        self.layers = list(dict.fromkeys(name for node in self._graph.graph.nodes
+                                         if (name := _layer_name(node)) is not None))
+        if not self.layers:
+            raise ValueError("PT2E found no linear or conv layer to quantize in the exported graph.")
+        self.checkpoints = checkpoints_for(calib_batches) if not self.dynamic else []
+        self.stats: dict[str, list[TensorStats]] = {}  # observed node name -> snapshots
+        self.owner: dict[str, str] = {}  # observed node name -> layer whose output it is
+        self._calib = list(calib_batches)
+        if not self.dynamic:
+            self._calibrate(QuantPlan(recipe=recipe), None, progress)
+
+    def _calibrate(self, plan: QuantPlan, layers: Sequence[str] | None,
+                   progress: Callable[[int], None] | None = None) -> None:
+        """Statistics of every tensor `plan` observes that no calibration has observed yet."""
+        base = self._prepare(plan, StatsCollector, layers)
+        by_module = collect_stats(base, self._calib, self.checkpoints, progress)
+        # A shared quantization spec (pooling, flatten) puts one collector on several tensors; named_modules,
+        # which collect_stats reads, lists it under one name only.
+        by_collector = {id(base.get_submodule(name)): stats for name, stats in by_module.items()}
+        for source, collector in _observed(base, StatsCollector):
+            self.stats.setdefault(source.name, by_collector[id(collector)])
+            if (layer := _layer_name(source)) is not None:
+                self.owner[source.name] = layer
+
+    def _quantizer(self, plan: QuantPlan, observer: type | None,
+                   layers: Sequence[str] | None) -> x86q.X86InductorQuantizer:
+        """The plan's quantizer (with `layers`: only those quantized); `observer` replaces activation observers."""
+        config = x86q.get_default_x86_inductor_quantization_config(is_dynamic=self.dynamic)
+        if observer is not None:
+            activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
+            config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+        quantizer = x86q.X86InductorQuantizer()
+        if layers is None:
+            quantizer.set_global(config)
+            for layer in plan.fp32_layers:
+                quantizer.set_module_name_qconfig(layer, None)
+        else:
+            for layer in layers:
+                quantizer.set_module_name_qconfig(layer, config)
+        return quantizer
+
+    def _prepare(self, plan: QuantPlan, observer: type | None,
+                 layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return prepare_pt2e(copy.deepcopy(self._graph), self._quantizer(plan, observer, layers))
+
+    def reference(self, plan: QuantPlan, layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
+        """The converted (quantize/dequantize reference) graph of `plan`, not compiled; with `layers`,
+        only those layers are quantized."""
+        unknown = set(plan.fp32_layers) - set(self.layers)
+        if unknown:
+            raise ValueError(f"fp32_layers names {sorted(unknown)}, which are not linear/conv layers of the "
+                             f"exported graph. Known layers: {self.layers}")
+        prepared = self._prepare(plan, None if self.dynamic else Pt2eFixedRangeObserver, layers)
+        if not self.dynamic:
+            observed = {source.name for source, _ in _observed(prepared, Pt2eFixedRangeObserver)}
+            if not observed <= set(self.stats):  # fallbacks moved observers: calibrate the new ones, once
+                self._calibrate(plan, layers)
+            self._set_ranges(prepared, plan)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prepared(*self.example_inputs)  # weight observers see their weights (activation ranges are fixed)
+            return convert_pt2e(prepared)
+
+    def _set_ranges(self, prepared: torch.fx.GraphModule, plan: QuantPlan) -> None:
+        """Each observer gets its tensor's range; an observer shared by several tensors gets their union,
+        as a calibrating observer called on each of them would."""
+        ranges: dict[int, tuple[Pt2eFixedRangeObserver, float, float]] = {}
+        for source, observer in _observed(prepared, Pt2eFixedRangeObserver):
+            stats = snapshot_at(self.stats[source.name], plan.calib_samples)
+            if stats is None:
+                continue  # never reached during calibration (a dead branch): any range will do
+            low, high = activation_range(stats, plan.observer_for(self.owner.get(source.name)),
+                                         levels=observer.quant_max - observer.quant_min + 1, symmetric=False,
+                                         percentile=plan.percentile)
+            _, known_low, known_high = ranges.get(id(observer), (observer, low, high))
+            ranges[id(observer)] = (observer, min(low, known_low), max(high, known_high))
+        for observer, low, high in ranges.values():
+            observer.set_range(low, high)
+
+    def build(self, plan: QuantPlan) -> Lowered:
+        """The int8 model of `plan`, compiled by Inductor (compiled here: the first call happens inside)."""
+        model = Lowered(self.reference(plan), self.example_inputs, mixed_bf16=plan.mixed_bf16,
+                        cpp_wrapper=plan.cpp_wrapper)
+        model(*self.example_inputs)
+        model.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+        return model
+
+
+def _observed(prepared: torch.fx.GraphModule, kind: type) -> Iterator[tuple[torch.fx.Node, nn.Module]]:
+    """(observed node, observer) for every call of an observer of type `kind` in `prepared`."""
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and isinstance(module := prepared.get_submodule(node.target), kind):
+            yield node.args[0], module

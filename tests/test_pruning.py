@@ -1,0 +1,45 @@
+"""Pruning without evaluation: a candidate that looks slower than the best feasible plan is timed
+again side by side with it, and pruned only if it really is slower."""
+
+import time
+
+from torch import nn
+
+from autoq.config import TuneConfig
+from autoq.dispatch.measured import LayerTimer
+from autoq.plan import QuantPlan
+from autoq.progress import Reporter
+from autoq.recipes.arms import applicable_arms
+from autoq.search.objective import Objective
+from test_dynamic import MLP
+
+
+class Delayed(nn.Module):
+    """`inner` plus a fixed wait per call: the same model, measurably slower."""
+
+    def __init__(self, inner: nn.Module, seconds: float) -> None:
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, *inputs):
+        time.sleep(self.seconds)
+        return self.inner(*inputs)
+
+
+def test_a_lucky_best_measurement_prunes_only_candidates_slower_side_by_side(digits):
+    model = digits.train(MLP())
+    arms = applicable_arms(model, (digits.x[:1],), [(batch,) for batch in digits.calib], ["static"])
+    objective = Objective(arms, model, digits.accuracy, digits.accuracy(model), TuneConfig(latency_seconds=0.3),
+                          LayerTimer(), Reporter(verbose=False))
+    best = QuantPlan(recipe="static")
+    # the best plan's trial was measured at an implausible 50x: every later trial looks >5% slower
+    objective._remember(best.key(), {"metric": 1.0, "loss": 0.0, "speedup": 50.0, "int8_ms": 0.01, "fp32_ms": 0.5},
+                        best.to_dict())
+    assert objective.best_feasible_speedup == 50.0
+    candidate = arms.build(QuantPlan(recipe="static", activation_observer="minmax"))
+    assert objective._slower_than_best(Delayed(candidate, 0.002))
+    built_key, best_model = objective._best_model
+    assert built_key == best.key()
+    # timed beside itself, the best plan's own model is not slower: the lucky 50x alone prunes nothing
+    assert not objective._slower_than_best(best_model)
+    assert objective._best_model[1] is best_model  # built once, reused

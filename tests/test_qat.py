@@ -1,0 +1,102 @@
+"""The QAT recovery arm on a real trained model (a CNN with BatchNorm on sklearn digits)."""
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import autoq
+from autoq.plan import QuantPlan
+from autoq.recipes.arms import applicable_arms
+from autoq.recipes.qat import Training
+from autoq.search.study import DROPPED_RECIPES_ATTR
+
+from conftest import fast_settings, state_of
+
+
+def bn_cnn():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 64, 10))
+
+
+@pytest.fixture(scope="module")
+def cnn(digits):
+    return digits.train(bn_cnn(), epochs=40)
+
+
+def train_batches(digits):
+    return [(digits.x[i:i + 100], digits.y[i:i + 100]) for i in range(0, 1200, 100)]
+
+
+def training(digits, **overrides):
+    return Training(**{"train_data": train_batches(digits), "loss_fn": nn.functional.cross_entropy, **overrides})
+
+
+def test_qat_fine_tunes_a_copy_and_converts_with_the_plan(digits, cnn):
+    before = state_of(cnn)
+    arms = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["qat"], training=training(digits))
+    assert arms.recipes == ["qat"]
+    builder = arms.builders["qat"]
+    assert builder.layers == ["0", "4"]
+    plan = QuantPlan(recipe="qat", qat_epochs=1, qat_lr=1e-3, fp32_layers=["4"])
+    model = builder.build(plan)
+    assert type(model.get_submodule("4")) is nn.Linear  # the fallback
+    assert type(model.get_submodule("0")).__module__.startswith("torch.ao.nn.intrinsic.quantized")  # int8 conv+relu
+    assert digits.accuracy(model) >= digits.accuracy(cnn) - 0.03
+    assert builder.build(plan) is not model  # a copy of the kept fine-tune, not retrained
+    assert all(torch.equal(value, before[name]) for name, value in cnn.state_dict().items())
+
+
+def test_train_fn_gets_the_plans_epochs_and_lr_and_the_time_budget_stops_training(digits, cnn):
+    calls = []
+    custom = Training(train_fn=lambda model, epochs, lr: calls.append((type(model).__name__, epochs, lr)))
+    builder = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["qat"],
+                              training=custom).builders["qat"]
+    builder.build(QuantPlan(recipe="qat", qat_epochs=2, qat_lr=3e-4))
+    assert calls == [("GraphModule", 2, 3e-4)]
+
+    seen = []
+    def loss(output, target):
+        seen.append(1)
+        return nn.functional.cross_entropy(output, target)
+    budget = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["qat"],
+                             training=training(digits, loss_fn=loss, max_seconds=1e-9)).builders["qat"]
+    budget.build(QuantPlan(recipe="qat", qat_epochs=3))
+    assert len(seen) == 1  # stopped after the first step, not 3 epochs x 12 batches
+
+
+def test_qat_needs_training_inputs_with_a_clear_error(digits, cnn):
+    with pytest.raises(ValueError, match="train_fn.*train_data.*loss_fn"):
+        Training(train_data=train_batches(digits))
+    with pytest.raises(ValueError, match="pass train_data and loss_fn, or train_fn"):
+        applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["qat"])
+    with pytest.raises(ValueError, match=r"\(inputs, target\) pairs"):
+        applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["qat"],
+                        training=Training(train_data=[digits.x[:10]], loss_fn=nn.functional.cross_entropy)
+                        ).builders["qat"].build(QuantPlan(recipe="qat"))
+
+
+def test_qat_is_tried_only_when_post_training_seeds_miss_the_budget(tmp_path, digits, cnn):
+    space = {"recipes": ["static", "qat"], "engines": ["x86"]}
+    easy = autoq.tune(cnn, digits.x[:1], digits.calib, digits.accuracy, train_data=train_batches(digits),
+                      loss_fn=nn.functional.cross_entropy, n_trials=3, space=space,
+                      **fast_settings(tmp_path, study_name="easy", max_loss=0.5))
+    assert all(row["plan"]["_data"]["recipe"] == "static" for row in easy.trials)
+    study = optuna.load_study(study_name="easy", storage=easy.storage)
+    assert "post-training quantization meets the budget" in study.user_attrs[DROPPED_RECIPES_ATTR]["qat"]
+
+    # a budget no int8 model meets (the metric is minus the mean output error vs FP32, FP32 scores 0):
+    # the QAT seed runs right after the post-training seed
+    with torch.no_grad():
+        reference = cnn(digits.x[1200:])
+
+    def fidelity(model):
+        return -float((model(digits.x[1200:]) - reference).abs().mean())
+
+    hard = autoq.tune(cnn, digits.x[:1], digits.calib, fidelity, train_data=train_batches(digits),
+                      loss_fn=nn.functional.cross_entropy, n_trials=3, space=space,
+                      **fast_settings(tmp_path, study_name="hard", loss_type="absolute", max_loss=1e-9))
+    recipes = [row["plan"]["_data"]["recipe"] for row in hard.trials]
+    assert recipes[0] == "static" and "qat" in recipes
+    qat_row = next(row for row in hard.trials if row["plan"]["_data"]["recipe"] == "qat")
+    assert qat_row["state"] in ("COMPLETE", "PRUNED") and qat_row["speedup"] is not None
