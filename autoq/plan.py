@@ -27,7 +27,7 @@ RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and ker
     "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
                "channels_last", "fold_relu6"),
     "dynamic": ("weight_granularity",),
-    "qat": ("qat_epochs", "qat_lr"),
+    "qat": ("weight_granularity", "reduce_range", "qat_epochs", "qat_lr"),
     "pt2e-static": ("activation_observer", "mixed_bf16", "cpp_wrapper"),
     "pt2e-dynamic": ("mixed_bf16", "cpp_wrapper"),
 }

@@ -100,3 +100,17 @@ def test_qat_is_tried_only_when_post_training_seeds_miss_the_budget(tmp_path, di
     assert recipes[0] == "static" and "qat" in recipes
     qat_row = next(row for row in hard.trials if row["plan"]["_data"]["recipe"] == "qat")
     assert qat_row["state"] in ("COMPLETE", "PRUNED") and qat_row["speedup"] is not None
+
+
+def test_the_plans_activation_range_and_weight_granularity_reach_the_int8_model(digits, cnn):
+    builder = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["qat"],
+                              training=training(digits)).builders["qat"]
+
+    def conv(plan):
+        return builder.build(QuantPlan(recipe="qat", qat_epochs=1, **plan)).get_submodule("0")
+
+    full, reduced = conv({"reduce_range": False}), conv({"reduce_range": True})
+    # the conv's output is quantized over 256 levels, or 128 (7-bit): about twice the step
+    assert 1.8 < reduced.scale / full.scale < 2.2
+    assert "per_channel" in str(full.weight().qscheme())
+    assert "per_tensor" in str(conv({"weight_granularity": "per_tensor"}).weight().qscheme())

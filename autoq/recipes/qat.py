@@ -1,7 +1,8 @@
 """Quantization-aware training (FX, x86): the recovery arm when post-training quantization misses the budget.
 
 A candidate is a short fine-tune of the user's trained model with fake quantization in the graph
-(`prepare_qat_fx` with PyTorch's default x86 QAT mapping, the plan's FP32 fallbacks kept out),
+(`prepare_qat_fx` with PyTorch's default x86 QAT mapping at the plan's activation range and weight
+granularity, the plan's FP32 fallbacks kept out),
 then converted to int8 like a static plan (same kernels, same per-layer dispatch). The user gives
 either `train_data` (batches of (inputs, target)) and `loss_fn(output, target)`, or a
 `train_fn(model, epochs, lr)` that trains the prepared model in place. Epochs and learning rate
@@ -19,14 +20,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
-from torch.ao.quantization import QConfigMapping, disable_observer, get_default_qat_qconfig_mapping
+from torch.ao.quantization import (
+    FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver, QConfig, QConfigMapping, disable_observer,
+    get_default_qat_qconfig_mapping,
+)
+from torch.ao.quantization.fake_quantize import default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
-from autoq.capture import Layer, as_input_tuple, keep_fp32, use_base_layer_classes
+from autoq.capture import Layer, as_input_tuple, use_base_layer_classes
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
 from autoq.recipes.engine import quantized_engine
-from autoq.recipes.static import StaticBuilder
+from autoq.recipes.static import StaticBuilder, with_global_qconfig
 
 FREEZE_AT = 0.5  # fraction of the fine-tune after which observers and BatchNorm statistics are frozen
 
@@ -50,12 +55,16 @@ class Training:
             raise TypeError(f"loss_fn must be callable as loss_fn(output, target); got {type(self.loss_fn)}.")
 
 
-def qat_mapping(fp32_layers: Sequence[Layer] = ()) -> QConfigMapping:
-    """PyTorch's default x86 QAT mapping with `fp32_layers` kept in FP32."""
-    mapping = get_default_qat_qconfig_mapping("x86")
-    for layer in fp32_layers:
-        keep_fp32(mapping, layer)
-    return mapping
+_WEIGHT_FAKE_QUANTS = {"per_channel": default_fused_per_channel_wt_fake_quant, "per_tensor": default_fused_wt_fake_quant}
+
+
+def qat_mapping(plan: QuantPlan, fp32_layers: Sequence[Layer] = ()) -> QConfigMapping:
+    """PyTorch's default x86 QAT mapping with the plan's activation range (7-bit if `reduce_range`,
+    else full 8-bit) and weight granularity, and `fp32_layers` kept in FP32."""
+    activation = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=plan.reduce_range)
+    qconfig = QConfig(activation=activation, weight=_WEIGHT_FAKE_QUANTS[plan.weight_granularity])
+    return with_global_qconfig(get_default_qat_qconfig_mapping("x86"), qconfig, fp32_layers)
 
 
 class QatBuilder:
@@ -93,7 +102,7 @@ class QatBuilder:
         fp32_layers = [self.static.layer(name) for name in plan.fp32_layers]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prepared = prepare_qat_fx(copy.deepcopy(self._model).train(), qat_mapping(fp32_layers),
+            prepared = prepare_qat_fx(copy.deepcopy(self._model).train(), qat_mapping(plan, fp32_layers),
                                       self.example_inputs)
         if self.training.train_fn is not None:
             self.training.train_fn(prepared, plan.qat_epochs, plan.qat_lr)
@@ -102,7 +111,7 @@ class QatBuilder:
         prepared.eval()
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
-            return convert_fx(prepared, qconfig_mapping=qat_mapping(fp32_layers))
+            return convert_fx(prepared, qconfig_mapping=qat_mapping(plan, fp32_layers))
 
     def _train(self, prepared: torch.fx.GraphModule, epochs: int, lr: float) -> None:
         """Adam with cosine decay over train_data for `epochs` (or until max_seconds), freezing observers and

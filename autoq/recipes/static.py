@@ -37,14 +37,21 @@ _WEIGHT_OBSERVERS = {
 
 def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[Layer] = ()) -> QConfigMapping:
     """PyTorch's default x86 mapping with autoq's statistics collector on activations."""
-    mapping = get_default_qconfig_mapping("x86")
-    default_global = mapping.global_qconfig
     qconfig = QConfig(activation=StatsCollector, weight=_WEIGHT_OBSERVERS[weight_granularity])
+    return with_global_qconfig(get_default_qconfig_mapping("x86"), qconfig, fp32_layers)
+
+
+def with_global_qconfig(mapping: QConfigMapping, qconfig: QConfig, fp32_layers: Sequence[Layer] = ()
+                        ) -> QConfigMapping:
+    """`mapping` with `qconfig` wherever it used its global activation qconfig (special weight
+    qconfigs, such as per-tensor for transposed convs, and fixed-range ops are kept), and
+    `fp32_layers` kept in FP32."""
+    default_global = mapping.global_qconfig
     mapping.set_global(qconfig)
     for object_type, object_qconfig in list(mapping.object_type_qconfigs.items()):
         if object_qconfig is not None and object_qconfig.activation == default_global.activation:
             weight = object_qconfig.weight if object_qconfig.weight != default_global.weight else qconfig.weight
-            mapping.set_object_type(object_type, QConfig(activation=StatsCollector, weight=weight))
+            mapping.set_object_type(object_type, QConfig(activation=qconfig.activation, weight=weight))
     for layer in fp32_layers:
         keep_fp32(mapping, layer)
     return mapping

@@ -102,6 +102,8 @@ class SearchSpace:
             kernels = trial.suggest_categorical("engine", self.engines)
             return QuantPlan(
                 recipe="qat", **_kernel_choice(kernels), fp32_layers=list(ranking[:n_fallback]),
+                weight_granularity=trial.suggest_categorical("qat:weight_granularity", self.weight_granularities),
+                reduce_range=trial.suggest_categorical("qat:reduce_range", self.reduce_range),
                 qat_epochs=trial.suggest_int("qat:epochs", *self.qat_epochs),
                 qat_lr=trial.suggest_float("qat:lr", *self.qat_lr, log=True),
             )
@@ -201,12 +203,16 @@ class SearchSpace:
         return seeds
 
     def qat_seed(self, arms: Arms) -> dict:
-        """Trial parameters of PyTorch's default x86 QAT, no fallbacks, the shortest fine-tune at a
-        mid learning rate: queued only when post-training seeds miss the budget (see autoq.tuner)."""
+        """Trial parameters of PyTorch's default x86 QAT but at full 8-bit activation range (the
+        default's 7-bit range guards CPUs without VNNI; the measured accuracy catches any overflow),
+        no fallbacks, the shortest fine-tune at a mid learning rate: queued only when post-training
+        seeds miss the budget (see autoq.tuner)."""
         low, high = self.qat_lr
         return {**({"recipe": "qat"} if len(arms.recipes) > 1 else {}), "qat:n_fallback": 0,
-                "engine": _closest("x86", self.engines), "qat:epochs": self.qat_epochs[0],
-                "qat:lr": min(max(1e-4, low), high)}
+                "engine": _closest("x86", self.engines),
+                "qat:weight_granularity": _closest("per_channel", self.weight_granularities),
+                "qat:reduce_range": _closest(False, self.reduce_range),
+                "qat:epochs": self.qat_epochs[0], "qat:lr": min(max(1e-4, low), high)}
 
     def sweep_params(self, seed: dict) -> list[dict]:
         """Variations of the best seed: every other observer method, at full 8-bit range if allowed
