@@ -39,9 +39,14 @@ test: setup data postgres
 test-slow: setup data postgres
 	$(PY) -m pytest -m slow
 
-# Regenerates benchmarks/RESULTS.md (~40 min on 2 cores; keep the machine otherwise idle).
-bench: setup data
+# Regenerates benchmarks/RESULTS.md (~50 min on 2 cores; keep the machine otherwise idle), with Intel
+# Neural Compressor (extra `inc`) as a peer.
+bench: setup data $(VENV)/.inc
 	$(PY) benchmarks/core.py --trials 16 --out benchmarks/RESULTS.md
+
+$(VENV)/.inc: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[inc]'
+	touch $@
 
 bench-dispatch: setup data
 	$(PY) benchmarks/dispatch.py --seconds 8 --repeats 3

@@ -6,9 +6,11 @@ Per model, in one process and one interleaved timing run:
   FP32 eager; FP32 folded + channels_last; FP32 torch.compile (freezing); bf16 autocast (eager and
   compiled); PyTorch's default FX PTQ on the x86, fbgemm and onednn engines; PyTorch's default
   `quantize_dynamic` (models without convolutions); torchao's default PT2E static flow through
-  Inductor, plain and int8-mixed-bf16; autoq (all recipes that apply, 1% relative budget, same
-  calibration data; with the task's training data, so QAT is tried when post-training misses);
-  and, where the task has training data, autoq pinned to the QAT recipe.
+  Inductor, plain and int8-mixed-bf16; Intel Neural Compressor 3.10's static autotune (PT2E, same
+  1% relative tolerance, same calibration data and metric) and its default dynamic config (models
+  without convolutions; needs the `inc` extra, else listed as not run); autoq (all recipes that
+  apply, 1% relative budget, same calibration data; with the task's training data, so QAT is tried
+  when post-training misses); and, where the task has training data, autoq pinned to the QAT recipe.
 Accuracy is top-1 on the validation split the tuner sees and on a held-out test split it never
 sees. Methods that do not apply to a model are listed under the table with the reason.
 """
@@ -33,6 +35,7 @@ from autoq import zoo
 from autoq.measure.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup
+from inc import inc_autotune, inc_default_dynamic
 
 TASKS: dict[str, Callable[[], zoo.Task]] = {
     "mnist_cnn": zoo.mnist_cnn_task,
@@ -46,6 +49,14 @@ QAT_TRIALS = 6
 
 
 @dataclass
+class Tuning:
+    recipe: str  # what the tuner picked
+    trials: int  # candidates evaluated
+    first_ok: int | None  # 0-based index of the first candidate within the budget
+    tune_s: float  # wall seconds, compiling and evaluating included
+
+
+@dataclass
 class Row:
     model: str
     method: str
@@ -55,10 +66,7 @@ class Row:
     ms: float
     vs_eager: float
     vs_best: float
-    recipe: str = ""
-    trials: int | None = None
-    first_ok: int | None = None
-    tune_s: float | None = None
+    tuning: Tuning | None = None  # tuned methods only
 
 
 def cpu_name() -> str:
@@ -82,19 +90,21 @@ def baselines(task: zoo.Task) -> dict[str, Callable[[], nn.Module]]:
     }
     for engine in ("x86", "fbgemm", "onednn"):
         methods[f"default FX PTQ ({engine})"] = lambda engine=engine: default_fx_ptq(task.model, x, calib, engine)
-    methods["default quantize_dynamic"] = lambda: _dynamic(task.model)
+    methods["default quantize_dynamic"] = lambda: default_dynamic(_without_conv(task.model))
+    methods["INC default dynamic (PT2E)"] = lambda: inc_default_dynamic(_without_conv(task.model), x)
     methods["torchao PT2E static (Inductor)"] = lambda: default_pt2e(task.model, x, calib)
     methods["torchao PT2E int8-mixed-bf16"] = lambda: default_pt2e(task.model, x, calib, mixed_bf16=True)
     return methods
 
 
-def _dynamic(model: nn.Module) -> nn.Module:
+def _without_conv(model: nn.Module) -> nn.Module:
     if any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules()):
         raise ValueError("a conv net: dynamic quantization would convert its Linear head only")
-    return default_dynamic(model)
+    return model
 
 
-def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = None) -> tuple[autoq.TuneResult, float]:
+def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = None) -> tuple[nn.Module, Tuning]:
+    """autoq with a 1% relative budget (and the task's training data, for QAT, where it has some)."""
     training: dict = {}
     if task.train is not None:
         training = dict(train_data=list(task.batches("train", batch_size=64)), loss_fn=F.cross_entropy)
@@ -103,7 +113,15 @@ def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = 
     started = time.perf_counter()
     result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), max_loss=0.01,
                         n_trials=trials, storage=storage, verbose=False, **training)
-    return result, time.perf_counter() - started
+    first_ok = next((t["number"] for t in result.trials if t["feasible"]), None)
+    return result.model, Tuning(result.config["_data"]["recipe"], len(result.trials), first_ok,
+                                time.perf_counter() - started)
+
+
+def inc(task: zoo.Task) -> tuple[nn.Module, Tuning]:
+    """Intel Neural Compressor's static autotune with the same 1% relative tolerance."""
+    model, stats = inc_autotune(task.model, task.example_inputs, task.calib, task.eval_fn(), tolerable_loss=0.01)
+    return model, Tuning(stats["config"], stats["trials"], stats["first_ok"], stats["tune_s"])
 
 
 def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dict[str, str]]:
@@ -115,12 +133,16 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
             models[method] = build()
         except Exception as error:  # a baseline that cannot handle this model is a finding, not a crash
             skipped[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
+    try:
+        tuned["INC 3.10 autotune (PT2E static)"] = inc(task)
+    except Exception as error:
+        skipped["INC 3.10 autotune (PT2E static)"] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
     storage = f"sqlite:///{storage_dir}/{name}.db"
     tuned["autoq"] = tune(task, trials, storage)
     if task.train is not None:
         tuned["autoq, QAT recipe pinned"] = tune(task, min(trials, QAT_TRIALS), storage.replace(".db", "-qat.db"),
                                                  ["qat"])
-    models.update({method: result.model for method, (result, _) in tuned.items()})
+    models.update({method: model for method, (model, _) in tuned.items()})
     timing = measure_latency(models, task.example_inputs, target_seconds=6.0, min_repeats=30)
     best = min((m for m in models if m in FP32_METHODS), key=lambda m: timing[m].median_ms)
     fp32 = {split: task.accuracy(task.model, split) for split in ("val", "test")}
@@ -128,15 +150,9 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
     for method, model in models.items():
         # FP32 rewrites are checked to match eager outputs (best_fp32), so they share its metrics
         metrics = fp32 if method in FP32_METHODS else {split: task.accuracy(model, split) for split in ("val", "test")}
-        row = Row(name, method, metrics["val"], metrics["test"], (fp32["test"] - metrics["test"]) / fp32["test"],
-                  timing[method].median_ms, speedup(timing["FP32 eager"], timing[method]),
-                  speedup(timing[best], timing[method]))
-        if method in tuned:
-            result, seconds = tuned[method]
-            row.recipe = result.config["_data"]["recipe"]
-            row.trials, row.tune_s = len(result.trials), seconds
-            row.first_ok = next((t["number"] for t in result.trials if t["feasible"]), None)
-        rows.append(row)
+        rows.append(Row(name, method, metrics["val"], metrics["test"], (fp32["test"] - metrics["test"]) / fp32["test"],
+                        timing[method].median_ms, speedup(timing["FP32 eager"], timing[method]),
+                        speedup(timing[best], timing[method]), tuned[method][1] if method in tuned else None))
     return rows, skipped
 
 
@@ -146,9 +162,10 @@ def table(rows: list[Row]) -> list[str]:
              "| 1st in-budget | tune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bold = "**" if r.method == "autoq" else ""
-        extra = (f"{r.trials} | {'-' if r.first_ok is None else r.first_ok} | {r.tune_s:.0f}" if r.trials is not None
-                 else " | | ")
-        lines.append(f"| {r.model} | {bold}{r.method}{bold} | {r.recipe} | {r.val:.4f} | {r.test:.4f} | "
+        t = r.tuning
+        recipe, extra = ("", " | | ") if t is None else (
+            t.recipe, f"{t.trials} | {'-' if t.first_ok is None else t.first_ok} | {t.tune_s:.0f}")
+        lines.append(f"| {r.model} | {bold}{r.method}{bold} | {recipe} | {r.val:.4f} | {r.test:.4f} | "
                      f"{r.test_loss:+.2%} | {r.ms:.3f} | {r.vs_eager:.2f}x | {r.vs_best:.2f}x | {extra} |")
     for method in dict.fromkeys(r.method for r in rows):
         ran = [r for r in rows if r.method == method]
