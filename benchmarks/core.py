@@ -35,6 +35,8 @@ from autoq import zoo
 from autoq.measure.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup
+from autoq.plan import QuantPlan, default_plan
+from autoq.search.objective import plan_changes
 from inc import inc_autotune, inc_default_dynamic
 
 TASKS: dict[str, Callable[[], zoo.Task]] = {
@@ -50,7 +52,7 @@ QAT_TRIALS = 6
 
 @dataclass
 class Tuning:
-    recipe: str  # what the tuner picked
+    recipe: str  # what the tuner picked (for autoq: the recipe and what its plan changes from PyTorch's default)
     trials: int  # candidates evaluated
     first_ok: int | None  # 0-based index of the first candidate within the budget
     tune_s: float  # wall seconds, compiling and evaluating included
@@ -114,7 +116,10 @@ def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = 
     result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), max_loss=0.01,
                         n_trials=trials, storage=storage, verbose=False, **training)
     first_ok = next((t["number"] for t in result.trials if t["feasible"]), None)
-    return result.model, Tuning(result.config["_data"]["recipe"], len(result.trials), first_ok,
+    plan = QuantPlan.from_dict(result.config)
+    changes = " ".join(f"{name}={value}" for name, value in plan_changes(plan, default_plan("x86")).items()
+                       if name != "recipe")
+    return result.model, Tuning(f"{plan.recipe} {changes}".strip(), len(result.trials), first_ok,
                                 time.perf_counter() - started)
 
 
