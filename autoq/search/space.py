@@ -89,20 +89,12 @@ class SearchSpace:
         recipe = trial.suggest_categorical("recipe", arms.recipes) if len(arms.recipes) > 1 else arms.recipes[0]
         ranking = arms.rankings[recipe]
         if recipe == "dynamic":
-            n_fallback = trial.suggest_int("dynamic:n_fallback", 0, self.fallback_limit(len(ranking)))
-            kernels = trial.suggest_categorical("engine", self.engines)
-            return QuantPlan(
-                recipe="dynamic", **_kernel_choice(kernels), fp32_layers=list(ranking[:n_fallback]),
-                weight_granularity=trial.suggest_categorical("dynamic:weight_granularity", self.weight_granularities),
-            )
+            return QuantPlan(**self._fallbacks_kernels_weights(trial, recipe, ranking))
         if recipe in INDUCTOR_RECIPES:
             return self._suggest_inductor(trial, arms, recipe)
         if recipe == "qat":
-            n_fallback = trial.suggest_int("qat:n_fallback", 0, self.fallback_limit(len(ranking)))
-            kernels = trial.suggest_categorical("engine", self.engines)
             return QuantPlan(
-                recipe="qat", **_kernel_choice(kernels), fp32_layers=list(ranking[:n_fallback]),
-                weight_granularity=trial.suggest_categorical("qat:weight_granularity", self.weight_granularities),
+                **self._fallbacks_kernels_weights(trial, recipe, ranking),
                 reduce_range=trial.suggest_categorical("qat:reduce_range", self.reduce_range),
                 qat_epochs=trial.suggest_int("qat:epochs", *self.qat_epochs),
                 qat_lr=trial.suggest_float("qat:lr", *self.qat_lr, log=True),
@@ -123,6 +115,15 @@ class SearchSpace:
             channels_last=trial.suggest_categorical("channels_last", self.channels_last),
             fold_relu6=relu6 and trial.suggest_categorical("fold_relu6", self.fold_relu6),
         )
+
+    def _fallbacks_kernels_weights(self, trial: optuna.Trial, recipe: str, ranking: list[str]) -> dict:
+        """QuantPlan fields of a dynamic or QAT plan: its recipe, fallbacks, kernels and weight granularity
+        (parameters prefixed with the recipe, but for the shared 'engine')."""
+        n_fallback = trial.suggest_int(f"{recipe}:n_fallback", 0, self.fallback_limit(len(ranking)))
+        kernels = trial.suggest_categorical("engine", self.engines)
+        return {"recipe": recipe, **_kernel_choice(kernels), "fp32_layers": list(ranking[:n_fallback]),
+                "weight_granularity": trial.suggest_categorical(f"{recipe}:weight_granularity",
+                                                                self.weight_granularities)}
 
     def _suggest_ranges(self, trial: optuna.Trial, ranking: list[str], prefix: str
                         ) -> tuple[str, int, dict[str, str], bool]:
