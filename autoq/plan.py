@@ -20,8 +20,9 @@ READABLE_VERSIONS = (1, 2, 3)  # older plans lack the dispatch (v1) and lowering
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-RECIPES = ("static", "dynamic", "qat", "pt2e-static", "pt2e-dynamic")
-INDUCTOR_RECIPES = ("pt2e-static", "pt2e-dynamic")  # compiled by Inductor: no engine or per-layer kernels
+RECIPES = ("static", "dynamic", "qat", "pt2e-static", "pt2e-dynamic", "pt2e-qat")
+INDUCTOR_RECIPES = ("pt2e-static", "pt2e-dynamic", "pt2e-qat")  # compiled by Inductor: no engine or per-layer kernels
+QAT_TWINS = {"qat": "static", "pt2e-qat": "pt2e-static"}  # fine-tuning recipe -> its post-training twin
 CALIBRATED_RECIPES = ("static", "pt2e-static")  # ranges from calibration statistics (calib_samples applies)
 RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and kernels
     "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
@@ -30,6 +31,7 @@ RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and ker
     "qat": ("weight_granularity", "reduce_range", "qat_epochs", "qat_lr"),
     "pt2e-static": ("activation_observer", "mixed_bf16", "cpp_wrapper"),
     "pt2e-dynamic": ("mixed_bf16", "cpp_wrapper"),
+    "pt2e-qat": ("qat_epochs", "qat_lr", "mixed_bf16", "cpp_wrapper"),
 }
 LIBRARIES = ("fbgemm", "onednn")
 DISPATCH = ("engine", "measured", "table")
@@ -59,7 +61,8 @@ class QuantPlan:
     mixed_bf16: (Inductor recipes) run the int8 model under bf16 autocast: int8-mixed-bf16, the
       non-quantized ops in bf16 (needs a CPU with bf16 support).
     cpp_wrapper: (Inductor recipes) compile with Inductor's C++ wrapper instead of its Python one.
-    qat_epochs, qat_lr: (recipe 'qat') length and Adam learning rate (cosine decay) of the quantization-aware fine-tune.
+    qat_epochs, qat_lr: (recipes 'qat', 'pt2e-qat') length and Adam learning rate (cosine decay) of the
+      quantization-aware fine-tune.
     """
 
     recipe: str = "static"

@@ -31,7 +31,8 @@ class TuneResult:
     speedup: FP32-eager latency / int8 latency, measured side by side at the end of the run.
     latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8.
     config: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
-    trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error).
+    trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error, seconds,
+      finished: Unix time the trial ended).
     pareto_front: trials not dominated in (loss, speedup), lowest loss first.
     feasible: whether `model` meets the accuracy budget.
     layers: per layer: name, sqnr_db (sensitivity), quantized, observer, engine (kernel library).

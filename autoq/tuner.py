@@ -22,7 +22,7 @@ from autoq.dispatch.table import DispatchTable, shipped_table
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import fastest, measure_latency, speedup
 from autoq.measure.lock import measurement_lock
-from autoq.plan import INDUCTOR_RECIPES, QuantPlan, default_plan
+from autoq.plan import INDUCTOR_RECIPES, QAT_TWINS, QuantPlan, default_plan
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms, applicable_arms, builder, calibrated
 from autoq.recipes.qat import Training
@@ -108,7 +108,7 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
       autoq's table for this CPU: exact entries, else its learned rule), or 'measured' to time
       every layer inside the model now; None keeps the plan's own kernel choices (PT2E plans: Inductor
       picks kernels, dispatch must be None).
-    training: a `autoq.recipes.qat.Training` (train_data + loss_fn, or train_fn), for 'qat' plans.
+    training: a `autoq.recipes.qat.Training` (train_data + loss_fn, or train_fn), for 'qat' and 'pt2e-qat' plans.
     The plan actually built (with per-layer kernels) is in `model.meta['autoq']['config']`;
     `autoq.save(model, path)` keeps it, and `autoq.apply_dispatch` can re-dispatch it later.
     """
@@ -212,15 +212,18 @@ class _Run:
         best = self._best_seeds(seeds)
         dropped = dominated_recipes({recipe: trial.user_attrs for recipe, trial in best.items()},
                                     self.config.max_loss)
-        if "qat" in arms.recipes:  # the recovery arm: only if no all-int8 post-training seed meets the budget
+        fine_tuning = [recipe for recipe in QAT_TWINS if recipe in arms.recipes]
+        if fine_tuning:  # the recovery arms: only if no all-int8 post-training seed meets the budget
             feasible = [t.number for t in seeds if t.state == optuna.trial.TrialState.COMPLETE
                         and t.user_attrs.get("loss", math.inf) <= self.config.max_loss
                         and not QuantPlan.from_dict(t.user_attrs["plan"]).fp32_layers]
             if feasible:
-                dropped["qat"] = (f"post-training quantization meets the budget with every layer int8 "
-                                  f"(trial {feasible[0]}): QAT is only tried when it does not")
+                dropped.update({recipe: f"post-training quantization meets the budget with every layer int8 "
+                                        f"(trial {feasible[0]}): QAT is only tried when it does not"
+                                for recipe in fine_tuning})
             else:
-                study.enqueue_trial(self.config.space.qat_seed(arms), skip_if_exists=True)
+                for params in self.config.space.qat_seeds(arms):
+                    study.enqueue_trial(params, skip_if_exists=True)
         if dropped:
             study.set_user_attr(DROPPED_RECIPES_ATTR, dropped)
             for recipe, reason in dropped.items():
@@ -309,14 +312,18 @@ class _Run:
             if isinstance(stored.get(recipe), dict) and set(stored[recipe]) == set(arms.layers(recipe)):
                 scores[recipe] = {layer: float(value) for layer, value in stored[recipe].items()}
                 continue
+            if QAT_TWINS.get(recipe) in scores:  # a QAT recipe ranks its layers as its post-training twin does
+                scores[recipe] = scores[QAT_TWINS[recipe]]
+                continue
             self.reporter.line(f"ranking {len(arms.layers(recipe))} layers by output SQNR when quantized alone "
                                f"({recipe})")
-            arm = arms.builders[recipe]
-            if recipe in ("static", "qat"):
-                static = arm if recipe == "static" else arm.static
-                scores[recipe] = layer_sensitivity(static, self.fp32, batches, default_plan("x86"))
+            arm, post_training = arms.builders[recipe], QAT_TWINS.get(recipe, recipe)
+            if recipe in QAT_TWINS:  # (its twin is not searched)
+                arm = arm.twin
+            if post_training == "static":
+                scores[recipe] = layer_sensitivity(arm, self.fp32, batches, default_plan("x86"))
                 continue
-            plan = QuantPlan(recipe=recipe)
+            plan = QuantPlan(recipe=post_training)
             build = partial(arm.build, plan) if recipe == "dynamic" else partial(arm.reference, plan)
             scores[recipe] = single_layer_sensitivity(lambda layer: build(layers=[layer]), arm.layers,
                                                       self.fp32, batches)

@@ -57,8 +57,8 @@ def inc_autotune(model: torch.nn.Module, example_inputs: tuple, calib: list,
 
     Returns the chosen model compiled by Inductor (freezing on), already called once on
     `example_inputs`, and stats: trials (configs evaluated), tune_s (wall seconds of export and
-    autotune), first_ok (0-based index of the first config within tolerance, None if none was)
-    and config (the chosen scheme).
+    autotune), first_ok (0-based index of the first config within tolerance, None if none was),
+    first_ok_s (wall seconds from the start until it was evaluated) and config (the chosen scheme).
     """
     try:
         from neural_compressor.torch.quantization import StaticQuantConfig, TuningConfig, autotune
@@ -67,9 +67,11 @@ def inc_autotune(model: torch.nn.Module, example_inputs: tuple, calib: list,
     _quiet()
 
     scores: list[float] = []
+    scored_at: list[float] = []  # perf_counter() after each evaluation
 
     def scored(candidate: torch.nn.Module) -> float:
         scores.append(eval_fn(candidate))
+        scored_at.append(time.perf_counter())
         return scores[-1]
 
     def calibrate(prepared: torch.nn.Module) -> None:
@@ -86,12 +88,14 @@ def inc_autotune(model: torch.nn.Module, example_inputs: tuple, calib: list,
 
     baseline, results = scores[0], scores[1:]
     first_ok = next((i for i, r in enumerate(results) if r >= baseline * (1 - tolerable_loss)), None)
+    first_ok_s = None if first_ok is None else scored_at[first_ok + 1] - start
     (chosen,) = quantized.qconfig.values()
     config = (f"act {chosen.act_dtype} {'sym' if chosen.act_sym else 'asym'} {chosen.act_algo}, "
               f"w {chosen.w_dtype} {chosen.w_granularity} {'sym' if chosen.w_sym else 'asym'} {chosen.w_algo}")
     lowered = Lowered(quantized, example_inputs, mixed_bf16=False, cpp_wrapper=False)
     lowered(*example_inputs)
-    return lowered, {"trials": len(results), "tune_s": tune_s, "first_ok": first_ok, "config": config}
+    return lowered, {"trials": len(results), "tune_s": tune_s, "first_ok": first_ok, "first_ok_s": first_ok_s,
+                     "config": config}
 
 
 def inc_default_dynamic(model: torch.nn.Module, example_inputs: tuple) -> torch.nn.Module:

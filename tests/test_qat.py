@@ -1,4 +1,5 @@
-"""The QAT recovery arm on a real trained model (a CNN with BatchNorm on sklearn digits)."""
+"""The QAT recovery arms ('qat' on FX, 'pt2e-qat' on PT2E + Inductor) on a real trained model (a CNN
+with BatchNorm on sklearn digits)."""
 
 import optuna
 import pytest
@@ -7,8 +8,10 @@ from torch import nn
 
 import autoq
 from autoq.plan import QuantPlan
+from autoq.recipes.pt2e import Lowered
 from autoq.recipes.arms import applicable_arms
 from autoq.recipes.qat import Training
+from autoq.search.space import SearchSpace
 from autoq.search.study import DROPPED_RECIPES_ATTR
 
 from conftest import fast_settings, state_of
@@ -114,3 +117,54 @@ def test_the_plans_activation_range_and_weight_granularity_reach_the_int8_model(
     assert 1.8 < reduced.scale / full.scale < 2.2
     assert "per_channel" in str(full.weight().qscheme())
     assert "per_tensor" in str(conv({"weight_granularity": "per_tensor"}).weight().qscheme())
+
+
+def test_pt2e_qat_fine_tunes_an_exported_copy_and_compiles_it_with_fallbacks(digits, cnn):
+    before = state_of(cnn)
+    steps = []
+
+    def loss(output, target):
+        steps.append(1)
+        return nn.functional.cross_entropy(output, target)
+
+    arms = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["pt2e-qat"],
+                           training=training(digits, loss_fn=loss))
+    assert arms.recipes == ["pt2e-qat"]
+    builder = arms.builders["pt2e-qat"]
+    assert builder.layers == ["0", "4"]
+    plan = QuantPlan(recipe="pt2e-qat", qat_epochs=1, qat_lr=1e-3, fp32_layers=["0"])  # a Conv-BN kept FP32
+    model = builder.build(plan)
+    assert isinstance(model, Lowered) and len(steps) == 12  # one epoch of 12 batches
+    targets = [str(node.target) for node in model.graph.graph.nodes]
+    assert sum("dequantize_per_channel" in t for t in targets) == 1  # only the Linear's weight is int8
+    assert digits.accuracy(model) >= digits.accuracy(cnn) - 0.03
+    assert QuantPlan.from_dict(model.meta["autoq"]["config"]) == plan
+    again = builder.build(plan)
+    assert again is not model and len(steps) == 12  # the kept fine-tune, compiled again, not retrained
+    assert all(torch.equal(value, before[name]) for name, value in cnn.state_dict().items())
+    assert cnn.training is False
+
+
+def test_pt2e_qat_train_fn_can_switch_the_exported_model_between_train_and_eval(digits, cnn):
+    modes = []
+
+    def train_fn(model, epochs, lr):
+        model.eval()
+        model.train()
+        modes.append((epochs, lr))
+
+    builder = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["pt2e-qat"],
+                              training=Training(train_fn=train_fn)).builders["pt2e-qat"]
+    builder.build(QuantPlan(recipe="pt2e-qat", qat_epochs=2, qat_lr=3e-4))
+    assert modes == [(2, 3e-4)]
+
+
+def test_auto_searches_both_qat_recipes_with_training_data_and_seeds_each(digits, cnn):
+    arms = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["auto"], training=training(digits))
+    assert {"static", "pt2e-static", "qat", "pt2e-qat"} <= set(arms.recipes)
+    assert arms.builders["pt2e-qat"].twin is arms.builders["pt2e-static"]
+    arms.rankings = {recipe: arms.layers(recipe) for recipe in arms.recipes}
+    space = SearchSpace()
+    plans = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in space.qat_seeds(arms)]
+    assert [(p.recipe, p.fp32_layers, p.qat_epochs) for p in plans] == [("qat", [], 1), ("pt2e-qat", [], 1)]
+    assert not plans[1].cpp_wrapper and not plans[1].mixed_bf16  # X86InductorQuantizer's QAT defaults

@@ -36,6 +36,14 @@ def test_result_meets_budget_on_validation_and_held_out_data(tuned, mnist_task):
     assert (test_fp32 - test_int8) / test_fp32 <= 0.01
 
 
+def test_trials_record_when_they_ended(tuned):
+    result, *_ = tuned
+    ended = [trial["finished"] for trial in result.trials]
+    assert ended == sorted(ended)  # one worker: trials end in number order
+    assert all(trial["seconds"] > 0 for trial in result.trials)
+    assert ended[-1] - ended[0] >= sum(trial["seconds"] for trial in result.trials[1:]) * 0.99
+
+
 def test_first_trial_is_pytorch_default_x86_ptq(tuned):
     result, *_ = tuned
     first = result.trials[0]

@@ -228,6 +228,24 @@ def test_cache_dir_defaults_to_autoq_cache_env(monkeypatch: pytest.MonkeyPatch, 
     assert zoo._resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
 
 
+def test_resnet18_fashion_task_trains_once_with_its_seed_and_keeps_splits_apart(tmp_path: Path) -> None:
+    counts = dict(n_train=256, n_val=100, n_test=100, calib_batches=2, cache_dir=tmp_path)
+    task = zoo.resnet18_fashion_task(**counts)
+    assert task.model.conv1.in_channels == 1 and task.model.fc.out_features == 10 and not task.model.training
+    assert [batch.shape for batch in task.calib] == [(32, 1, 28, 28)] * 2 and task.example_inputs[0].shape == (1, 1, 28, 28)
+    train_images, _ = zoo.fashion_mnist("train")
+    assert torch.equal(task.train[0], train_images[:256])
+    assert torch.equal(task.calib[0], zoo.mnist_inputs(train_images[256:288]))  # right after the training images
+    assert task.val[0].shape == (100, 28, 28) and not torch.equal(task.val[0], task.test[0])
+    assert task.accuracy(task.model, "test") >= 0.3  # 256 images, 10 steps: well above chance (0.1)
+    (weights,) = tmp_path.iterdir()
+    again = zoo.resnet18_fashion_task(**counts)
+    assert list(tmp_path.iterdir()) == [weights]
+    assert torch.equal(again.model.fc.weight, task.model.fc.weight)
+    with pytest.raises(ValueError, match="10000 test images for n_val \\+ n_test"):
+        zoo.resnet18_fashion_task(n_val=6000, n_test=6000, cache_dir=tmp_path)
+
+
 def test_mobilenet_fashion_task_rejects_impossible_counts() -> None:
     with pytest.raises(ValueError, match="10000 test images for n_val \\+ n_test"):
         zoo.mobilenet_fashion_task(n_val=6000, n_test=6000)

@@ -4,10 +4,11 @@
 captured; dynamic (Linear/LSTM/GRU weights int8, activations quantized per call) when the model
 has such layers and either no convolutions (transformers, MLPs), recurrent layers (which static
 leaves in FP32), or no graph capture. Conv nets get static only: there dynamic would quantize a
-head and nothing else. QAT ('qat', FX) is searched when the user gives training data and static
-applies: it is the recovery arm, tried only if post-training seeds miss the budget (see
-`autoq.tuner`). The PT2E + Inductor twins of both ('pt2e-static', 'pt2e-dynamic') are
-searched under the same rule whenever torch.export can capture the model.
+head and nothing else. The PT2E + Inductor twins of both ('pt2e-static', 'pt2e-dynamic') are
+searched under the same rule whenever torch.export can capture the model. QAT ('qat' on FX,
+'pt2e-qat' on PT2E) is searched when the user gives training data and its post-training twin
+('static', 'pt2e-static') applies: these are the recovery arms, tried only if post-training seeds
+miss the budget (see `autoq.tuner`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from autoq.capture import TraceError
-from autoq.plan import CALIBRATED_RECIPES, INDUCTOR_RECIPES, RECIPES, QuantPlan
+from autoq.plan import CALIBRATED_RECIPES, INDUCTOR_RECIPES, QAT_TWINS, RECIPES, QuantPlan
 from autoq.recipes.dynamic import DynamicBuilder, dynamic_layers
 from autoq.recipes.pt2e import Pt2eBuilder, bf16_supported
-from autoq.recipes.qat import QatBuilder, Training
+from autoq.recipes.qat import Pt2eQatBuilder, QatBuilder, Training
 from autoq.recipes.static import StaticBuilder
 
 AUTO = "auto"
 RECIPE_CHOICES = (AUTO, *RECIPES)
-Builder = StaticBuilder | DynamicBuilder | QatBuilder | Pt2eBuilder
+Builder = StaticBuilder | DynamicBuilder | QatBuilder | Pt2eBuilder | Pt2eQatBuilder
+_NO_TRAINING = "The '{}' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn."
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RECURRENT = (nn.LSTM, nn.GRU)
 
@@ -62,18 +64,24 @@ def builder(recipe: str, model: nn.Module, example_inputs: tuple, batches: Seque
             non_traceable_modules: Sequence[str] = (), progress: Callable[[int], None] | None = None,
             training: Training | None = None) -> Builder:
     """The builder of `recipe` for `model` (captures, and for calibrated recipes calibrates, once);
-    'qat' needs `training`."""
-    if recipe in ("static", "qat"):
-        static = StaticBuilder(model, example_inputs, batches, non_traceable_modules=non_traceable_modules,
-                               progress=progress)
-        if recipe == "static":
-            return static
+    the QAT recipes need `training`."""
+    if recipe in QAT_TWINS:
         if training is None:
-            raise ValueError("The 'qat' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn.")
-        return QatBuilder(model, static, training)
+            raise ValueError(_NO_TRAINING.format(recipe))
+        twin = builder(QAT_TWINS[recipe], model, example_inputs, batches, non_traceable_modules, progress)
+        return fine_tuning(recipe, model, twin, training)
+    if recipe == "static":
+        return StaticBuilder(model, example_inputs, batches, non_traceable_modules=non_traceable_modules,
+                             progress=progress)
     if recipe == "dynamic":
         return DynamicBuilder(model, example_inputs)
     return Pt2eBuilder(model, example_inputs, batches, recipe=recipe, progress=progress)
+
+
+def fine_tuning(recipe: str, model: nn.Module, twin: StaticBuilder | Pt2eBuilder,
+                training: Training) -> QatBuilder | Pt2eQatBuilder:
+    """The builder of QAT `recipe`, sharing its post-training twin's capture and layers."""
+    return QatBuilder(model, twin, training) if recipe == "qat" else Pt2eQatBuilder(model, twin, training)
 
 
 def calibrated(recipes: Sequence[str]) -> int:
@@ -92,25 +100,34 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
     auto = tuple(recipes) == (AUTO,)
     builders: dict[str, Builder] = {}
     skipped: dict[str, str] = {}
+    twins_of_pinned_qat = {twin for recipe, twin in QAT_TWINS.items() if recipe in recipes and training is not None}
     for recipe in ("static", "pt2e-static"):
-        if auto or recipe in recipes or (recipe == "static" and "qat" in recipes and training is not None):
+        if auto or recipe in recipes or recipe in twins_of_pinned_qat:
             try:
                 builders[recipe] = builder(recipe, model, example_inputs, batches, non_traceable_modules, progress)
             except TraceError as error:
                 if not auto:
                     raise
                 skipped[recipe] = str(error)
-    if auto or "qat" in recipes:
+    for recipe, twin in QAT_TWINS.items():
+        if not (auto or recipe in recipes):
+            continue
         if training is None:
             if not auto:
-                raise ValueError("The 'qat' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn.")
-            skipped["qat"] = "no training data (pass train_data and loss_fn, or train_fn)"
-        elif "static" in builders:
-            builders["qat"] = QatBuilder(model, builders["static"], training)
+                raise ValueError(_NO_TRAINING.format(recipe))
+            skipped[recipe] = "no training data (pass train_data and loss_fn, or train_fn)"
+        elif twin in builders:
+            try:
+                builders[recipe] = fine_tuning(recipe, model, builders[twin], training)
+            except TraceError as error:  # export in training mode can fail where export in eval mode did not
+                if not auto:
+                    raise
+                skipped[recipe] = str(error)
         elif auto:
-            skipped["qat"] = skipped["static"]
-    if "static" in builders and not (auto or "static" in recipes):
-        del builders["static"]  # built only for QAT's layers
+            skipped[recipe] = skipped[twin]
+    for twin in ("static", "pt2e-static"):
+        if twin in builders and not (auto or twin in recipes):
+            del builders[twin]  # built only for its QAT recipe's layers
     modules = list(model.modules())
     for recipe, twin in (("dynamic", "static"), ("pt2e-dynamic", "pt2e-static")):
         if not auto:

@@ -1,8 +1,9 @@
 """PT2E quantization lowered by Inductor: torch.export -> torchao's X86InductorQuantizer -> torch.compile.
 
 This is where PyTorch's x86 int8 work is heading: the quantized graph is compiled (weights frozen
-into the code, int8 ops fused by Inductor's oneDNN lowering) instead of run op by op. Two recipes:
-'pt2e-static' (activations calibrated) and 'pt2e-dynamic' (activation ranges per call).
+into the code, int8 ops fused by Inductor's oneDNN lowering) instead of run op by op. Two recipes
+here: 'pt2e-static' (activations calibrated) and 'pt2e-dynamic' (activation ranges per call); the
+third, 'pt2e-qat', fine-tunes (autoq.recipes.qat) and lowers the same way.
 
 `Pt2eBuilder` exports the model once (batch dimension dynamic, dead code dropped: an unused
 output such as a BERT pooler otherwise breaks prepare_pt2e), calibrates once with autoq's
@@ -31,7 +32,7 @@ from autoq.calibrate.observers import Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import TraceError
-from autoq.plan import INDUCTOR_RECIPES, QuantPlan
+from autoq.plan import QuantPlan
 
 _LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
               torch.ops.aten.conv3d.default}
@@ -88,6 +89,47 @@ def _layer_name(node: torch.fx.Node) -> str | None:
     return list(stack.values())[-1][0]
 
 
+def layer_names(graph: torch.fx.GraphModule) -> list[str]:
+    """Module names of the linear/conv layers of an exported graph, in graph order."""
+    return list(dict.fromkeys(name for node in graph.graph.nodes if (name := _layer_name(node)) is not None))
+
+
+class _Quantizer(x86q.X86InductorQuantizer):
+    """X86InductorQuantizer whose skipped layers carry no annotation at all once annotated.
+
+    It marks a skipped layer's nodes with an empty annotation; torchao 0.18's conv-BatchNorm QAT
+    fusion (prepare_qat_pt2e) then fails with an IndexError on a skipped conv, reading its inputs'
+    specs. An empty annotation quantizes nothing, so dropping it after annotating changes nothing else.
+    """
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = super().annotate(model)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if annotation is not None and not annotation.input_qspec_map and annotation.output_qspec is None:
+                del node.meta["quantization_annotation"]
+        return model
+
+
+def inductor_quantizer(fp32_layers: Sequence[str], *, is_dynamic: bool = False, is_qat: bool = False,
+                       observer: type | None = None, layers: Sequence[str] | None = None) -> x86q.X86InductorQuantizer:
+    """X86InductorQuantizer's default config (static, dynamic or QAT) for every layer but `fp32_layers`
+    (with `layers`: for those only); `observer` replaces its activation observers."""
+    config = x86q.get_default_x86_inductor_quantization_config(is_dynamic=is_dynamic, is_qat=is_qat)
+    if observer is not None:
+        activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
+        config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+    quantizer = _Quantizer()
+    if layers is None:
+        quantizer.set_global(config)
+        for layer in fp32_layers:
+            quantizer.set_module_name_qconfig(layer, None)
+    else:
+        for layer in layers:
+            quantizer.set_module_name_qconfig(layer, config)
+    return quantizer
+
+
 def float32_outputs(output: object) -> object:
     """`output` (tensors, nested in tuples/lists/dicts) with floating tensors as float32 (autocast gives bf16)."""
     return pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, output)
@@ -137,13 +179,12 @@ class Pt2eBuilder:
     def __init__(self, model: nn.Module, example_inputs: tuple, calib_batches: Sequence[tuple], *,
                  recipe: str = "pt2e-static", progress: Callable[[int], None] | None = None) -> None:
         """progress: called with 1 after each calibration batch (two passes; static only)."""
-        if recipe not in INDUCTOR_RECIPES:
-            raise ValueError(f"Pt2eBuilder builds {list(INDUCTOR_RECIPES)}, not {recipe!r}.")
+        if recipe not in ("pt2e-static", "pt2e-dynamic"):
+            raise ValueError(f"Pt2eBuilder builds 'pt2e-static' and 'pt2e-dynamic', not {recipe!r}.")
         self.recipe, self.example_inputs = recipe, example_inputs
         self.dynamic = recipe == "pt2e-dynamic"
         self._graph = export_graph(copy.deepcopy(model).eval(), example_inputs)
-        self.layers = list(dict.fromkeys(name for node in self._graph.graph.nodes
-                                         if (name := _layer_name(node)) is not None))
+        self.layers = layer_names(self._graph)
         if not self.layers:
             raise ValueError("PT2E found no linear or conv layer to quantize in the exported graph.")
         self.checkpoints = checkpoints_for(calib_batches) if not self.dynamic else []
@@ -166,28 +207,12 @@ class Pt2eBuilder:
             if (layer := _layer_name(source)) is not None:
                 self.owner[source.name] = layer
 
-    def _quantizer(self, plan: QuantPlan, observer: type | None,
-                   layers: Sequence[str] | None) -> x86q.X86InductorQuantizer:
-        """The plan's quantizer (with `layers`: only those quantized); `observer` replaces activation observers."""
-        config = x86q.get_default_x86_inductor_quantization_config(is_dynamic=self.dynamic)
-        if observer is not None:
-            activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
-            config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
-        quantizer = x86q.X86InductorQuantizer()
-        if layers is None:
-            quantizer.set_global(config)
-            for layer in plan.fp32_layers:
-                quantizer.set_module_name_qconfig(layer, None)
-        else:
-            for layer in layers:
-                quantizer.set_module_name_qconfig(layer, config)
-        return quantizer
-
     def _prepare(self, plan: QuantPlan, observer: type | None,
                  layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return prepare_pt2e(copy.deepcopy(self._graph), self._quantizer(plan, observer, layers))
+            return prepare_pt2e(copy.deepcopy(self._graph), inductor_quantizer(
+                plan.fp32_layers, is_dynamic=self.dynamic, observer=observer, layers=layers))
 
     def reference(self, plan: QuantPlan, layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
         """The converted (quantize/dequantize reference) graph of `plan`, not compiled; with `layers`,

@@ -1,16 +1,22 @@
-"""Quantization-aware training (FX, x86): the recovery arm when post-training quantization misses the budget.
+"""Quantization-aware training: the recovery arms when post-training quantization misses the budget.
 
-A candidate is a short fine-tune of the user's trained model with fake quantization in the graph
-(`prepare_qat_fx` with PyTorch's default x86 QAT mapping at the plan's activation range and weight
-granularity, the plan's FP32 fallbacks kept out),
-then converted to int8 like a static plan (same kernels, same per-layer dispatch). The user gives
-either `train_data` (batches of (inputs, target)) and `loss_fn(output, target)`, or a
-`train_fn(model, epochs, lr)` that trains the prepared model in place. Epochs and learning rate
-are plan parameters; every fine-tune stops at `Training.max_seconds`.
+A candidate is a short fine-tune of the user's trained model with fake quantization in the graph,
+the plan's FP32 fallbacks kept out, then converted to int8. Two recipes:
+- 'qat' (FX, eager int8 kernels): `prepare_qat_fx` with PyTorch's default x86 QAT mapping at the
+  plan's activation range and weight granularity; converted like a static plan (same kernels, same
+  per-layer dispatch).
+- 'pt2e-qat' (PT2E, compiled by Inductor): the model exported in training mode, `prepare_qat_pt2e`
+  with X86InductorQuantizer's QAT config (conv-BatchNorm folding simulated while training),
+  converted and lowered like a 'pt2e-static' plan.
+The user gives either `train_data` (batches of (inputs, target)) and `loss_fn(output, target)`, or
+a `train_fn(model, epochs, lr)` that trains the prepared model in place. Epochs and learning rate
+are plan parameters; every fine-tune stops at `Training.max_seconds`. A plan's fine-tuned model is
+kept, so building it again (finalists, the result) does not retrain.
 """
 
 from __future__ import annotations
 
+import abc
 import copy
 import time
 import warnings
@@ -26,11 +32,14 @@ from torch.ao.quantization import (
 )
 from torch.ao.quantization.fake_quantize import default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+from torchao.quantization import pt2e as torchao_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
 from autoq.capture import Layer, as_input_tuple, use_base_layer_classes
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
 from autoq.recipes.engine import quantized_engine
+from autoq.recipes.pt2e import Lowered, Pt2eBuilder, export_graph, inductor_quantizer
 from autoq.recipes.static import StaticBuilder, with_global_qconfig
 
 FREEZE_AT = 0.5  # fraction of the fine-tune after which observers and BatchNorm statistics are frozen
@@ -67,25 +76,23 @@ def qat_mapping(plan: QuantPlan, fp32_layers: Sequence[Layer] = ()) -> QConfigMa
     return with_global_qconfig(get_default_qat_qconfig_mapping("x86"), qconfig, fp32_layers)
 
 
-class QatBuilder:
-    """`build(plan)` fine-tunes a fake-quantized copy of the model and returns its int8 GraphModule.
+class _FineTunes(abc.ABC):
+    """`build(plan)`: the int8 model of `plan` from its kept fine-tune (`_fine_tuned`, run once per plan).
 
-    Layers and their names are those of the static recipe (`static`, the run's StaticBuilder);
-    a plan's fine-tuned model is kept, so building it again (finalists, the result) is free.
+    `twin` is the post-training builder of the same graph capture: its layers, their names and
+    their sensitivity ranking are the QAT recipe's too.
     """
 
-    recipe = "qat"
+    recipe: str
 
-    def __init__(self, model: nn.Module, static: StaticBuilder, training: Training) -> None:
-        self.example_inputs, self.training = static.example_inputs, training
-        self.static = static  # its layers, their names and sensitivity are QAT's too
-        self._model = copy.deepcopy(model).eval()
-        use_base_layer_classes(self._model)
-        self.layers = list(static.layers)
+    def __init__(self, twin: StaticBuilder | Pt2eBuilder, training: Training) -> None:
+        self.twin, self.training = twin, training
+        self.example_inputs = twin.example_inputs
+        self.layers = list(twin.layers)
         self._built: dict[str, nn.Module] = {}
 
-    def build(self, plan: QuantPlan) -> torch.fx.GraphModule:
-        """The int8 model of `plan` after its fine-tune (the builder's model is never trained)."""
+    def build(self, plan: QuantPlan) -> nn.Module:
+        """The int8 model of `plan` after its fine-tune (the user's model is never trained)."""
         unknown = set(plan.fp32_layers) - set(self.layers)
         if unknown:
             raise ValueError(f"fp32_layers names {sorted(unknown)}, which are not quantizable layers of this "
@@ -93,40 +100,36 @@ class QatBuilder:
         key = plan.key()
         if key not in self._built:
             self._built[key] = self._fine_tuned(plan)
-        quantized = copy.deepcopy(self._built[key])
-        set_layer_engines(quantized, plan.layer_engines)
+        quantized = self._int8(copy.deepcopy(self._built[key]), plan)
         quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
         return quantized
 
-    def _fine_tuned(self, plan: QuantPlan) -> torch.fx.GraphModule:
-        fp32_layers = [self.static.layer(name) for name in plan.fp32_layers]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = prepare_qat_fx(copy.deepcopy(self._model).train(), qat_mapping(plan, fp32_layers),
-                                      self.example_inputs)
+    @abc.abstractmethod
+    def _fine_tuned(self, plan: QuantPlan) -> nn.Module:
+        """The prepared model of `plan`, fine-tuned (`_train`) and converted to int8 (not yet lowered)."""
+
+    @abc.abstractmethod
+    def _int8(self, converted: nn.Module, plan: QuantPlan) -> nn.Module:
+        """A copy of the converted model made ready to run (kernels chosen, or compiled)."""
+
+    def _train(self, prepared: torch.fx.GraphModule, plan: QuantPlan, freeze: Callable[[], None]) -> None:
+        """The user's train_fn, or Adam with cosine decay over train_data for the plan's epochs (or until
+        max_seconds), calling `freeze` (observers and BatchNorm statistics) for the last part, as
+        PyTorch's QAT tutorials do."""
         if self.training.train_fn is not None:
             self.training.train_fn(prepared, plan.qat_epochs, plan.qat_lr)
-        else:
-            self._train(prepared, plan.qat_epochs, plan.qat_lr)
-        prepared.eval()
-        with warnings.catch_warnings(), quantized_engine(plan.engine):
-            warnings.simplefilter("ignore")
-            return convert_fx(prepared, qconfig_mapping=qat_mapping(plan, fp32_layers))
-
-    def _train(self, prepared: torch.fx.GraphModule, epochs: int, lr: float) -> None:
-        """Adam with cosine decay over train_data for `epochs` (or until max_seconds), freezing observers and
-        BatchNorm statistics for the last part, as PyTorch's QAT tutorial does."""
+            return
         batches = list(self.training.train_data)
         if not batches:
             raise ValueError("train_data is empty: QAT needs batches of (inputs, target).")
-        optimizer = torch.optim.Adam(prepared.parameters(), lr=lr)
-        steps, freeze_at = epochs * len(batches), int(FREEZE_AT * epochs * len(batches))
+        optimizer = torch.optim.Adam(prepared.parameters(), lr=plan.qat_lr)
+        steps = plan.qat_epochs * len(batches)
+        freeze_at = int(FREEZE_AT * steps)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         deadline = time.monotonic() + self.training.max_seconds
         for step in range(steps):
             if step == freeze_at:
-                prepared.apply(disable_observer)
-                prepared.apply(nniqat.freeze_bn_stats)
+                freeze()
             inputs, target = _split(batches[step % len(batches)])
             optimizer.zero_grad()
             self.training.loss_fn(prepared(*inputs), target).backward()
@@ -134,6 +137,63 @@ class QatBuilder:
             schedule.step()
             if time.monotonic() > deadline:
                 break
+
+
+class QatBuilder(_FineTunes):
+    """FX QAT ('qat'): int8 GraphModules with eager kernels, per-layer dispatch like static plans."""
+
+    recipe = "qat"
+
+    def __init__(self, model: nn.Module, static: StaticBuilder, training: Training) -> None:
+        super().__init__(static, training)
+        self._model = copy.deepcopy(model).eval()
+        use_base_layer_classes(self._model)
+
+    def _fine_tuned(self, plan: QuantPlan) -> torch.fx.GraphModule:
+        fp32_layers = [self.twin.layer(name) for name in plan.fp32_layers]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_qat_fx(copy.deepcopy(self._model).train(), qat_mapping(plan, fp32_layers),
+                                      self.example_inputs)
+        self._train(prepared, plan, lambda: (prepared.apply(disable_observer),
+                                             prepared.apply(nniqat.freeze_bn_stats)))
+        prepared.eval()
+        with warnings.catch_warnings(), quantized_engine(plan.engine):
+            warnings.simplefilter("ignore")
+            return convert_fx(prepared, qconfig_mapping=qat_mapping(plan, fp32_layers))
+
+    def _int8(self, converted: nn.Module, plan: QuantPlan) -> nn.Module:
+        set_layer_engines(converted, plan.layer_engines)
+        return converted
+
+
+class Pt2eQatBuilder(_FineTunes):
+    """PT2E QAT ('pt2e-qat'): the model exported in training mode once; each plan fine-tuned, converted
+    and compiled by Inductor (freezing on; the plan's cpp_wrapper and mixed_bf16)."""
+
+    recipe = "pt2e-qat"
+
+    def __init__(self, model: nn.Module, twin: Pt2eBuilder, training: Training) -> None:
+        super().__init__(twin, training)
+        self._graph = export_graph(copy.deepcopy(model).train(), self.example_inputs)
+
+    def _fine_tuned(self, plan: QuantPlan) -> torch.fx.GraphModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_qat_pt2e(copy.deepcopy(self._graph), inductor_quantizer(
+                plan.fp32_layers, is_qat=True))
+        torchao_pt2e.allow_exported_model_train_eval(prepared)  # a train_fn may call .train() / .eval()
+        self._train(prepared, plan, lambda: (prepared.apply(torchao_pt2e.disable_observer),
+                                             torchao_pt2e.move_exported_model_to_eval(prepared)))
+        torchao_pt2e.move_exported_model_to_eval(prepared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_pt2e(prepared)
+
+    def _int8(self, converted: nn.Module, plan: QuantPlan) -> nn.Module:
+        lowered = Lowered(converted, self.example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
+        lowered(*self.example_inputs)  # compiled here, as every PT2E build
+        return lowered
 
 
 def _split(batch: object) -> tuple[tuple, torch.Tensor]:

@@ -96,8 +96,7 @@ class SearchSpace:
             return QuantPlan(
                 **self._fallbacks_kernels_weights(trial, recipe, ranking),
                 reduce_range=trial.suggest_categorical("qat:reduce_range", self.reduce_range),
-                qat_epochs=trial.suggest_int("qat:epochs", *self.qat_epochs),
-                qat_lr=trial.suggest_float("qat:lr", *self.qat_lr, log=True),
+                **self._suggest_fine_tune(trial, "qat:"),
             )
         relu6, calib_counts = arms.has_relu6, arms.checkpoints
         observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, "")
@@ -125,6 +124,11 @@ class SearchSpace:
                 "weight_granularity": trial.suggest_categorical(f"{recipe}:weight_granularity",
                                                                 self.weight_granularities)}
 
+    def _suggest_fine_tune(self, trial: optuna.Trial, prefix: str) -> dict:
+        """A QAT plan's fine-tune length (epochs) and learning rate."""
+        return {"qat_epochs": trial.suggest_int(f"{prefix}epochs", *self.qat_epochs),
+                "qat_lr": trial.suggest_float(f"{prefix}lr", *self.qat_lr, log=True)}
+
     def _suggest_ranges(self, trial: optuna.Trial, ranking: list[str], prefix: str
                         ) -> tuple[str, int, dict[str, str], bool]:
         """Activation observer, number of FP32 fallbacks, per-layer observers and whether any uses percentile."""
@@ -142,9 +146,10 @@ class SearchSpace:
         prefix, ranking = f"{recipe}:", arms.rankings[recipe]
         lowering = {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.cpp_wrapper),
                     "mixed_bf16": arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.mixed_bf16)}
-        if recipe == "pt2e-dynamic":
+        if recipe in ("pt2e-dynamic", "pt2e-qat"):
             n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.fallback_limit(len(ranking)))
-            return QuantPlan(recipe=recipe, fp32_layers=list(ranking[:n_fallback]), **lowering)
+            fine_tune = {} if recipe == "pt2e-dynamic" else self._suggest_fine_tune(trial, prefix)
+            return QuantPlan(recipe=recipe, fp32_layers=list(ranking[:n_fallback]), **lowering, **fine_tune)
         observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, prefix)
         return QuantPlan(
             recipe=recipe, activation_observer=observer, layer_observers=layer_observers,
@@ -189,7 +194,7 @@ class SearchSpace:
                     "dynamic:n_fallback": 0, "engine": engine,
                     "dynamic:weight_granularity": _closest("per_tensor", self.weight_granularities),
                 })
-        for recipe in (r for r in INDUCTOR_RECIPES if r in arms.recipes):
+        for recipe in (r for r in ("pt2e-static", "pt2e-dynamic") if r in arms.recipes):
             prefix = f"{recipe}:"
             seed = {**({"recipe": recipe} if several else {}),
                     f"{prefix}cpp_wrapper": _closest(False, self.cpp_wrapper)}
@@ -203,17 +208,30 @@ class SearchSpace:
             seeds.append({**seed, f"{prefix}n_fallback": 0})
         return seeds
 
-    def qat_seed(self, arms: Arms) -> dict:
-        """Trial parameters of PyTorch's default x86 QAT but at full 8-bit activation range (the
-        default's 7-bit range guards CPUs without VNNI; the measured accuracy catches any overflow),
-        no fallbacks, the shortest fine-tune at a mid learning rate: queued only when post-training
-        seeds miss the budget (see autoq.tuner)."""
-        low, high = self.qat_lr
-        return {**({"recipe": "qat"} if len(arms.recipes) > 1 else {}), "qat:n_fallback": 0,
-                "engine": _closest("x86", self.engines),
-                "qat:weight_granularity": _closest("per_channel", self.weight_granularities),
-                "qat:reduce_range": _closest(False, self.reduce_range),
-                "qat:epochs": self.qat_epochs[0], "qat:lr": min(max(1e-4, low), high)}
+    def qat_seeds(self, arms: Arms) -> list[dict]:
+        """Trial parameters of each QAT recipe searched, at the shortest fine-tune, a mid learning rate
+        and no fallbacks: queued only when post-training seeds miss the budget (see autoq.tuner).
+
+        'qat' is PyTorch's default x86 QAT but at full 8-bit activation range (the default's 7-bit
+        range guards CPUs without VNNI; the measured accuracy catches any overflow); 'pt2e-qat' is
+        X86InductorQuantizer's QAT config with the Python wrapper and no bf16.
+        """
+        several = len(arms.recipes) > 1
+        fine_tune = {"epochs": self.qat_epochs[0], "lr": min(max(1e-4, self.qat_lr[0]), self.qat_lr[1])}
+        seeds = []
+        if "qat" in arms.recipes:
+            seeds.append({**({"recipe": "qat"} if several else {}), "qat:n_fallback": 0,
+                          "engine": _closest("x86", self.engines),
+                          "qat:weight_granularity": _closest("per_channel", self.weight_granularities),
+                          "qat:reduce_range": _closest(False, self.reduce_range),
+                          **{f"qat:{name}": value for name, value in fine_tune.items()}})
+        if "pt2e-qat" in arms.recipes:
+            seeds.append({**({"recipe": "pt2e-qat"} if several else {}),
+                          "pt2e-qat:cpp_wrapper": _closest(False, self.cpp_wrapper),
+                          **({"pt2e-qat:mixed_bf16": _closest(False, self.mixed_bf16)} if arms.bf16 else {}),
+                          "pt2e-qat:n_fallback": 0,
+                          **{f"pt2e-qat:{name}": value for name, value in fine_tune.items()}})
+        return seeds
 
     def sweep_params(self, seed: dict) -> list[dict]:
         """Variations of the best seed: every other observer method, at full 8-bit range if allowed
@@ -227,7 +245,7 @@ class SearchSpace:
         if "dynamic:weight_granularity" in seed:
             return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.weight_granularities
                     if granularity != seed["dynamic:weight_granularity"]]
-        recipe = next((r for r in INDUCTOR_RECIPES if f"{r}:n_fallback" in seed), None)
+        recipe = next((r for r in ("pt2e-static", "pt2e-dynamic") if f"{r}:n_fallback" in seed), None)
         if recipe is not None:  # the Inductor lowering options, then (static) the other observers
             variants = [{**seed, f"{recipe}:{name}": value} for name, values in
                         (("cpp_wrapper", self.cpp_wrapper), ("mixed_bf16", self.mixed_bf16))

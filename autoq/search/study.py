@@ -189,7 +189,8 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One plain dict per finished trial: number, state, params, metric, loss, speedup, feasible, error,
-    worker ("host:pid"). Queued (not yet run), running and surplus trials are left out.
+    worker ("host:pid"), seconds (its duration) and finished (Unix time it ended). Queued (not yet
+    run), running and surplus trials are left out.
     """
     rows = []
     interrupted = interrupted_trials(study)
@@ -216,6 +217,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "error": error,
             "worker": attrs.get(WORKER_ATTR),
             "seconds": trial.duration.total_seconds() if trial.duration else None,
+            "finished": trial.datetime_complete.timestamp() if trial.datetime_complete else None,
         })
     return rows
 

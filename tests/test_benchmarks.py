@@ -1,0 +1,43 @@
+"""The benchmark report: table rows, geomeans and the speed-vs-loss figure (on made-up numbers)."""
+
+import sys
+from pathlib import Path
+
+from matplotlib.image import imread
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from core import Row, Tuning, peers_ahead, table  # noqa: E402
+from plot import speed_vs_loss_png  # noqa: E402
+
+ROWS = [
+    Row("cnn", "FP32 eager", 0.9, 0.9, 0.0, 2.0, 1.0, 0.5),
+    Row("cnn", "autoq", 0.9, 0.89, 0.011, 0.5, 4.0, 2.0, Tuning("static kernels=onednn", 12, 3, 41.6, 120.0)),
+    Row("cnn", "INC 3.10 autotune (PT2E static)", 0.5, 0.5, 0.44, 1.0, 2.0, 1.0, Tuning("act uint8", 4, None, None, 9.0)),
+    Row("lstm", "FP32 eager", 0.8, 0.8, 0.0, 1.0, 1.0, 1.0),
+    Row("lstm", "autoq", 0.8, 0.8, 0.0, 1.0, 1.0, 1.0, Tuning("dynamic", 8, 0, 2.4, 30.0)),
+]
+
+
+def test_table_reports_time_to_first_in_budget_model_and_geomeans():
+    lines = table(ROWS)
+    cells = {(r[0], r[1]): r for r in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
+    assert cells["cnn", "**autoq**"][10:] == ["#3, 42 s", "120"]
+    assert cells["cnn", "INC 3.10 autotune (PT2E static)"][10] == "-"  # never within budget
+    assert cells["cnn", "**autoq**"][5] == "+1.10%"
+    autoq_geomean = cells["geomean (2 models)", "autoq"]
+    assert autoq_geomean[7:9] == ["2.00x", "1.41x"]  # sqrt(4 * 1), sqrt(2 * 1)
+    assert cells["geomean (1 models)", "INC 3.10 autotune (PT2E static)"][7] == "2.00x"
+
+
+def test_figure_has_a_panel_per_model(tmp_path):
+    path = tmp_path / "results.png"
+    speed_vs_loss_png(ROWS, path)
+    height, width, _ = imread(path).shape
+    assert (width, height) == (1500, 420)  # 2 model panels + the legend in one row, 100 dpi
+
+
+def test_peers_ahead_lists_faster_methods_within_budget_only():
+    faster = Row("cnn", "default FX PTQ (fbgemm)", 0.9, 0.9, 0.005, 0.4, 5.0, 2.5)
+    faster_over_budget = Row("cnn", "bf16 autocast (compiled)", 0.9, 0.8, 0.02, 0.3, 6.0, 3.0)
+    lines = peers_ahead([*ROWS, faster, faster_over_budget])
+    assert lines == ["- cnn: default FX PTQ (fbgemm) 2.50x vs autoq 2.00x best FP32 (held-out loss +0.50% vs +1.10%)"]
