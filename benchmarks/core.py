@@ -10,7 +10,8 @@ Per model, in one process and one interleaved timing run:
   1% relative tolerance, same calibration data and metric) and its default dynamic config (models
   without convolutions; needs the `inc` extra, else listed as not run); autoq (all recipes that
   apply, 1% relative budget, same calibration data; with up to 4096 of the task's training samples, so QAT is tried
-  when post-training misses); and, where the task has training data, autoq pinned to the QAT recipe.
+  when post-training misses); and, where the task has training data, autoq pinned to the QAT recipes
+  (FX and PT2E).
 Accuracy is top-1 on the validation split the tuner sees and on a held-out test split it never
 sees. Methods that do not apply to a model are listed under the table with the reason.
 """
@@ -125,8 +126,8 @@ def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = 
                         n_trials=trials, storage=storage, verbose=False, **training)
     first_ok = next((t for t in result.trials if t["feasible"]), None)
     plan = QuantPlan.from_dict(result.config)
-    changes = " ".join(f"{name}={value}" for name, value in plan_changes(plan, default_plan("x86")).items()
-                       if name != "recipe")
+    changes = " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+                       for name, value in plan_changes(plan, default_plan("x86")).items() if name != "recipe")
     return result.model, Tuning(f"{plan.recipe} {changes}".strip(), len(result.trials),
                                 first_ok and first_ok["number"], first_ok and first_ok["finished"] - started_at,
                                 time.perf_counter() - started)
@@ -147,15 +148,16 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
             models[method] = build()
         except Exception as error:  # a baseline that cannot handle this model is a finding, not a crash
             skipped[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
-    try:
-        tuned["INC 3.10 autotune (PT2E static)"] = inc(task)
-    except Exception as error:
-        skipped["INC 3.10 autotune (PT2E static)"] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
     storage = f"sqlite:///{storage_dir}/{name}.db"
-    tuned["autoq"] = tune(task, trials, storage)
+    tuners = {"INC 3.10 autotune (PT2E static)": lambda: inc(task), "autoq": lambda: tune(task, trials, storage)}
     if task.train is not None:
-        tuned["autoq, QAT recipe pinned"] = tune(task, min(trials, QAT_TRIALS), storage.replace(".db", "-qat.db"),
-                                                 ["qat"])
+        tuners["autoq, QAT recipes pinned"] = lambda: tune(task, min(trials, QAT_TRIALS),
+                                                           storage.replace(".db", "-qat.db"), ["qat", "pt2e-qat"])
+    for method, run in tuners.items():
+        try:
+            tuned[method] = run()
+        except Exception as error:
+            skipped[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
     models.update({method: model for method, (model, _) in tuned.items()})
     timing = measure_latency(models, task.example_inputs, target_seconds=6.0, min_repeats=30)
     best = min((m for m in models if m in FP32_METHODS), key=lambda m: timing[m].median_ms)
