@@ -8,7 +8,9 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86q
 
 import autoq
+from autoq.capture import TraceError
 from autoq.plan import QuantPlan
+from autoq.recipes.arms import applicable_arms
 from autoq.recipes.pt2e import Lowered, Pt2eBuilder
 from autoq.search.study import DROPPED_ATTR, DROPPED_RECIPES_ATTR
 from autoq.tuner import dominated_recipes
@@ -132,6 +134,44 @@ def test_unused_outputs_are_dropped_so_prepare_pt2e_works():
     assert builder.layers == ["encoder.layer", "head"]
     int8 = builder.build(QuantPlan(recipe="pt2e-static"))
     assert torch.allclose(int8(*x), model(*x), atol=0.05)
+
+
+class Residual(nn.Module):
+    """torchvision ResNet's block: conv-BN, then an in-place `out += identity` before the ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.stem, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        identity = self.relu(self.stem(x))
+        out = self.bn(self.conv(identity))
+        out += identity
+        return self.head(torch.flatten(self.relu(out), 1))
+
+
+def test_in_place_residual_adds_are_exported_so_the_quantizer_can_match_them(digits):
+    model = digits.train(Residual(), epochs=40)
+    quantizer = x86q.X86InductorQuantizer().set_global(x86q.get_default_x86_inductor_quantization_config())
+    with pytest.raises(ValueError, match="more than one output node"):  # the trap of a non-strict export
+        prepare_pt2e(torch.export.export(model, (digits.x[:2],), strict=False).module(), quantizer)
+    builder = Pt2eBuilder(model, (digits.x[:1],), [(batch,) for batch in digits.calib], recipe="pt2e-static")
+    assert builder.layers == ["stem", "conv", "head"]
+    assert digits.accuracy(builder.build(QuantPlan(recipe="pt2e-static"))) >= digits.accuracy(model) - 0.03
+
+
+def test_auto_skips_pt2e_with_the_reason_when_the_quantizer_cannot_prepare_the_graph(monkeypatch, digits, mlp):
+    def fails(*args, **kwargs):
+        raise ValueError("Input partition has more than one output node")
+
+    monkeypatch.setattr(Pt2eBuilder, "_calibrate", fails)
+    arms = applicable_arms(mlp, (digits.x[:1],), [(batch,) for batch in digits.calib], ["auto"])
+    assert "pt2e-static" not in arms.recipes and "static" in arms.recipes
+    assert "X86InductorQuantizer could not prepare" in arms.skipped["pt2e-static"]
+    assert "more than one output node" in arms.skipped["pt2e-static"]
+    with pytest.raises(TraceError, match="recipes=\\['static', 'dynamic'\\]"):
+        applicable_arms(mlp, (digits.x[:1],), [(batch,) for batch in digits.calib], ["pt2e-static"])
 
 
 def test_quantize_save_and_load_a_pt2e_plan(tmp_path, digits, mlp):

@@ -44,30 +44,38 @@ def bf16_supported() -> bool:
 
 
 def export_graph(model: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
-    """`model` captured by torch.export (non-strict, batch dimension dynamic), dead code removed.
+    """`model` captured by torch.export (batch dimension dynamic), dead code removed.
 
-    Raises TraceError naming the export failure.
+    Strict export (TorchDynamo) first, as Intel Neural Compressor does: non-strict export keeps
+    in-place ops such as torchvision ResNet's `out += identity`, on which X86InductorQuantizer's
+    conv-add-relu pattern fails ("Input partition has more than one output node"). Non-strict
+    export when strict fails. Raises TraceError naming both failures.
     """
-    try:
-        graph = _export(model, example_inputs).module()
-    except Exception as error:  # export failures come in many types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TraceError(f"torch.export could not capture the model for PT2E: {type(error).__name__}: {first}. "
+    errors = []
+    for strict in (True, False):
+        try:
+            graph = _export(model, example_inputs, strict=strict).module()
+            break
+        except Exception as error:  # export failures come in many types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            errors.append(f"{'strict' if strict else 'non-strict'}: {type(error).__name__}: {first}")
+    else:
+        raise TraceError(f"torch.export could not capture the model for PT2E ({'; '.join(errors)}). "
                          f"Make forward() exportable (see the torch.export docs) or search the FX recipes "
-                         f"only (recipes=['static', 'dynamic']).") from error
+                         f"only (recipes=['static', 'dynamic']).")
     drop_dead_code(graph)
     return graph
 
 
-def _export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """torch.export (non-strict) with the batch dimension of every input dynamic."""
+def _export(model: nn.Module, example_inputs: tuple, strict: bool = False) -> torch.export.ExportedProgram:
+    """torch.export with the batch dimension of every input dynamic."""
     batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs]
     dynamic = tuple({0: torch.export.Dim.AUTO} if b else None for b in batched)
     # a batch of 1 would be specialized (export treats size-1 dims as constants): export a batch of 2
     inputs = tuple(torch.cat([x, x]) if b and x.shape[0] == 1 else x for x, b in zip(example_inputs, batched))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+        return torch.export.export(model, inputs, strict=strict, dynamic_shapes=dynamic)
 
 
 def drop_dead_code(graph: torch.fx.GraphModule) -> None:
@@ -192,7 +200,12 @@ class Pt2eBuilder:
         self.owner: dict[str, str] = {}  # observed node name -> layer whose output it is
         self._calib = list(calib_batches)
         if not self.dynamic:
-            self._calibrate(QuantPlan(recipe=recipe), None, progress)
+            try:
+                self._calibrate(QuantPlan(recipe=recipe), None, progress)
+            except Exception as error:  # the quantizer's pattern matching fails in many ways
+                raise TraceError(f"torchao's X86InductorQuantizer could not prepare the exported graph: "
+                                 f"{type(error).__name__}: {str(error)[:300]}. Search the FX recipes only "
+                                 f"(recipes=['static', 'dynamic']).") from error
 
     def _calibrate(self, plan: QuantPlan, layers: Sequence[str] | None,
                    progress: Callable[[int], None] | None = None) -> None:
