@@ -39,7 +39,7 @@ test: setup data postgres
 test-slow: setup data postgres
 	$(PY) -m pytest -m slow
 
-# Regenerates benchmarks/RESULTS.md (~26 min on 2 cores; keep the machine otherwise idle), with Intel
+# Regenerates benchmarks/RESULTS.md and results.png (~37 min on 2 cores; keep the machine otherwise idle), with Intel
 # Neural Compressor (extra `inc`) as a peer.
 bench: setup data $(VENV)/.inc
 	$(PY) benchmarks/core.py --trials 16 --out benchmarks/RESULTS.md
