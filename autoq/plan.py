@@ -23,6 +23,7 @@ WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 RECIPES = ("static", "dynamic", "qat", "pt2e-static", "pt2e-dynamic", "pt2e-qat")
 INDUCTOR_RECIPES = ("pt2e-static", "pt2e-dynamic", "pt2e-qat")  # compiled by Inductor: no engine or per-layer kernels
 QAT_TWINS = {"qat": "static", "pt2e-qat": "pt2e-static"}  # fine-tuning recipe -> its post-training twin
+PT2E_POST_TRAINING = ("pt2e-static", "pt2e-dynamic")  # the Inductor recipes that do not fine-tune
 CALIBRATED_RECIPES = ("static", "pt2e-static")  # ranges from calibration statistics (calib_samples applies)
 RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and kernels
     "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",

@@ -9,9 +9,9 @@ Per model, in one process and one interleaved timing run:
   Inductor, plain and int8-mixed-bf16; Intel Neural Compressor 3.10's static autotune (PT2E, same
   1% relative tolerance, same calibration data and metric) and its default dynamic config (models
   without convolutions; needs the `inc` extra, else listed as not run); autoq (all recipes that
-  apply, 1% relative budget, same calibration data; with up to 4096 of the task's training samples, so QAT is tried
-  when post-training misses); and, where the task has training data, autoq pinned to the QAT recipes
-  (FX and PT2E).
+  apply, 1% relative budget, same calibration data; with up to 4096 of the task's training
+  samples, so QAT is tried when post-training misses); and, where the task has training data,
+  autoq pinned to the QAT recipes (FX and PT2E).
 Accuracy is top-1 on the validation split the tuner sees and on a held-out test split it never
 sees. Methods that do not apply to a model are listed under the table with the reason.
 """
@@ -54,7 +54,7 @@ TASKS: dict[str, Callable[[], zoo.Task]] = {
 }
 FP32_METHODS = ("FP32 eager", "FP32 folded+channels_last", "FP32 torch.compile(freezing)")
 QAT_TRIALS = 6
-QAT_BATCHES = 64  # of 64 samples: QAT fine-tunes on at most 4096 training samples (ResNet-18: ~20 s an epoch)
+QAT_BATCHES = 64  # of 64 samples: QAT fine-tunes on at most 4096 training samples (ResNet-18 has 12,000)
 
 
 @dataclass
@@ -107,6 +107,11 @@ def baselines(task: zoo.Task) -> dict[str, Callable[[], nn.Module]]:
     return methods
 
 
+def _reason(error: Exception) -> str:
+    """Why a method did not run: the error's type and first line."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}"
+
+
 def _without_conv(model: nn.Module) -> nn.Module:
     if any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules()):
         raise ValueError("a conv net: dynamic quantization would convert its Linear head only")
@@ -147,7 +152,7 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
         try:
             models[method] = build()
         except Exception as error:  # a baseline that cannot handle this model is a finding, not a crash
-            skipped[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
+            skipped[method] = _reason(error)
     storage = f"sqlite:///{storage_dir}/{name}.db"
     tuners = {"INC 3.10 autotune (PT2E static)": lambda: inc(task), "autoq": lambda: tune(task, trials, storage)}
     if task.train is not None:
@@ -157,7 +162,7 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
         try:
             tuned[method] = run()
         except Exception as error:
-            skipped[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
+            skipped[method] = _reason(error)
     models.update({method: model for method, (model, _) in tuned.items()})
     timing = measure_latency(models, task.example_inputs, target_seconds=6.0, min_repeats=30)
     best = min((m for m in models if m in FP32_METHODS), key=lambda m: timing[m].median_ms)

@@ -165,7 +165,7 @@ def test_auto_skips_pt2e_with_the_reason_when_the_quantizer_cannot_prepare_the_g
     def fails(*args, **kwargs):
         raise ValueError("Input partition has more than one output node")
 
-    monkeypatch.setattr(Pt2eBuilder, "_calibrate", fails)
+    monkeypatch.setattr("autoq.recipes.pt2e.prepare_pt2e", fails)
     arms = applicable_arms(mlp, (digits.x[:1],), [(batch,) for batch in digits.calib], ["auto"])
     assert "pt2e-static" not in arms.recipes and "static" in arms.recipes
     assert "X86InductorQuantizer could not prepare" in arms.skipped["pt2e-static"]

@@ -101,7 +101,7 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
     builders: dict[str, Builder] = {}
     skipped: dict[str, str] = {}
     twins_of_pinned_qat = {twin for recipe, twin in QAT_TWINS.items() if recipe in recipes and training is not None}
-    for recipe in ("static", "pt2e-static"):
+    for recipe in QAT_TWINS.values():  # static and pt2e-static: searched, or the twins of pinned QAT recipes
         if auto or recipe in recipes or recipe in twins_of_pinned_qat:
             try:
                 builders[recipe] = builder(recipe, model, example_inputs, batches, non_traceable_modules, progress)
@@ -125,7 +125,7 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
                 skipped[recipe] = str(error)
         elif auto:
             skipped[recipe] = skipped[twin]
-    for twin in ("static", "pt2e-static"):
+    for twin in QAT_TWINS.values():
         if twin in builders and not (auto or twin in recipes):
             del builders[twin]  # built only for its QAT recipe's layers
     modules = list(model.modules())

@@ -32,7 +32,7 @@ from autoq.calibrate.observers import Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import TraceError
-from autoq.plan import QuantPlan
+from autoq.plan import PT2E_POST_TRAINING, QuantPlan
 
 _LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
               torch.ops.aten.conv3d.default}
@@ -187,8 +187,8 @@ class Pt2eBuilder:
     def __init__(self, model: nn.Module, example_inputs: tuple, calib_batches: Sequence[tuple], *,
                  recipe: str = "pt2e-static", progress: Callable[[int], None] | None = None) -> None:
         """progress: called with 1 after each calibration batch (two passes; static only)."""
-        if recipe not in ("pt2e-static", "pt2e-dynamic"):
-            raise ValueError(f"Pt2eBuilder builds 'pt2e-static' and 'pt2e-dynamic', not {recipe!r}.")
+        if recipe not in PT2E_POST_TRAINING:
+            raise ValueError(f"Pt2eBuilder builds {list(PT2E_POST_TRAINING)}, not {recipe!r}.")
         self.recipe, self.example_inputs = recipe, example_inputs
         self.dynamic = recipe == "pt2e-dynamic"
         self._graph = export_graph(copy.deepcopy(model).eval(), example_inputs)
@@ -200,12 +200,7 @@ class Pt2eBuilder:
         self.owner: dict[str, str] = {}  # observed node name -> layer whose output it is
         self._calib = list(calib_batches)
         if not self.dynamic:
-            try:
-                self._calibrate(QuantPlan(recipe=recipe), None, progress)
-            except Exception as error:  # the quantizer's pattern matching fails in many ways
-                raise TraceError(f"torchao's X86InductorQuantizer could not prepare the exported graph: "
-                                 f"{type(error).__name__}: {str(error)[:300]}. Search the FX recipes only "
-                                 f"(recipes=['static', 'dynamic']).") from error
+            self._calibrate(QuantPlan(recipe=recipe), None, progress)
 
     def _calibrate(self, plan: QuantPlan, layers: Sequence[str] | None,
                    progress: Callable[[int], None] | None = None) -> None:
@@ -222,10 +217,16 @@ class Pt2eBuilder:
 
     def _prepare(self, plan: QuantPlan, observer: type | None,
                  layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
+        """The exported graph prepared for `plan`; raises TraceError if the quantizer cannot annotate it."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return prepare_pt2e(copy.deepcopy(self._graph), inductor_quantizer(
-                plan.fp32_layers, is_dynamic=self.dynamic, observer=observer, layers=layers))
+            try:
+                return prepare_pt2e(copy.deepcopy(self._graph), inductor_quantizer(
+                    plan.fp32_layers, is_dynamic=self.dynamic, observer=observer, layers=layers))
+            except Exception as error:  # the quantizer's pattern matching fails in many ways
+                raise TraceError(f"torchao's X86InductorQuantizer could not prepare the exported graph: "
+                                 f"{type(error).__name__}: {str(error)[:300]}. Search the FX recipes only "
+                                 f"(recipes=['static', 'dynamic']).") from error
 
     def reference(self, plan: QuantPlan, layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
         """The converted (quantize/dequantize reference) graph of `plan`, not compiled; with `layers`,

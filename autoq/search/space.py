@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import optuna
 
-from autoq.plan import ENGINES, INDUCTOR_RECIPES, OBSERVERS, WEIGHT_GRANULARITIES, QuantPlan, default_plan
+from autoq.plan import (
+    ENGINES, INDUCTOR_RECIPES, OBSERVERS, PT2E_POST_TRAINING, WEIGHT_GRANULARITIES, QuantPlan, default_plan,
+)
 from autoq.recipes.arms import AUTO, RECIPE_CHOICES, Arms
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
@@ -194,7 +196,7 @@ class SearchSpace:
                     "dynamic:n_fallback": 0, "engine": engine,
                     "dynamic:weight_granularity": _closest("per_tensor", self.weight_granularities),
                 })
-        for recipe in (r for r in ("pt2e-static", "pt2e-dynamic") if r in arms.recipes):
+        for recipe in (r for r in PT2E_POST_TRAINING if r in arms.recipes):
             prefix = f"{recipe}:"
             seed = {**({"recipe": recipe} if several else {}),
                     f"{prefix}cpp_wrapper": _closest(False, self.cpp_wrapper)}
@@ -245,7 +247,7 @@ class SearchSpace:
         if "dynamic:weight_granularity" in seed:
             return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.weight_granularities
                     if granularity != seed["dynamic:weight_granularity"]]
-        recipe = next((r for r in ("pt2e-static", "pt2e-dynamic") if f"{r}:n_fallback" in seed), None)
+        recipe = next((r for r in PT2E_POST_TRAINING if f"{r}:n_fallback" in seed), None)
         if recipe is not None:  # the Inductor lowering options, then (static) the other observers
             variants = [{**seed, f"{recipe}:{name}": value} for name, values in
                         (("cpp_wrapper", self.cpp_wrapper), ("mixed_bf16", self.mixed_bf16))
