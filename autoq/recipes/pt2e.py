@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch._inductor import config as inductor_config
 from torch.utils import _pytree as pytree
+from torchao.quantization.pt2e import fake_quantize as pt2e_fake_quantize
+from torchao.quantization.pt2e import observer as pt2e_observer
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86q
 
@@ -34,6 +36,7 @@ from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, 
 from autoq.capture import TraceError
 from autoq.plan import PT2E_POST_TRAINING, QuantPlan
 
+QAT_EPS = 2**-12  # X86InductorQuantizer's eps for QAT fake-quants
 _LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
               torch.ops.aten.conv3d.default}
 
@@ -122,8 +125,16 @@ class _Quantizer(x86q.X86InductorQuantizer):
 def inductor_quantizer(fp32_layers: Sequence[str], *, is_dynamic: bool = False, is_qat: bool = False,
                        observer: type | None = None, layers: Sequence[str] | None = None) -> x86q.X86InductorQuantizer:
     """X86InductorQuantizer's default config (static, dynamic or QAT) for every layer but `fp32_layers`
-    (with `layers`: for those only); `observer` replaces its activation observers."""
+    (with `layers`: for those only); `observer` replaces its activation observers. QAT uses plain
+    fake quantization instead of the config's fused kernel, whose weight grid `convert_pt2e` does
+    not reproduce."""
     config = x86q.get_default_x86_inductor_quantization_config(is_dynamic=is_dynamic, is_qat=is_qat)
+    if is_qat and not is_dynamic:  # plain fake quantization, as the 'qat' recipe (see autoq.recipes.qat)
+        fake_quantize = pt2e_fake_quantize.FakeQuantize.with_args
+        weight = dataclasses.replace(config.weight, observer_or_fake_quant_ctr=fake_quantize(
+            observer=pt2e_observer.MovingAveragePerChannelMinMaxObserver, eps=QAT_EPS))
+        config = dataclasses.replace(config, weight=weight)
+        observer = fake_quantize(observer=pt2e_observer.MovingAverageMinMaxObserver, eps=QAT_EPS)
     if observer is not None:
         activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, input_activation=activation, output_activation=activation)

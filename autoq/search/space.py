@@ -95,8 +95,12 @@ class SearchSpace:
         if recipe in INDUCTOR_RECIPES:
             return self._suggest_inductor(trial, arms, recipe)
         if recipe == "qat":
+            observer = trial.suggest_categorical("qat:activation_observer", self.observers)
             return QuantPlan(
                 **self._fallbacks_kernels_weights(trial, recipe, ranking),
+                activation_observer=observer,
+                percentile=(trial.suggest_categorical("qat:percentile", PERCENTILES) if observer == "percentile"
+                            else 99.99),
                 reduce_range=trial.suggest_categorical("qat:reduce_range", self.reduce_range),
                 **self._suggest_fine_tune(trial, "qat:"),
             )
@@ -215,7 +219,8 @@ class SearchSpace:
         and no fallbacks: queued only when post-training seeds miss the budget (see autoq.tuner).
 
         'qat' is PyTorch's default x86 QAT but at full 8-bit activation range (the default's 7-bit
-        range guards CPUs without VNNI; the measured accuracy catches any overflow); 'pt2e-qat' is
+        range guards CPUs without VNNI; the measured accuracy catches any overflow), starting from the
+        static seed's histogram ranges; 'pt2e-qat' is
         X86InductorQuantizer's QAT config with the Python wrapper and no bf16.
         """
         several = len(arms.recipes) > 1
@@ -224,6 +229,7 @@ class SearchSpace:
         if "qat" in arms.recipes:
             seeds.append({**({"recipe": "qat"} if several else {}), "qat:n_fallback": 0,
                           "engine": _closest("x86", self.engines),
+                          "qat:activation_observer": _closest("histogram", self.observers),
                           "qat:weight_granularity": _closest("per_channel", self.weight_granularities),
                           "qat:reduce_range": _closest(False, self.reduce_range),
                           **{f"qat:{name}": value for name, value in fine_tune.items()}})
