@@ -577,6 +577,67 @@ def resnet18_fashion_task(
     )
 
 
+def fashion_autoencoder(seed: int = 0, cache_dir: Path | None = None, n_train: int = 60_000,
+                        epochs: int = 20) -> nn.Module:
+    """A convolutional autoencoder trained on Fashion-MNIST (inputs: ``mnist_pixels``, [N, 1, 28, 28]
+    in [0, 1]; output: the reconstruction, same shape). Score it with ``reconstruction_mse``.
+
+    1 -> 32 -> 64 channels down to a 32x7x7 code and back up (ReLU, nearest upsampling, no
+    BatchNorm). Fixed seed; Adam with a one-cycle learning rate (max 5e-3) over ``epochs`` epochs of
+    the first ``n_train`` training images: ~10 min on 2 idle cores at the defaults, cached under
+    ``cache_dir`` (default ``$AUTOQ_CACHE`` or ``~/.cache/autoq``). Its quantization error shows
+    directly in the metric: the QAT recovery case of ``benchmarks/qat_recovery.py``.
+    """
+    if not (1 <= n_train <= 60_000 and epochs >= 1):
+        raise ValueError(f"n_train must be between 1 and 60000 (Fashion-MNIST's training images) and epochs >= 1; "
+                         f"got n_train={n_train}, epochs={epochs}.")
+    cache_file = _resolve_cache_dir(cache_dir) / (
+        f"fashion_autoencoder-v{_CACHE_VERSION}-seed{seed}-train{n_train}-ep{epochs}.pt")
+    state = _cached(cache_file, lambda: _train_autoencoder(
+        mnist_pixels(fashion_mnist("train")[0][:n_train]), epochs, seed))
+    with torch.device("meta"):
+        model = _autoencoder()
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def reconstruction_mse(model: nn.Module, pixels: Tensor, batch_size: int = 500) -> float:
+    """Mean squared error of ``model``'s reconstructions of ``pixels`` (clamped to [0, 1])."""
+    with torch.no_grad():
+        errors = [F.mse_loss(model(batch).clamp(0, 1), batch, reduction="sum") for batch in pixels.split(batch_size)]
+    return float(sum(errors)) / pixels.numel()
+
+
+def mnist_pixels(images: Tensor) -> Tensor:
+    """uint8 [N, 28, 28] images as float [N, 1, 28, 28] in [0, 1] (no normalization)."""
+    return (images.float() / 255).unsqueeze(1)
+
+
+def _autoencoder() -> nn.Sequential:
+    width, code = 32, 32
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
+        nn.Conv2d(2 * width, code, 1), nn.ReLU(),
+        nn.Conv2d(code, 2 * width, 3, 1, 1), nn.ReLU(), nn.Upsample(scale_factor=2),
+        nn.Conv2d(2 * width, width, 3, 1, 1), nn.ReLU(), nn.Upsample(scale_factor=2),
+        nn.Conv2d(width, 1, 3, 1, 1),
+    )
+
+
+def _train_autoencoder(pixels: Tensor, epochs: int, seed: int) -> dict[str, Tensor]:
+    torch.manual_seed(seed)
+    model = _autoencoder().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 5e-3, total_steps=epochs * ((len(pixels) + 127) // 128))
+    for _ in range(epochs):
+        for index in torch.randperm(len(pixels)).split(128):
+            optimizer.zero_grad()
+            F.mse_loss(model(pixels[index]), pixels[index]).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval().state_dict()
+
+
 def _fashion_mnist_parts(
     n_train: int, calib_batches: int, calib_batch_size: int, n_val: int, n_test: int
 ) -> dict[str, tuple[Tensor, Tensor]]:

@@ -170,7 +170,9 @@ def test_auto_searches_both_qat_recipes_with_training_data_and_seeds_each(digits
     arms.rankings = {recipe: arms.layers(recipe) for recipe in arms.recipes}
     space = SearchSpace()
     plans = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in space.qat_seeds(arms)]
-    assert [(p.recipe, p.fp32_layers, p.qat_epochs) for p in plans] == [("qat", [], 1), ("pt2e-qat", [], 1)]
+    # the longest fine-tune: epochs cost tuning time, not inference speed
+    assert [(p.recipe, p.fp32_layers, p.qat_epochs) for p in plans] == [("qat", [], 3), ("pt2e-qat", [], 3)]
+    assert plans[0].activation_observer == "histogram"  # the static seed's ranges, then learned
     assert not plans[1].cpp_wrapper and not plans[1].mixed_bf16  # X86InductorQuantizer's QAT defaults
 
 
@@ -234,3 +236,13 @@ def test_the_int8_model_computes_what_the_fine_tune_simulated(digits, recipe, mo
     with torch.no_grad():
         expected, got = simulated(digits.x[1200:]), int8(digits.x[1200:])
     assert float((got - expected).abs().mean() / expected.abs().mean()) < 1e-3
+
+
+def test_qat_learns_its_activation_ranges_from_the_static_start(digits, cnn):
+    calib = [(b,) for b in digits.calib]
+    fields = {"activation_observer": "minmax", "reduce_range": False}
+    qat = applicable_arms(cnn, (digits.x[:1],), calib, ["qat"], training=training(digits)).builders["qat"]
+    static = applicable_arms(cnn, (digits.x[:1],), calib, ["static"]).builders["static"]
+    tuned = qat.build(QuantPlan(recipe="qat", qat_epochs=2, qat_lr=1e-3, **fields)).get_submodule("0")
+    start = static.build(QuantPlan(recipe="static", **fields)).get_submodule("0")
+    assert abs(tuned.scale / start.scale - 1) > 0.01  # the conv's output range moved while training

@@ -267,3 +267,19 @@ def test_mobilenet_fashion_task_small(tmp_path: Path) -> None:
     white = task.preprocess(torch.full((1, 28, 28), 255, dtype=torch.uint8))
     expected = [(1 - mean) / std for mean, std in zip(zoo._IMAGENET_MEAN, zoo._IMAGENET_STD)]
     assert white[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fashion_autoencoder_trains_reconstructs_and_caches(tmp_path: Path) -> None:
+    pixels = zoo.mnist_pixels(zoo.fashion_mnist("test")[0][:200])
+    assert pixels.shape == (200, 1, 28, 28) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+    model = zoo.fashion_autoencoder(cache_dir=tmp_path, n_train=1024, epochs=10)
+    assert [p.name for p in tmp_path.iterdir()] == ["fashion_autoencoder-v1-seed0-train1024-ep10.pt"]
+    with torch.no_grad():
+        assert model(pixels).shape == pixels.shape
+    # trained: reconstructs better than the mean image does
+    assert zoo.reconstruction_mse(model, pixels) < float(((pixels - pixels.mean(0)) ** 2).mean())
+    again = zoo.fashion_autoencoder(cache_dir=tmp_path, n_train=1024, epochs=10)  # from the cache
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    for bad in ({"n_train": 0}, {"epochs": 0}):
+        with pytest.raises(ValueError, match="n_train must be between 1 and 60000"):
+            zoo.fashion_autoencoder(cache_dir=tmp_path, **bad)

@@ -215,8 +215,9 @@ class SearchSpace:
         return seeds
 
     def qat_seeds(self, arms: Arms) -> list[dict]:
-        """Trial parameters of each QAT recipe searched, at the shortest fine-tune, a mid learning rate
-        and no fallbacks: queued only when post-training seeds miss the budget (see autoq.tuner).
+        """Trial parameters of each QAT recipe searched, at the longest fine-tune (epochs cost tuning time,
+        not inference speed), a mid learning rate and no fallbacks: queued only when post-training seeds
+        miss the budget (see autoq.tuner).
 
         'qat' is PyTorch's default x86 QAT but at full 8-bit activation range (the default's 7-bit
         range guards CPUs without VNNI; the measured accuracy catches any overflow), starting from the
@@ -224,7 +225,7 @@ class SearchSpace:
         X86InductorQuantizer's QAT config with the Python wrapper and no bf16.
         """
         several = len(arms.recipes) > 1
-        fine_tune = {"epochs": self.qat_epochs[0], "lr": min(max(1e-4, self.qat_lr[0]), self.qat_lr[1])}
+        fine_tune = {"epochs": self.qat_epochs[1], "lr": min(max(1e-4, self.qat_lr[0]), self.qat_lr[1])}
         seeds = []
         if "qat" in arms.recipes:
             seeds.append({**({"recipe": "qat"} if several else {}), "qat:n_fallback": 0,
