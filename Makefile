@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data postgres demo test test-slow bench bench-dispatch clean
+.PHONY: setup data postgres demo test test-slow bench bench-qat bench-dispatch clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench: setup data $(VENV)/.inc
 $(VENV)/.inc: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[inc]'
 	touch $@
+
+# The QAT recovery case: benchmarks/QAT_RECOVERY.md (~7 min, plus ~10 min to train the autoencoder once).
+bench-qat: setup data
+	$(PY) benchmarks/qat_recovery.py --trials 24 --out benchmarks/QAT_RECOVERY.md
 
 bench-dispatch: setup data
 	$(PY) benchmarks/dispatch.py --seconds 8 --repeats 3

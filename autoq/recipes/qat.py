@@ -8,16 +8,17 @@ the plan's FP32 fallbacks kept out, then converted to int8. Two recipes:
   plan (its calibration statistics, the plan's observer): before its first step the fine-tune is
   exactly the static model. They are then learned with the weights (LSQ, Esser et al. 2020, torch's
   `_LearnableFakeQuantize` with gradient scaling): on the converged Fashion-MNIST autoencoder of
-  benchmarks/qat_recovery.py, 3 epochs reach +0.24% MSE against +1.51% with the calibrated ranges
-  held fixed and +1.49% with moving-average ranges ('pt2e-qat'); post-training misses by 5.4%.
+  benchmarks/qat_recovery.py, 3 epochs on 32,000 images reach +0.24% MSE, against +1.30% with the
+  calibrated ranges held fixed and +1.49% with moving-average ranges ('pt2e-qat'); post-training
+  misses by 5%.
 - 'pt2e-qat' (PT2E, compiled by Inductor): the model exported in training mode, `prepare_qat_pt2e`
   with X86InductorQuantizer's QAT config (conv-BatchNorm folding simulated while training),
   converted and lowered like a 'pt2e-static' plan.
 Fake quantization is PyTorch's plain `FakeQuantize`, not the fused kernel of its default QAT
 configs: the fused op rounds per-channel weight scales its own way (max|w|/127 or /128, where
 `convert` uses /127.5), so the fine-tuned weights met a grid 0.4% off the deployed one and part of
-what training recovered was lost at conversion (a Fashion-MNIST autoencoder: +0.25% MSE simulated,
-+0.97% as int8; plain fake quantization: +0.22% both).
+what training recovered was lost at conversion (a less trained Fashion-MNIST autoencoder: +0.25% MSE
+simulated, +0.97% as int8; plain fake quantization: +0.22% both).
 The user gives either `train_data` (batches of (inputs, target)) and `loss_fn(output, target)`, or
 a `train_fn(model, epochs, lr)` that trains the prepared model in place. Epochs and learning rate
 are plan parameters; every fine-tune stops at `Training.max_seconds`. A plan's fine-tuned model is
