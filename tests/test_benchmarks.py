@@ -1,13 +1,19 @@
-"""The benchmark report: table rows, geomeans and the speed-vs-loss figure (on made-up numbers)."""
+"""The benchmark report: table rows, geomeans and the speed-vs-loss figure (on made-up numbers), and
+the QAT recovery benchmark's control and trial reading."""
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 from matplotlib.image import imread
+
+from autoq.plan import QuantPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from core import Row, Tuning, peers_ahead, table  # noqa: E402
 from plot import speed_vs_loss_png  # noqa: E402
+from qat_recovery import best_all_int8_mse, fine_tune_fp32  # noqa: E402
 
 ROWS = [
     Row("cnn", "FP32 eager", 0.9, 0.9, 0.0, 2.0, 1.0, 0.5),
@@ -41,3 +47,18 @@ def test_peers_ahead_lists_faster_methods_within_budget_only():
     faster_over_budget = Row("cnn", "bf16 autocast (compiled)", 0.9, 0.8, 0.02, 0.3, 6.0, 3.0)
     lines = peers_ahead([*ROWS, faster, faster_over_budget])
     assert lines == ["- cnn: default FX PTQ (fbgemm) 2.50x vs autoq 2.00x best FP32 (held-out loss +0.50% vs +1.10%)"]
+
+
+def test_qat_recovery_control_fine_tunes_a_copy_and_reads_all_int8_trials():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(x, x) for x in torch.randn(64, 4).split(16)]
+    tuned = fine_tune_fp32(model, batches, epochs=2, lr=1e-2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
+    assert not torch.equal(tuned[0].weight, model[0].weight) and not tuned.training
+
+    def row(metric, fp32_layers):
+        return {"metric": metric, "plan": QuantPlan(fp32_layers=fp32_layers).to_dict()}
+    result = SimpleNamespace(trials=[row(1.0, ["a"]), row(2.0, []), row(3.0, []), {"metric": None}])
+    assert best_all_int8_mse(result) == 2.0  # the fallback trial and the failed one do not count
