@@ -51,7 +51,7 @@ class QuantPlan:
 
     engine: int8 kernel library used when weights are prepacked ('x86' lets PyTorch pick per layer).
     activation_observer: how activation ranges are computed from calibration statistics (for 'qat':
-      the fixed ranges its fine-tune starts from and keeps).
+      the ranges its fine-tune starts from, then learns).
     layer_observers: per-layer override of `activation_observer` for the layer's output tensor.
     fp32_layers: layers (module names in the captured graph) that stay in FP32.
     calib_samples: number of calibration samples whose statistics are used (None: all).

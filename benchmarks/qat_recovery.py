@@ -4,9 +4,8 @@ autoq's QAT arm meets it, with the control that tells QAT apart from plain extra
     python benchmarks/qat_recovery.py [--trials N] [--out benchmarks/QAT_RECOVERY.md]
 
 Model: `zoo.fashion_autoencoder` (conv autoencoder trained on the 60,000 Fashion-MNIST training
-images, 20 epochs); metric:
-reconstruction MSE on 2000 Fashion-MNIST test images (lower is better, 1% relative budget), and on
-2000 other test images the tuner never sees. Three autoq runs of N trials each, same calibration
+images, 20 epochs); metric: reconstruction MSE on 2000 Fashion-MNIST test images (lower is better,
+1% relative budget), and on 2000 other test images the tuner never sees. Three autoq runs of N trials each, same calibration
 images (512 training images):
   1. post-training only (no training data): every PTQ recipe that applies;
   2. with training data (32,000 training images, loss = MSE): QAT is tried when PTQ misses;
@@ -82,28 +81,27 @@ def main() -> None:
 
     storage = tempfile.mkdtemp(prefix="autoq-qat-recovery-")
     settings = dict(higher_is_better=False, max_loss=BUDGET, n_trials=args.trials, seed=0, verbose=False)
-    runs: dict[str, tuple[torch.nn.Module, autoq.TuneResult]] = {}
+    runs: dict[str, autoq.TuneResult] = {}
     seconds = {}
-    for name, subject, extra in (("post-training only", model, {}),
-                                 ("with training data (QAT arm)", model,
-                                  dict(train_data=batches, loss_fn=F.mse_loss))):
+    for name, extra in (("post-training only", {}),
+                        ("with training data (QAT arm)", dict(train_data=batches, loss_fn=F.mse_loss))):
         begin = time.time()
-        runs[name] = (subject, autoq.tune(subject, example, calib, val_mse, storage=f"sqlite:///{storage}/{len(runs)}.db",
-                                          **settings, **extra))
+        runs[name] = autoq.tune(model, example, calib, val_mse, storage=f"sqlite:///{storage}/{len(runs)}.db",
+                                **settings, **extra)
         seconds[name] = time.time() - begin
-    qat_plan = QuantPlan.from_dict(runs["with training data (QAT arm)"][1].config)
+    qat_plan = QuantPlan.from_dict(runs["with training data (QAT arm)"].config)
     epochs, lr = qat_plan.qat_epochs, qat_plan.qat_lr  # the QuantPlan defaults if run 2 picked no QAT plan
     begin = time.time()
     tuned_fp32 = fine_tune_fp32(model, batches, epochs, lr)
     control = f"control: FP32 fine-tune ({epochs} ep, lr {lr:.2g}), then post-training only"
-    runs[control] = (tuned_fp32, autoq.tune(tuned_fp32, example, calib, val_mse,
-                                            storage=f"sqlite:///{storage}/control.db", **settings))
+    runs[control] = autoq.tune(tuned_fp32, example, calib, val_mse, storage=f"sqlite:///{storage}/control.db",
+                               **settings)
     seconds[control] = time.time() - begin
 
     base_val, base_test = val_mse(model), zoo.reconstruction_mse(model, parts["test"])
     fp32 = {"FP32 eager": model, "FP32 best (folded, compiled)": best_fp32(model, example).model,
             "FP32 fine-tuned (control)": tuned_fp32}
-    timing = measure_latency({**fp32, **{name: result.model for name, (_, result) in runs.items()}}, example,
+    timing = measure_latency({**fp32, **{name: result.model for name, result in runs.items()}}, example,
                              target_seconds=4.0, min_repeats=30)
     best = "FP32 best (folded, compiled)"
 
@@ -113,18 +111,17 @@ def main() -> None:
     lines = ["# QAT recovery case", "",
              f"machine: {cpu_name()}, {torch.get_num_threads()} threads; "
              f"torch {torch.__version__}; {time.time() - started:.0f} s in all",
-             "command: python benchmarks/qat_recovery.py " + f"--trials {args.trials}",
+             f"command: python benchmarks/qat_recovery.py --trials {args.trials}",
              f"model: zoo.fashion_autoencoder (FP32 val MSE {base_val:.4e}, test {base_test:.4e}); "
              f"budget {BUDGET:.0%} relative MSE on val; losses relative to the original FP32 model", "",
              "| run | plan | val loss | test loss | best all-int8 trial (val) | in budget | ms | vs eager "
              "| vs best FP32 | tune s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in fp32:
-        subject = fp32[name]
+    for name, subject in fp32.items():
         lines.append(f"| {name} |  | {rel(val_mse(subject), base_val)} | "
                      f"{rel(zoo.reconstruction_mse(subject, parts['test']), base_test)} |  |  | "
                      f"{timing[name].median_ms:.3f} | {speedup(timing['FP32 eager'], timing[name]):.2f}x | "
                      f"{speedup(timing[best], timing[name]):.2f}x |  |")
-    for name, (_, result) in runs.items():
+    for name, result in runs.items():
         plan = QuantPlan.from_dict(result.config)
         changes = " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
                            for key, value in plan_changes(plan, QuantPlan(recipe=plan.recipe)).items())

@@ -75,8 +75,9 @@ class Training:
             raise TypeError(f"loss_fn must be callable as loss_fn(output, target); got {type(self.loss_fn)}.")
 
 
-_WEIGHT_FAKE_QUANTS = {  # PyTorch's default QAT weight fake-quants, unfused (see the module docstring), each step
-    # at the weights' current range (averaging_constant=1), as converting them then would be
+# PyTorch's default QAT weight fake-quants, unfused (see the module docstring), at the weights'
+# current range each step (averaging_constant=1; PyTorch averages 0.01 per step), as conversion uses
+_WEIGHT_FAKE_QUANTS = {
     "per_channel": FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0,
                                           quant_min=-128, quant_max=127, dtype=torch.qint8,
                                           qscheme=torch.per_channel_symmetric),
