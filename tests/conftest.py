@@ -78,3 +78,19 @@ def postgres_url():
         if os.environ.get("AUTOQ_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"AUTOQ_REQUIRE_POSTGRES=1 but {reason}", pytrace=False)
         pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url, request):
+    """URL of a new, empty database on the test PostgreSQL server (named after the test)."""
+    import sqlalchemy
+
+    database = "fresh_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {database}"))
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+    finally:
+        engine.dispose()
+    return f"{postgres_url.rsplit('/', 1)[0]}/{database}"

@@ -71,13 +71,13 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, mus
 
 def _rdb_storage(url: str, attempts: int = 5) -> RDBStorage:
     """Optuna's RDB storage with a heartbeat; processes opening a fresh database together may race
-    to create its tables (a unique-key violation, or SQLite's "table already exists", for the
-    loser), so creation is retried."""
+    to create its tables (the loser sees a unique-key violation, PostgreSQL's "relation already
+    exists" or SQLite's "table already exists"), so creation is retried."""
     for attempt in range(1, attempts + 1):
         try:
             return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
             if attempt == attempts:
                 raise
             time.sleep(0.5 * attempt)
