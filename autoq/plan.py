@@ -32,7 +32,7 @@ RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and ker
     "qat": ("activation_observer", "weight_granularity", "reduce_range", "qat_epochs", "qat_lr"),
     "pt2e-static": ("activation_observer", "mixed_bf16", "cpp_wrapper"),
     "pt2e-dynamic": ("mixed_bf16", "cpp_wrapper"),
-    "pt2e-qat": ("qat_epochs", "qat_lr", "mixed_bf16", "cpp_wrapper"),
+    "pt2e-qat": ("activation_observer", "qat_epochs", "qat_lr", "mixed_bf16", "cpp_wrapper"),
 }
 LIBRARIES = ("fbgemm", "onednn")
 DISPATCH = ("engine", "measured", "table")
@@ -50,8 +50,8 @@ class QuantPlan:
     """Per-layer choices that rebuild one int8 candidate.
 
     engine: int8 kernel library used when weights are prepacked ('x86' lets PyTorch pick per layer).
-    activation_observer: how activation ranges are computed from calibration statistics (for 'qat':
-      the ranges its fine-tune starts from, then learns).
+    activation_observer: how activation ranges are computed from calibration statistics (for 'qat' and
+      'pt2e-qat': the ranges the fine-tune starts from, then learns).
     layer_observers: per-layer override of `activation_observer` for the layer's output tensor.
     fp32_layers: layers (module names in the captured graph) that stay in FP32.
     calib_samples: number of calibration samples whose statistics are used (None: all).

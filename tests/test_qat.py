@@ -172,8 +172,15 @@ def test_auto_searches_both_qat_recipes_with_training_data_and_seeds_each(digits
     plans = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in space.qat_seeds(arms)]
     # the longest fine-tune: epochs cost tuning time, not inference speed
     assert [(p.recipe, p.fp32_layers, p.qat_epochs) for p in plans] == [("qat", [], 3), ("pt2e-qat", [], 3)]
-    assert plans[0].activation_observer == "histogram"  # the static seed's ranges, then learned
+    assert [p.activation_observer for p in plans] == ["histogram"] * 2  # the static seeds' ranges, then learned
     assert not plans[1].cpp_wrapper and not plans[1].mixed_bf16  # X86InductorQuantizer's QAT defaults
+
+
+@pytest.fixture(scope="module")
+def plain_cnn(digits):
+    torch.manual_seed(0)
+    return digits.train(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)),
+                        epochs=40)
 
 
 def recording_train_fn(digits, kept, steps=12):
@@ -188,35 +195,31 @@ def recording_train_fn(digits, kept, steps=12):
     return train_fn
 
 
-def test_qat_before_its_first_step_is_its_static_twin(digits, cnn):
-    """The fine-tune starts at the ranges the post-training twin gives the same plan, and keeps them.
-    (Exact but for rounding ties: QAT and static fold BatchNorm into the conv weights in different
-    float order, and a weight on a tie may round the other way, moving an output by one step.)"""
+@pytest.mark.parametrize("recipe, twin_recipe, model", [("qat", "static", "cnn"),
+                                                        ("pt2e-qat", "pt2e-static", "plain_cnn")])
+def test_qat_before_its_first_step_is_its_static_twin(digits, recipe, twin_recipe, model, request):
+    """The fine-tune starts at the ranges the post-training twin gives the same plan. (FX: exact but for
+    rounding ties: QAT and static fold BatchNorm into the conv weights in different float order, and a
+    weight on a tie may round the other way, moving an output by one step. PT2E's simulated
+    Conv-BatchNorm folding differs from the folded conv by ~0.25%, so its case has no BatchNorm.)"""
     def observe_only(model, epochs, lr):  # one forward pass: weight fake-quants see their weights
+        model.eval()
         with torch.no_grad():
-            model.eval()(digits.x[:10])
+            model(digits.x[:10])
 
-    calib = [(b,) for b in digits.calib]
-    qat = applicable_arms(cnn, (digits.x[:1],), calib, ["qat"], training=Training(train_fn=observe_only))
-    static = applicable_arms(cnn, (digits.x[:1],), calib, ["static"]).builders["static"]
+    calib, trained = [(b,) for b in digits.calib], request.getfixturevalue(model)
+    qat = applicable_arms(trained, (digits.x[:1],), calib, [recipe], training=Training(train_fn=observe_only))
+    static = applicable_arms(trained, (digits.x[:1],), calib, [twin_recipe]).builders[twin_recipe]
     outputs = {}
     for observer in ("minmax", "kl"):
         fields = {"activation_observer": observer, "reduce_range": False}
-        model = qat.builders["qat"].build(QuantPlan(recipe="qat", **fields))
         with torch.no_grad():
-            outputs[observer] = model(digits.x[1200:])
-            twin = static.build(QuantPlan(recipe="static", **fields))(digits.x[1200:])
+            outputs[observer] = qat.builders[recipe].build(QuantPlan(recipe=recipe, **fields))(digits.x[1200:])
+            twin = static.build(QuantPlan(recipe=twin_recipe, **fields))(digits.x[1200:])
         differ = (outputs[observer] - twin).abs()
-        assert float(differ.max()) <= 1.01 * model.get_submodule("4").scale
+        assert float(differ.mean() / twin.abs().mean()) < 1e-3
         assert float((differ > 1e-6).float().mean()) < 0.1
     assert not torch.allclose(outputs["minmax"], outputs["kl"], atol=1e-3)  # the plan's observer reached QAT
-
-
-@pytest.fixture(scope="module")
-def plain_cnn(digits):
-    torch.manual_seed(0)
-    return digits.train(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)),
-                        epochs=40)
 
 
 @pytest.mark.parametrize("recipe, model", [("qat", "cnn"), ("pt2e-qat", "plain_cnn")])
@@ -238,11 +241,24 @@ def test_the_int8_model_computes_what_the_fine_tune_simulated(digits, recipe, mo
     assert float((got - expected).abs().mean() / expected.abs().mean()) < 1e-3
 
 
-def test_qat_learns_its_activation_ranges_from_the_static_start(digits, cnn):
-    calib = [(b,) for b in digits.calib]
+def activation_scales(model: nn.Module) -> list[float]:
+    """The activation scales of an int8 model: FX quantized modules' output scales, or the scales of a
+    compiled PT2E model's quantize ops."""
+    if isinstance(model, Lowered):
+        return [node.args[1] for node in model.graph.graph.nodes
+                if node.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
+    return [module.scale for module in model.modules() if hasattr(module, "scale") and hasattr(module, "weight")]
+
+
+@pytest.mark.parametrize("recipe, twin_recipe, model", [("qat", "static", "cnn"),
+                                                        ("pt2e-qat", "pt2e-static", "plain_cnn")])
+def test_qat_learns_its_activation_ranges_from_the_static_start(digits, recipe, twin_recipe, model, request):
+    """(The start is the static twin's ranges: test_qat_before_its_first_step_is_its_static_twin.)"""
+    calib, trained = [(b,) for b in digits.calib], request.getfixturevalue(model)
+    qat = applicable_arms(trained, (digits.x[:1],), calib, [recipe], training=training(digits)).builders[recipe]
+    static = applicable_arms(trained, (digits.x[:1],), calib, [twin_recipe]).builders[twin_recipe]
     fields = {"activation_observer": "minmax", "reduce_range": False}
-    qat = applicable_arms(cnn, (digits.x[:1],), calib, ["qat"], training=training(digits)).builders["qat"]
-    static = applicable_arms(cnn, (digits.x[:1],), calib, ["static"]).builders["static"]
-    tuned = qat.build(QuantPlan(recipe="qat", qat_epochs=2, qat_lr=1e-3, **fields)).get_submodule("0")
-    start = static.build(QuantPlan(recipe="static", **fields)).get_submodule("0")
-    assert abs(tuned.scale / start.scale - 1) > 0.01  # the conv's output range moved while training
+    tuned = activation_scales(qat.build(QuantPlan(recipe=recipe, qat_epochs=2, qat_lr=1e-3, **fields)))
+    start = activation_scales(static.build(QuantPlan(recipe=twin_recipe, **fields)))
+    assert len(tuned) == len(start) > 0
+    assert max(abs(t / s - 1) for t, s in zip(tuned, start)) > 0.01  # ranges moved while training

@@ -132,7 +132,7 @@ def inductor_quantizer(fp32_layers: Sequence[str], *, is_dynamic: bool = False, 
     if is_qat and not is_dynamic:  # plain fake quantization, as the 'qat' recipe (see autoq.recipes.qat)
         fake_quantize = pt2e_fake_quantize.FakeQuantize.with_args
         weight = dataclasses.replace(config.weight, observer_or_fake_quant_ctr=fake_quantize(
-            observer=pt2e_observer.MovingAveragePerChannelMinMaxObserver, eps=QAT_EPS))
+            observer=pt2e_observer.MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0, eps=QAT_EPS))
         config = dataclasses.replace(config, weight=weight)
         observer = fake_quantize(observer=pt2e_observer.MovingAverageMinMaxObserver, eps=QAT_EPS)
     if observer is not None:
@@ -209,7 +209,7 @@ class Pt2eBuilder:
         self.checkpoints = checkpoints_for(calib_batches) if not self.dynamic else []
         self.stats: dict[str, list[TensorStats]] = {}  # observed node name -> snapshots
         self.owner: dict[str, str] = {}  # observed node name -> layer whose output it is
-        self._calib = list(calib_batches)
+        self.calib_batches = list(calib_batches)
         if not self.dynamic:
             self._calibrate(QuantPlan(recipe=recipe), None, progress)
 
@@ -217,7 +217,7 @@ class Pt2eBuilder:
                    progress: Callable[[int], None] | None = None) -> None:
         """Statistics of every tensor `plan` observes that no calibration has observed yet."""
         base = self._prepare(plan, StatsCollector, layers)
-        by_module = collect_stats(base, self._calib, self.checkpoints, progress)
+        by_module = collect_stats(base, self.calib_batches, self.checkpoints, progress)
         # A shared quantization spec (pooling, flatten) puts one collector on several tensors; named_modules,
         # which collect_stats reads, lists it under one name only.
         by_collector = {id(base.get_submodule(name)): stats for name, stats in by_module.items()}

@@ -95,12 +95,8 @@ class SearchSpace:
         if recipe in INDUCTOR_RECIPES:
             return self._suggest_inductor(trial, arms, recipe)
         if recipe == "qat":
-            observer = trial.suggest_categorical("qat:activation_observer", self.observers)
             return QuantPlan(
                 **self._fallbacks_kernels_weights(trial, recipe, ranking),
-                activation_observer=observer,
-                percentile=(trial.suggest_categorical("qat:percentile", PERCENTILES) if observer == "percentile"
-                            else 99.99),
                 reduce_range=trial.suggest_categorical("qat:reduce_range", self.reduce_range),
                 **self._suggest_fine_tune(trial, "qat:"),
             )
@@ -131,8 +127,12 @@ class SearchSpace:
                                                                 self.weight_granularities)}
 
     def _suggest_fine_tune(self, trial: optuna.Trial, prefix: str) -> dict:
-        """A QAT plan's fine-tune length (epochs) and learning rate."""
-        return {"qat_epochs": trial.suggest_int(f"{prefix}epochs", *self.qat_epochs),
+        """A QAT plan's starting activation ranges (observer), fine-tune length (epochs) and learning rate."""
+        observer = trial.suggest_categorical(f"{prefix}activation_observer", self.observers)
+        return {"activation_observer": observer,
+                "percentile": (trial.suggest_categorical(f"{prefix}percentile", PERCENTILES)
+                               if observer == "percentile" else 99.99),
+                "qat_epochs": trial.suggest_int(f"{prefix}epochs", *self.qat_epochs),
                 "qat_lr": trial.suggest_float(f"{prefix}lr", *self.qat_lr, log=True)}
 
     def _suggest_ranges(self, trial: optuna.Trial, ranking: list[str], prefix: str
@@ -219,18 +219,18 @@ class SearchSpace:
         not inference speed), a mid learning rate and no fallbacks: queued only when post-training seeds
         miss the budget (see autoq.tuner).
 
-        'qat' is PyTorch's default x86 QAT but at full 8-bit activation range (the default's 7-bit
-        range guards CPUs without VNNI; the measured accuracy catches any overflow), starting from the
-        static seed's histogram ranges; 'pt2e-qat' is
-        X86InductorQuantizer's QAT config with the Python wrapper and no bf16.
+        Both start from histogram activation ranges, as the post-training seeds. 'qat' is PyTorch's
+        default x86 QAT but at full 8-bit activation range (the default's 7-bit range guards CPUs
+        without VNNI; the measured accuracy catches any overflow); 'pt2e-qat' is X86InductorQuantizer's
+        QAT config with the Python wrapper and no bf16.
         """
         several = len(arms.recipes) > 1
-        fine_tune = {"epochs": self.qat_epochs[1], "lr": min(max(1e-4, self.qat_lr[0]), self.qat_lr[1])}
+        fine_tune = {"activation_observer": _closest("histogram", self.observers), "epochs": self.qat_epochs[1],
+                     "lr": min(max(1e-4, self.qat_lr[0]), self.qat_lr[1])}
         seeds = []
         if "qat" in arms.recipes:
             seeds.append({**({"recipe": "qat"} if several else {}), "qat:n_fallback": 0,
                           "engine": _closest("x86", self.engines),
-                          "qat:activation_observer": _closest("histogram", self.observers),
                           "qat:weight_granularity": _closest("per_channel", self.weight_granularities),
                           "qat:reduce_range": _closest(False, self.reduce_range),
                           **{f"qat:{name}": value for name, value in fine_tune.items()}})
