@@ -627,7 +627,7 @@ def _autoencoder() -> nn.Sequential:
 def _train_autoencoder(pixels: Tensor, epochs: int, seed: int) -> dict[str, Tensor]:
     torch.manual_seed(seed)
     model = _autoencoder().train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters())  # OneCycleLR sets the learning rate
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 5e-3, total_steps=epochs * ((len(pixels) + 127) // 128))
     for _ in range(epochs):
         for index in torch.randperm(len(pixels)).split(128):
