@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data postgres demo test test-slow bench bench-qat bench-dispatch clean
+.PHONY: setup data postgres demo test test-avx2 test-slow bench bench-qat bench-dispatch clean
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,16 @@ postgres:
 demo: setup data
 	$(PY) examples/tune_mobilenet_fashion.py
 
+# The suite, then its int8-path tests again with the kernel libraries capped at AVX2 (no VNNI): on a
+# VNNI/AMX machine that leg runs the AVX2 code paths (tests/test_isa.py checks that the caps take effect).
+AVX2_CAPS := ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+
 test: setup data postgres
 	$(PY) -m pytest
+	$(AVX2_CAPS) $(PY) -m pytest -m isa
+
+test-avx2: setup data
+	$(AVX2_CAPS) $(PY) -m pytest -m isa
 
 test-slow: setup data postgres
 	$(PY) -m pytest -m slow

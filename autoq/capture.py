@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.fx.tracer import QuantizationTracer
 
 QUANTIZABLE_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -193,9 +193,14 @@ def find_layers(prepared: torch.fx.GraphModule) -> list[Layer]:
     return sorted(modules + named, key=lambda layer: order[layer.node])
 
 
+def set_layer_qconfig(mapping: QConfigMapping, layer: Layer, qconfig: QConfig | None) -> None:
+    """Give `layer` its own qconfig in `mapping` (None: FP32)."""
+    if layer.function is None or layer.name == layer.module_path:
+        mapping.set_module_name(layer.module_path, qconfig)
+    else:
+        mapping.set_module_name_object_type_order(layer.module_path, layer.function, layer.index, qconfig)
+
+
 def keep_fp32(mapping: QConfigMapping, layer: Layer) -> None:
     """Set `layer` to FP32 in `mapping`."""
-    if layer.function is None or layer.name == layer.module_path:
-        mapping.set_module_name(layer.module_path, None)
-    else:
-        mapping.set_module_name_object_type_order(layer.module_path, layer.function, layer.index, None)
+    set_layer_qconfig(mapping, layer, None)

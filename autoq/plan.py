@@ -14,25 +14,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_TYPE = "autoq.QuantPlan"
-PLAN_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # older plans lack the dispatch (v1) and lowering (v2) fields; their defaults apply
+PLAN_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # older plans lack the dispatch (v1), lowering (v2) and weight_bits (v3) fields;
+# their defaults apply, but for the PT2E recipes, which ignored reduce_range before v4 (8-bit activations)
 
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+WEIGHT_BITS = (8, 7)  # 7: weights in [-63, 63], so u8 x s8 pair sums fit int16 (CPUs without VNNI)
 RECIPES = ("static", "dynamic", "qat", "pt2e-static", "pt2e-dynamic", "pt2e-qat")
 INDUCTOR_RECIPES = ("pt2e-static", "pt2e-dynamic", "pt2e-qat")  # compiled by Inductor: no engine or per-layer kernels
 QAT_TWINS = {"qat": "static", "pt2e-qat": "pt2e-static"}  # fine-tuning recipe -> its post-training twin
 PT2E_POST_TRAINING = ("pt2e-static", "pt2e-dynamic")  # the Inductor recipes that do not fine-tune
 CALIBRATED_RECIPES = ("static", "pt2e-static")  # ranges from calibration statistics (calib_samples applies)
 RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and kernels
-    "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
+    "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range", "weight_bits",
                "channels_last", "fold_relu6"),
     "dynamic": ("weight_granularity",),
-    "qat": ("activation_observer", "weight_granularity", "reduce_range", "qat_epochs", "qat_lr"),
-    "pt2e-static": ("activation_observer", "mixed_bf16", "cpp_wrapper"),
-    "pt2e-dynamic": ("mixed_bf16", "cpp_wrapper"),
-    "pt2e-qat": ("activation_observer", "qat_epochs", "qat_lr", "mixed_bf16", "cpp_wrapper"),
+    "qat": ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs", "qat_lr"),
+    "pt2e-static": ("activation_observer", "reduce_range", "weight_bits", "mixed_bf16", "cpp_wrapper"),
+    "pt2e-dynamic": ("reduce_range", "weight_bits", "mixed_bf16", "cpp_wrapper"),
+    "pt2e-qat": ("activation_observer", "reduce_range", "weight_bits", "qat_epochs", "qat_lr", "mixed_bf16",
+                 "cpp_wrapper"),
 }
 LIBRARIES = ("fbgemm", "onednn")
 DISPATCH = ("engine", "measured", "table")
@@ -54,6 +57,12 @@ class QuantPlan:
       'pt2e-qat': the ranges the fine-tune starts from, then learns).
     layer_observers: per-layer override of `activation_observer` for the layer's output tensor.
     fp32_layers: layers (module names in the captured graph) that stay in FP32.
+    reduce_range: 7-bit activations (0..127; PyTorch's x86 default), which keep int8 sums from
+      saturating on CPUs without VNNI; `weight_bits=7` is the other way (8-bit activations). (FX
+      'dynamic': PyTorch's kernels quantize activations to 7 bits per call whatever the plan says.)
+    weight_bits: 8, or 7 (weights in [-63, 63]: u8 x s8 pair sums fit int16 on CPUs without VNNI).
+    layer_weight_bits: per-layer override of `weight_bits` (e.g. 8 for depthwise convs whose kernel
+      sums exactly where the others saturate).
     calib_samples: number of calibration samples whose statistics are used (None: all).
     percentile: upper percentile (in %) used by the 'percentile' observer.
     fold_relu6: fuse Conv -> ReLU6 into ConvReLU with output range [0, min(6, max)].
@@ -75,6 +84,8 @@ class QuantPlan:
     weight_granularity: str = "per_channel"
     activation_symmetric: bool = False
     reduce_range: bool = True
+    weight_bits: int = 8
+    layer_weight_bits: dict[str, int] = field(default_factory=dict)
     calib_samples: int | None = None
     percentile: float = 99.99
     channels_last: bool = False
@@ -93,6 +104,9 @@ class QuantPlan:
         for layer, observer in self.layer_observers.items():
             _check_choice(f"layer_observers[{layer!r}]", observer, OBSERVERS)
         _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        for layer, bits in self.layer_weight_bits.items():
+            _check_choice(f"layer_weight_bits[{layer!r}]", bits, WEIGHT_BITS)
         _check_choice("dispatch", self.dispatch, DISPATCH)
         for layer, library in self.layer_engines.items():
             _check_choice(f"layer_engines[{layer!r}]", library, LIBRARIES)
@@ -123,11 +137,17 @@ class QuantPlan:
             return "dynamic"
         return self.layer_observers.get(layer, self.activation_observer) if layer else self.activation_observer
 
+    def weight_bits_for(self, layer: str) -> int:
+        """The weight bits of `layer` (8 or 7)."""
+        return self.layer_weight_bits.get(layer, self.weight_bits)
+
     def layer_table(self, layers: list[str], sensitivity: dict[str, float]) -> list[dict[str, Any]]:
-        """Per layer: name, sqnr_db (output SQNR in dB with only it int8), quantized, observer, engine."""
+        """Per layer: name, sqnr_db (output SQNR in dB with only it int8), quantized, observer, engine,
+        weight_bits."""
         return [{
             "name": layer, "sqnr_db": sensitivity.get(layer), "quantized": layer not in self.fp32_layers,
             "observer": self.observer_for(layer), "engine": self.layer_engines.get(layer, self.engine),
+            "weight_bits": self.weight_bits_for(layer),
         } for layer in layers]
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +168,10 @@ class QuantPlan:
         unknown = set(data["_data"]) - known
         if unknown:
             raise ValueError(f"Unknown QuantPlan fields {sorted(unknown)}; allowed: {sorted(known)}.")
-        return cls(**data["_data"])
+        fields = dict(data["_data"])
+        if data["_version"] < 4 and fields.get("recipe") in INDUCTOR_RECIPES:
+            fields["reduce_range"] = False  # what these plans were built with
+        return cls(**fields)
 
     def kernels(self) -> str:
         """The kernel choice in short: the engine ('x86', 'fbgemm', 'onednn'), or per-layer dispatch

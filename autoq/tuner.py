@@ -18,11 +18,11 @@ from autoq.capture import as_input_tuple, calibration_batches, check_model
 from autoq.config import TuneConfig
 from autoq.dispatch.apply import apply_dispatch, record_layer_shapes, set_model_dispatch
 from autoq.dispatch.measured import LayerTimer
-from autoq.dispatch.table import DispatchTable, shipped_table
+from autoq.dispatch.table import DispatchTable, current_cpu, shipped_table
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import fastest, measure_latency, speedup
 from autoq.measure.lock import measurement_lock
-from autoq.plan import INDUCTOR_RECIPES, QAT_TWINS, QuantPlan, default_plan
+from autoq.plan import ENGINES, INDUCTOR_RECIPES, QAT_TWINS, QuantPlan, default_plan
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms, applicable_arms, builder, calibrated
 from autoq.recipes.qat import Training
@@ -30,6 +30,7 @@ from autoq.result import TuneResult
 from autoq.search.ctrl_c import CTRL_C
 from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers, single_layer_sensitivity
+from autoq.search.space import INDUCTOR
 from autoq.search.study import (
     DROPPED_ATTR, DROPPED_RECIPES_ATTR, FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row,
     counted_trials, fingerprint, layer_timings, open_study, pareto_front, reclaim_interrupted, register_worker,
@@ -41,6 +42,7 @@ SWEEP_ATTR = "sweep_enqueued"  # study user attr: the observer sweep around the 
 
 FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
 DROP_MARGIN = 0.25  # a recipe whose best seed is this much slower than another's (as accurate) is dropped
+HOPELESS_RATIO = 10  # ... or whose best seed loses this many times more than another's (and than the budget)
 
 
 def tune(
@@ -81,20 +83,39 @@ def tune(
     return _Run(model, example_inputs, batches, eval_fn, config, training).execute()
 
 
+def isa_note(arms: Arms) -> str:
+    """This CPU's int8 path and what the search does about it."""
+    note = f"{arms.int8.describe()} ({current_cpu().model})"
+    saturating = [kernels for kernels in (*ENGINES, INDUCTOR) if not arms.full_range_safe(kernels)]
+    if not saturating:
+        return note
+    return (f"{note}; for this model's layers that concerns {', '.join(saturating)}: plans on them get 7-bit "
+            f"activations (reduce_range) or 7-bit weights (8-bit on layers whose kernel sums exactly), and "
+            f"ReLU6 folding only with 7-bit weights")
+
+
 def dominated_recipes(best: dict[str, dict], max_loss: float) -> dict[str, str]:
     """Recipes that measured clearly worse: {recipe: why}.
 
     best: per recipe, the outcome ('loss', 'speedup') of its best seed. A recipe is dropped when
-    another one is more than DROP_MARGIN faster and no less accurate (or within the budget).
+    another one is more than DROP_MARGIN faster and no less accurate (or within the budget), or when
+    it loses over HOPELESS_RATIO times what another loses (and the budget): observer sweeps and
+    fallbacks move a loss by a few points, not tenfold (MobileNetV2's PT2E plans lose 85%).
     """
     dropped = {}
     for recipe, outcome in best.items():
         for other, better in best.items():
-            if (other != recipe and better["speedup"] > outcome["speedup"] * (1 + DROP_MARGIN)
+            if other == recipe:
+                continue
+            if (better["speedup"] > outcome["speedup"] * (1 + DROP_MARGIN)
                     and better["loss"] <= max(outcome["loss"], max_loss)):
                 dropped[recipe] = (f"{other} is {better['speedup'] / outcome['speedup']:.2f}x faster "
                                    f"({better['speedup']:.2f}x vs {outcome['speedup']:.2f}x) at loss "
                                    f"{better['loss']:+.4f} (vs {outcome['loss']:+.4f})")
+                break
+            if outcome["loss"] > HOPELESS_RATIO * max(better["loss"], max_loss):
+                dropped[recipe] = (f"its best seed loses {outcome['loss']:+.4f}, over {HOPELESS_RATIO}x what "
+                                   f"{other} loses ({better['loss']:+.4f})")
                 break
     return dropped
 
@@ -149,6 +170,7 @@ class _Run:
         with reporter.bar("calibrate", 2 * len(self.batches) * calibrated(config.space.recipes)) as advance:
             arms = applicable_arms(self.fp32, self.example_inputs, self.batches, config.space.recipes,
                                    config.non_traceable_modules, progress=advance, training=self.training)
+        reporter.line(isa_note(arms))
         for recipe in arms.recipes:
             reporter.line(f"recipe {recipe}: {len(arms.layers(recipe))} quantizable layers")
         for recipe, reason in arms.skipped.items():
@@ -230,7 +252,7 @@ class _Run:
                 self.reporter.line(f"recipe {recipe} dropped: {reason}")
         for recipe, trial in best.items():
             if recipe not in dropped:
-                for params in self.config.space.sweep_params(dict(trial.params)):
+                for params in self.config.space.sweep_params(dict(trial.params), arms):
                     study.enqueue_trial(params, skip_if_exists=True)
 
     def _best_seeds(self, seeds: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:
@@ -323,7 +345,7 @@ class _Run:
             if post_training == "static":
                 scores[recipe] = layer_sensitivity(arm, self.fp32, batches, default_plan("x86"))
                 continue
-            plan = QuantPlan(recipe=post_training)
+            plan = QuantPlan(recipe=post_training, reduce_range=not arms.full_range_safe(INDUCTOR))
             build = partial(arm.build, plan) if recipe == "dynamic" else partial(arm.reference, plan)
             scores[recipe] = single_layer_sensitivity(lambda layer: build(layers=[layer]), arm.layers,
                                                       self.fp32, batches)
@@ -347,7 +369,7 @@ class _Run:
         with torch.no_grad():
             accuracy = float(self.eval_fn(model))
         loss = config.loss(baseline, accuracy)
-        notes = [f"recipe {recipe} skipped: {reason}" for recipe, reason in arms.skipped.items()]
+        notes = [isa_note(arms)] + [f"recipe {recipe} skipped: {reason}" for recipe, reason in arms.skipped.items()]
         reference = best_fp32(self.fp32, self.example_inputs, compile=False)
         candidates = {"fp32_eager": self.fp32, "fp32_folded": reference.model, "int8": model}
         if config.compile_fp32:

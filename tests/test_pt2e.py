@@ -125,6 +125,7 @@ def test_mixed_bf16_and_cpp_wrapper_build_and_return_float32(digits, mlp, static
     assert digits.accuracy(model) >= digits.accuracy(mlp) - 0.03
 
 
+@pytest.mark.isa
 def test_unused_outputs_are_dropped_so_prepare_pt2e_works():
     model, x = Classifier().eval(), (torch.randn(2, 5, 16),)
     quantizer = x86q.X86InductorQuantizer().set_global(x86q.get_default_x86_inductor_quantization_config())
@@ -202,6 +203,12 @@ def test_a_recipe_is_dropped_only_when_another_is_clearly_faster_and_as_accurate
     assert set(dropped) == {"dynamic"} and "static is 1.67x faster" in dropped["dynamic"]
     # pt2e-static is faster than static, but over budget and less accurate: nothing drops static
     assert dominated_recipes({"a": {"speedup": 1.0, "loss": 0.02}, "b": {"speedup": 2.0, "loss": 0.05}}, 0.01) == {}
+    # a recipe that loses over 10x another's loss (MobileNetV2's PT2E: 86% where static lost 6.8%) is dropped,
+    # however fast; 10x the budget is the least counted as hopeless
+    hopeless = dominated_recipes({"static": {"speedup": 1.8, "loss": 0.068},
+                                  "pt2e-static": {"speedup": 2.0, "loss": 0.86}}, 0.01)
+    assert set(hopeless) == {"pt2e-static"} and "over 10x" in hopeless["pt2e-static"]
+    assert dominated_recipes({"a": {"speedup": 1.0, "loss": 0.0}, "b": {"speedup": 2.0, "loss": 0.09}}, 0.01) == {}
 
 
 def test_trials_of_a_dropped_recipe_run_nothing_and_do_not_count(tmp_path, digits, mlp):

@@ -9,6 +9,7 @@ import torch
 from torch.ao.nn import quantized as nnq
 
 import autoq
+from autoq.dispatch.isa import cpu_isa
 from autoq.plan import QuantPlan, default_plan
 from autoq.tuner import FINALISTS
 from conftest import fast_settings, state_of
@@ -34,6 +35,12 @@ def test_result_meets_budget_on_validation_and_held_out_data(tuned, mnist_task):
     test_int8 = mnist_task.accuracy(result.model, "test")
     # held-out: 500 images, so one image is 0.2%; the 1% budget holds there too
     assert (test_fp32 - test_int8) / test_fp32 <= 0.01
+
+
+def test_result_names_the_cpus_int8_path(tuned):
+    result, *_ = tuned
+    assert result.notes[0].startswith(f"int8 path {cpu_isa()}")
+    assert result.notes[0] in result.summary()
 
 
 def test_trials_record_when_they_ended(tuned):

@@ -6,6 +6,11 @@ import torch
 from torch.ao.quantization.observer import UniformQuantizationObserverBase
 from torchao.quantization.pt2e import observer as pt2e_observer
 
+# int8 weight range by QuantPlan.weight_bits: 7 bits keep u8 x s8 pair sums within int16 (255 * 63 * 2 <
+# 32767), so kernels without VNNI cannot saturate; symmetric, so the largest weight maps to 63 exactly in
+# both a fake-quant's clamp and convert's rounding
+WEIGHT_RANGES = {8: (-128, 127), 7: (-63, 63)}
+
 
 class FixedRangeObserver(UniformQuantizationObserverBase):
     """Reports qparams for a fixed (min, max) range using torch's own qparam arithmetic."""

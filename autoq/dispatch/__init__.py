@@ -1,11 +1,12 @@
 """Per-layer int8 kernel library choice (FBGEMM vs oneDNN): measured, learned, stored in tables."""
 
+from autoq.dispatch.isa import Int8Path, int8_path
 from autoq.dispatch.layers import LIBRARIES, LayerShape, layer_shapes, set_layer_engines
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.rule import DispatchRule
 from autoq.dispatch.table import CpuIdentity, DispatchTable, Entry, current_cpu, shipped_table
 
 __all__ = [
-    "LIBRARIES", "CpuIdentity", "DispatchRule", "DispatchTable", "Entry", "LayerShape", "LayerTimer",
-    "current_cpu", "layer_shapes", "set_layer_engines", "shipped_table",
+    "LIBRARIES", "CpuIdentity", "DispatchRule", "DispatchTable", "Entry", "Int8Path", "LayerShape", "LayerTimer",
+    "current_cpu", "int8_path", "layer_shapes", "set_layer_engines", "shipped_table",
 ]

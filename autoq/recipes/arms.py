@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from autoq.capture import TraceError
+from autoq.dispatch.isa import KERNEL_KINDS, Int8Path, int8_path, module_kinds
 from autoq.plan import CALIBRATED_RECIPES, INDUCTOR_RECIPES, QAT_TWINS, RECIPES, QuantPlan
 from autoq.recipes.dynamic import DynamicBuilder, dynamic_layers
 from autoq.recipes.pt2e import Pt2eBuilder, bf16_supported
@@ -35,8 +36,15 @@ _RECURRENT = (nn.LSTM, nn.GRU)
 class Arms:
     """Builders of the recipes a run searches, by recipe name, and their layers' sensitivity ranking."""
 
-    def __init__(self, builders: dict[str, Builder], skipped: dict[str, str]) -> None:
+    def __init__(self, builders: dict[str, Builder], skipped: dict[str, str], module_kinds: dict[str, str],
+                 int8: Int8Path | None = None) -> None:
+        """module_kinds: the kernel kind of the model's conv/linear modules by name
+        (autoq.dispatch.isa.module_kinds); int8: this CPU's int8 path (default: probed)."""
         self.builders, self.skipped = builders, skipped
+        self.int8 = int8 if int8 is not None else int8_path()
+        self._module_kinds = module_kinds
+        self.kinds = frozenset(kind for builder in builders.values() for layer in builder.layers
+                               for kind in self.layer_kinds(layer))
         self.rankings: dict[str, list[str]] = {}  # recipe -> layers, most sensitive first
         self.example_inputs = next(iter(builders.values())).example_inputs
         static = builders.get("static")
@@ -45,6 +53,18 @@ class Arms:
                                             if getattr(b, "checkpoints", None)), [])
         self.has_relu6 = bool(static and static.has_relu6)
         self.bf16 = any(recipe in INDUCTOR_RECIPES for recipe in builders) and bf16_supported()
+
+    def layer_kinds(self, layer: str) -> tuple[str, ...]:
+        """The kernel kind of a layer ('linear', 'conv' or 'depthwise'); every kind for a functional
+        call, whose shape is not known here."""
+        kind = self._module_kinds.get(layer)
+        return (kind,) if kind else KERNEL_KINDS
+
+    def full_range_safe(self, kernels: str) -> bool:
+        """Whether this model's layers run exactly with 8-bit activations and weights under `kernels`
+        (an engine, 'measured' or 'inductor') on this CPU: if not, a plan needs 7-bit activations
+        (reduce_range) or 7-bit weights."""
+        return self.int8.full_range_safe(kernels, self.kinds)
 
     @property
     def recipes(self) -> list[str]:
@@ -145,4 +165,4 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
             builders[recipe] = builder(recipe, model, example_inputs, batches)
     if not builders:
         raise ValueError(f"no quantization recipe applies to this model: {skipped}")
-    return Arms(builders, skipped)
+    return Arms(builders, skipped, module_kinds(model))

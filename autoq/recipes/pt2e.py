@@ -30,7 +30,7 @@ from torchao.quantization.pt2e import observer as pt2e_observer
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86q
 
-from autoq.calibrate.observers import Pt2eFixedRangeObserver
+from autoq.calibrate.observers import WEIGHT_RANGES, Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import TraceError
@@ -122,13 +122,35 @@ class _Quantizer(x86q.X86InductorQuantizer):
         return model
 
 
-def inductor_quantizer(fp32_layers: Sequence[str], *, is_dynamic: bool = False, is_qat: bool = False,
+def inductor_quantizer(plan: QuantPlan, *, is_dynamic: bool = False, is_qat: bool = False,
                        observer: type | None = None, layers: Sequence[str] | None = None) -> x86q.X86InductorQuantizer:
-    """X86InductorQuantizer's default config (static, dynamic or QAT) for every layer but `fp32_layers`
-    (with `layers`: for those only); `observer` replaces its activation observers. QAT uses plain
-    fake quantization instead of the config's fused kernel, whose weight grid `convert_pt2e` does
-    not reproduce."""
-    config = x86q.get_default_x86_inductor_quantization_config(is_dynamic=is_dynamic, is_qat=is_qat)
+    """X86InductorQuantizer's default config (static, dynamic or QAT) at the plan's activation range
+    (7-bit with `reduce_range`, the quantizer's own option for CPUs without VNNI) and weight bits (per
+    layer), for every layer but the plan's `fp32_layers` (with `layers`: for those only); `observer`
+    replaces its activation observers. QAT uses plain fake quantization instead of the config's fused
+    kernel, whose weight grid `convert_pt2e` does not reproduce."""
+    configs = {bits: _quantization_config(plan.reduce_range, bits, is_dynamic, is_qat, observer)
+               for bits in WEIGHT_RANGES}
+    quantizer = _Quantizer()
+    if layers is None:
+        quantizer.set_global(configs[plan.weight_bits])
+        for layer, bits in plan.layer_weight_bits.items():
+            quantizer.set_module_name_qconfig(layer, configs[bits])
+        for layer in plan.fp32_layers:
+            quantizer.set_module_name_qconfig(layer, None)
+    else:
+        for layer in layers:
+            quantizer.set_module_name_qconfig(layer, configs[plan.weight_bits_for(layer)])
+    return quantizer
+
+
+def _quantization_config(reduce_range: bool, weight_bits: int, is_dynamic: bool, is_qat: bool,
+                         observer: type | None) -> x86q.QuantizationConfig:
+    config = x86q.get_default_x86_inductor_quantization_config(is_dynamic=is_dynamic, is_qat=is_qat,
+                                                               reduce_range=reduce_range)
+    quant_min, quant_max = WEIGHT_RANGES[weight_bits]
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=quant_min,
+                                                                    quant_max=quant_max))
     if is_qat and not is_dynamic:  # plain fake quantization, as the 'qat' recipe (see autoq.recipes.qat)
         fake_quantize = pt2e_fake_quantize.FakeQuantize.with_args
         weight = dataclasses.replace(config.weight, observer_or_fake_quant_ctr=fake_quantize(
@@ -138,15 +160,7 @@ def inductor_quantizer(fp32_layers: Sequence[str], *, is_dynamic: bool = False, 
     if observer is not None:
         activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
-    quantizer = _Quantizer()
-    if layers is None:
-        quantizer.set_global(config)
-        for layer in fp32_layers:
-            quantizer.set_module_name_qconfig(layer, None)
-    else:
-        for layer in layers:
-            quantizer.set_module_name_qconfig(layer, config)
-    return quantizer
+    return config
 
 
 def float32_outputs(output: object) -> object:
@@ -233,7 +247,7 @@ class Pt2eBuilder:
             warnings.simplefilter("ignore")
             try:
                 return prepare_pt2e(copy.deepcopy(self._graph), inductor_quantizer(
-                    plan.fp32_layers, is_dynamic=self.dynamic, observer=observer, layers=layers))
+                    plan, is_dynamic=self.dynamic, observer=observer, layers=layers))
             except Exception as error:  # the quantizer's pattern matching fails in many ways
                 raise TraceError(f"torchao's X86InductorQuantizer could not prepare the exported graph: "
                                  f"{type(error).__name__}: {str(error)[:300]}. Search the FX recipes only "
@@ -242,10 +256,10 @@ class Pt2eBuilder:
     def reference(self, plan: QuantPlan, layers: Sequence[str] | None = None) -> torch.fx.GraphModule:
         """The converted (quantize/dequantize reference) graph of `plan`, not compiled; with `layers`,
         only those layers are quantized."""
-        unknown = set(plan.fp32_layers) - set(self.layers)
+        unknown = (set(plan.fp32_layers) | set(plan.layer_weight_bits)) - set(self.layers)
         if unknown:
-            raise ValueError(f"fp32_layers names {sorted(unknown)}, which are not linear/conv layers of the "
-                             f"exported graph. Known layers: {self.layers}")
+            raise ValueError(f"fp32_layers or layer_weight_bits name {sorted(unknown)}, which are not linear/conv "
+                             f"layers of the exported graph. Known layers: {self.layers}")
         prepared = self._prepare(plan, None if self.dynamic else Pt2eFixedRangeObserver, layers)
         if not self.dynamic:
             observed = {source.name for source, _ in _observed(prepared, Pt2eFixedRangeObserver)}

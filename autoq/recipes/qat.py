@@ -33,7 +33,7 @@ import abc
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +50,7 @@ from torchao.quantization.pt2e import fake_quantize as pt2e_fake_quantize
 from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-from autoq.calibrate.observers import Pt2eFixedRangeObserver
+from autoq.calibrate.observers import WEIGHT_RANGES, Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, collect_stats, snapshot_at
 from autoq.capture import Layer, as_input_tuple, use_base_layer_classes
@@ -84,23 +84,28 @@ class Training:
 
 # PyTorch's default QAT weight fake-quants, unfused (see the module docstring), at the weights'
 # current range each step (averaging_constant=1; PyTorch averages 0.01 per step), as conversion uses
-_WEIGHT_FAKE_QUANTS = {
-    "per_channel": FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0,
-                                          quant_min=-128, quant_max=127, dtype=torch.qint8,
-                                          qscheme=torch.per_channel_symmetric),
-    "per_tensor": FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, averaging_constant=1.0,
-                                         quant_min=-128, quant_max=127, dtype=torch.qint8,
-                                         qscheme=torch.per_tensor_symmetric),
-}
+_WEIGHT_FAKE_QUANTS = {"per_channel": (MovingAveragePerChannelMinMaxObserver, torch.per_channel_symmetric),
+                       "per_tensor": (MovingAverageMinMaxObserver, torch.per_tensor_symmetric)}
 
 
-def qat_mapping(plan: QuantPlan, fp32_layers: Sequence[Layer] = ()) -> QConfigMapping:
+def weight_fake_quant(weight_granularity: str, weight_bits: int) -> type:
+    observer, qscheme = _WEIGHT_FAKE_QUANTS[weight_granularity]
+    quant_min, quant_max = WEIGHT_RANGES[weight_bits]
+    return FakeQuantize.with_args(observer=observer, averaging_constant=1.0, quant_min=quant_min,
+                                  quant_max=quant_max, dtype=torch.qint8, qscheme=qscheme)
+
+
+def qat_mapping(plan: QuantPlan, layers: Mapping[str, Layer]) -> QConfigMapping:
     """PyTorch's default x86 QAT mapping, unfused, with the plan's activation range (7-bit if
-    `reduce_range`, else full 8-bit) and weight granularity, and `fp32_layers` kept in FP32."""
+    `reduce_range`, else full 8-bit), weight granularity and bits (per layer), and its fallbacks in FP32.
+    layers: the captured layers by name."""
     activation = FakeQuantize.with_args(
         observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=plan.reduce_range)
-    qconfig = QConfig(activation=activation, weight=_WEIGHT_FAKE_QUANTS[plan.weight_granularity])
-    return with_global_qconfig(get_default_qat_qconfig_mapping("x86"), qconfig, fp32_layers)
+    def qconfig(bits: int) -> QConfig:
+        return QConfig(activation=activation, weight=weight_fake_quant(plan.weight_granularity, bits))
+    return with_global_qconfig(get_default_qat_qconfig_mapping("x86"), qconfig(plan.weight_bits),
+                               [layers[name] for name in plan.fp32_layers],
+                               [(layers[name], qconfig(bits)) for name, bits in plan.layer_weight_bits.items()])
 
 
 class _FineTunes(abc.ABC):
@@ -120,10 +125,10 @@ class _FineTunes(abc.ABC):
 
     def build(self, plan: QuantPlan) -> nn.Module:
         """The int8 model of `plan` after its fine-tune (the user's model is never trained)."""
-        unknown = set(plan.fp32_layers) - set(self.layers)
+        unknown = (set(plan.fp32_layers) | set(plan.layer_weight_bits)) - set(self.layers)
         if unknown:
-            raise ValueError(f"fp32_layers names {sorted(unknown)}, which are not quantizable layers of this "
-                             f"model. Known layers: {self.layers}")
+            raise ValueError(f"fp32_layers or layer_weight_bits name {sorted(unknown)}, which are not quantizable "
+                             f"layers of this model. Known layers: {self.layers}")
         key = plan.key()
         if key not in self._built:
             self._built[key] = self._fine_tuned(plan)
@@ -177,10 +182,10 @@ class QatBuilder(_FineTunes):
         use_base_layer_classes(self._model)
 
     def _fine_tuned(self, plan: QuantPlan) -> torch.fx.GraphModule:
-        fp32_layers = [self.twin.layer(name) for name in plan.fp32_layers]
+        layers = {name: self.twin.layer(name) for name in self.layers}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prepared = prepare_qat_fx(copy.deepcopy(self._model).train(), qat_mapping(plan, fp32_layers),
+            prepared = prepare_qat_fx(copy.deepcopy(self._model).train(), qat_mapping(plan, layers),
                                       self.example_inputs)
         self._learn_activation_ranges(prepared, plan)
         self._train(prepared, plan, lambda: (prepared.apply(disable_observer),
@@ -188,7 +193,7 @@ class QatBuilder(_FineTunes):
         prepared.eval()
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
-            return convert_fx(prepared, qconfig_mapping=qat_mapping(plan, fp32_layers))
+            return convert_fx(prepared, qconfig_mapping=qat_mapping(plan, layers))
 
     def _learn_activation_ranges(self, prepared: torch.fx.GraphModule, plan: QuantPlan) -> None:
         """Replace each activation fake-quant by a learnable one (LSQ: scale and zero point trained with
@@ -232,8 +237,7 @@ class Pt2eQatBuilder(_FineTunes):
     def _fine_tuned(self, plan: QuantPlan) -> torch.fx.GraphModule:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prepared = prepare_qat_pt2e(copy.deepcopy(self._graph), inductor_quantizer(
-                plan.fp32_layers, is_qat=True))
+            prepared = prepare_qat_pt2e(copy.deepcopy(self._graph), inductor_quantizer(plan, is_qat=True))
         torchao_pt2e.allow_exported_model_train_eval(prepared)  # a train_fn may call .train() / .eval()
         self._learn_activation_ranges(prepared, plan)
         self._train(prepared, plan, lambda: (prepared.apply(torchao_pt2e.disable_observer),
@@ -260,6 +264,7 @@ class Pt2eQatBuilder(_FineTunes):
                     and fake_quant.dtype == torch.uint8):
                 sites.setdefault(id(fake_quant), []).append(node.target)
         collectors = {key: StatsCollector() for key in sites}
+        quant_max = 127 if plan.reduce_range else 255  # the quantizer's activation range
         for key, targets in sites.items():
             for target in targets:
                 setattr(prepared, target, collectors[key])
@@ -268,11 +273,12 @@ class Pt2eQatBuilder(_FineTunes):
         by_name = collect_stats(prepared, self.twin.calib_batches, self.twin.checkpoints)
         stats = {id(prepared.get_submodule(name)): snapshots for name, snapshots in by_name.items()}
         for key, targets in sites.items():
-            learnable = LearnableFakeQuantize(Pt2eFixedRangeObserver, quant_min=0, quant_max=255,
+            learnable = LearnableFakeQuantize(Pt2eFixedRangeObserver, quant_min=0, quant_max=quant_max,
                                               use_grad_scaling=True, dtype=torch.uint8, eps=QAT_EPS)
             if (snapshot := snapshot_at(stats[id(collectors[key])], plan.calib_samples)) is not None:
                 learnable.activation_post_process.set_range(*activation_range(
-                    snapshot, plan.activation_observer, levels=256, symmetric=False, percentile=plan.percentile))
+                    snapshot, plan.activation_observer, levels=quant_max + 1, symmetric=False,
+                    percentile=plan.percentile))
             learnable.enable_range_learning()
             for target in targets:
                 setattr(prepared, target, learnable)

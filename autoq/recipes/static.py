@@ -20,38 +20,51 @@ from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from autoq.calibrate.observers import FixedRangeObserver
+from autoq.calibrate.observers import WEIGHT_RANGES, FixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
-from autoq.capture import Layer, explain_trace_failure, find_layers, keep_fp32, use_base_layer_classes
+from autoq.capture import (
+    Layer, explain_trace_failure, find_layers, keep_fp32, set_layer_qconfig, use_base_layer_classes,
+)
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
 from autoq.recipes.engine import quantized_engine
 from autoq.recipes.fusion import fold_relu6, is_relu6
 
-_WEIGHT_OBSERVERS = {
-    "per_channel": PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-    "per_tensor": MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric),
-}
+_WEIGHT_OBSERVERS = {"per_channel": (PerChannelMinMaxObserver, torch.per_channel_symmetric),
+                     "per_tensor": (MinMaxObserver, torch.per_tensor_symmetric)}
 
 
-def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[Layer] = ()) -> QConfigMapping:
-    """PyTorch's default x86 mapping with autoq's statistics collector on activations."""
-    qconfig = QConfig(activation=StatsCollector, weight=_WEIGHT_OBSERVERS[weight_granularity])
-    return with_global_qconfig(get_default_qconfig_mapping("x86"), qconfig, fp32_layers)
+def weight_observer(weight_granularity: str, weight_bits: int = 8) -> type:
+    """The symmetric int8 weight observer of a plan's weight granularity and bits (7: [-63, 63])."""
+    observer, qscheme = _WEIGHT_OBSERVERS[weight_granularity]
+    quant_min, quant_max = WEIGHT_RANGES[weight_bits]
+    return observer.with_args(dtype=torch.qint8, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max)
 
 
-def with_global_qconfig(mapping: QConfigMapping, qconfig: QConfig, fp32_layers: Sequence[Layer] = ()
-                        ) -> QConfigMapping:
+def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[Layer] = (), weight_bits: int = 8,
+                    layer_weight_bits: Sequence[tuple[Layer, int]] = ()) -> QConfigMapping:
+    """PyTorch's default x86 mapping with autoq's statistics collector on activations, weights of
+    `weight_bits` but for the (layer, bits) of `layer_weight_bits`, and `fp32_layers` in FP32."""
+    def qconfig(bits: int) -> QConfig:
+        return QConfig(activation=StatsCollector, weight=weight_observer(weight_granularity, bits))
+    return with_global_qconfig(get_default_qconfig_mapping("x86"), qconfig(weight_bits), fp32_layers,
+                               [(layer, qconfig(bits)) for layer, bits in layer_weight_bits])
+
+
+def with_global_qconfig(mapping: QConfigMapping, qconfig: QConfig, fp32_layers: Sequence[Layer] = (),
+                        layer_qconfigs: Sequence[tuple[Layer, QConfig]] = ()) -> QConfigMapping:
     """`mapping` with `qconfig` wherever it used its global activation qconfig (special weight
-    qconfigs, such as per-tensor for transposed convs, and fixed-range ops are kept), and
-    `fp32_layers` kept in FP32."""
+    qconfigs, such as per-tensor for transposed convs, and fixed-range ops are kept), the layers of
+    `layer_qconfigs` with their own, and `fp32_layers` kept in FP32."""
     default_global = mapping.global_qconfig
     mapping.set_global(qconfig)
     for object_type, object_qconfig in list(mapping.object_type_qconfigs.items()):
         if object_qconfig is not None and object_qconfig.activation == default_global.activation:
             weight = object_qconfig.weight if object_qconfig.weight != default_global.weight else qconfig.weight
             mapping.set_object_type(object_type, QConfig(activation=qconfig.activation, weight=weight))
+    for layer, layer_qconfig in layer_qconfigs:
+        set_layer_qconfig(mapping, layer, layer_qconfig)
     for layer in fp32_layers:
         keep_fp32(mapping, layer)
     return mapping
@@ -74,8 +87,9 @@ class StaticBuilder:
         self.non_traceable_modules = list(non_traceable_modules)
         self._model = copy.deepcopy(model).eval()
         use_base_layer_classes(self._model)
-        self._prepared: dict[str, torch.fx.GraphModule] = {}
-        base = self._prepare("per_channel")
+        self._prepared: dict[tuple, torch.fx.GraphModule] = {}
+        self._layers: dict[str, Layer] = {}
+        base = self._prepare(QuantPlan())
         self._layers = {layer.name: layer for layer in find_layers(base)}
         self.layers = list(self._layers)
         self.checkpoints = checkpoints_for(calib_batches)
@@ -83,25 +97,33 @@ class StaticBuilder:
         self.observer_names, self.observer_owner = _observer_names_and_owners(base, self._layers.values())
         self.has_relu6 = any(is_relu6(base, node) for node in base.graph.nodes)
 
-    def _prepare(self, weight_granularity: str) -> torch.fx.GraphModule:
-        if weight_granularity not in self._prepared:
+    def _mapping(self, plan: QuantPlan, fp32: bool = False) -> QConfigMapping:
+        """The plan's qconfig mapping (with `fp32`: its FP32 fallbacks too, which convert_fx applies)."""
+        fp32_layers = [self._layers[name] for name in plan.fp32_layers] if fp32 else []
+        return qconfig_mapping(plan.weight_granularity, fp32_layers, plan.weight_bits,
+                               [(self._layers[name], bits) for name, bits in plan.layer_weight_bits.items()])
+
+    def _prepare(self, plan: QuantPlan) -> torch.fx.GraphModule:
+        """The captured graph prepared with the plan's weight observers (convert_fx needs the prepare's qconfigs)."""
+        key = (plan.weight_granularity, plan.weight_bits, tuple(sorted(plan.layer_weight_bits.items())))
+        if key not in self._prepared:
             custom = PrepareCustomConfig().set_non_traceable_module_names(self.non_traceable_modules)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
                     prepared = prepare_fx(
-                        copy.deepcopy(self._model), qconfig_mapping(weight_granularity),
+                        copy.deepcopy(self._model), self._mapping(plan),
                         self.example_inputs, prepare_custom_config=custom,
                     )
                 except Exception as error:  # tracing errors come in many types
                     raise explain_trace_failure(self._model, error, self.non_traceable_modules) from error
             _drop_dead_code(prepared)
-            self._prepared[weight_granularity] = prepared
-        return self._prepared[weight_granularity]
+            self._prepared[key] = prepared
+        return self._prepared[key]
 
-    def prepared(self, weight_granularity: str = "per_channel") -> torch.fx.GraphModule:
+    def prepared(self) -> torch.fx.GraphModule:
         """The captured FP32 graph with a StatsCollector on every activation (do not modify)."""
-        return self._prepare(weight_granularity)
+        return self._prepare(QuantPlan())
 
     def layer(self, name: str) -> Layer:
         return self._layers[name]
@@ -121,21 +143,20 @@ class StaticBuilder:
 
     def build(self, plan: QuantPlan) -> torch.fx.GraphModule:
         """The int8 model for `plan` (calibration statistics are reused, never recomputed)."""
-        unknown = set(plan.fp32_layers) - set(self.layers)
+        unknown = (set(plan.fp32_layers) | set(plan.layer_weight_bits)) - set(self.layers)
         if unknown:
             raise ValueError(
-                f"fp32_layers names {sorted(unknown)}, which are not quantizable layers of this model. "
-                f"Known layers: {self.layers}"
+                f"fp32_layers or layer_weight_bits name {sorted(unknown)}, which are not quantizable layers of "
+                f"this model. Known layers: {self.layers}"
             )
-        model = _copy_sharing_tensors(self._prepare(plan.weight_granularity))
+        model = _copy_sharing_tensors(self._prepare(plan))
         for name, aliases in self.observer_names.items():
             observer = self.activation_observer(name, plan)
             for alias in aliases:
                 setattr(model, alias, observer)
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
-            fp32_layers = [self._layers[name] for name in plan.fp32_layers]
-            quantized = convert_fx(model, qconfig_mapping=qconfig_mapping(plan.weight_granularity, fp32_layers))
+            quantized = convert_fx(model, qconfig_mapping=self._mapping(plan, fp32=True))
         if plan.fold_relu6:
             fold_relu6(quantized, plan.engine, observed_quant_max=127 if plan.reduce_range else 255)
         if plan.channels_last:

@@ -218,6 +218,8 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
         changes["layer_observers"] = len(plan.layer_observers)
     if plan.fp32_layers:
         changes["fp32_layers"] = len(plan.fp32_layers)
+    if plan.layer_weight_bits:
+        changes["8bit_weight_layers"] = sum(bits == 8 for bits in plan.layer_weight_bits.values())
     if plan.recipe in CALIBRATED_RECIPES and plan.calib_samples != default.calib_samples:
         changes["calib_samples"] = plan.calib_samples
     return changes

@@ -19,6 +19,7 @@ from autoq.recipes.arms import AUTO, RECIPE_CHOICES, Arms
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
 MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
+INDUCTOR = "inductor"  # the PT2E recipes' kernels: Inductor lowers int8 ops to oneDNN
 KERNEL_CHOICES = (*ENGINES, MEASURED)
 PERCENTILES = (99.9, 99.99, 99.999)
 BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
@@ -35,7 +36,7 @@ class SearchSpace:
     observers: tuple[str, ...] = OBSERVERS
     weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
     activation_symmetric: tuple[bool, ...] = (False, True)
-    reduce_range: tuple[bool, ...] = (True, False)
+    reduce_range: tuple[bool, ...] = (True, False)  # where kernels saturate (no VNNI), False means 7-bit weights
     channels_last: tuple[bool, ...] = (False, True)
     fold_relu6: tuple[bool, ...] = (False, True)
     mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
@@ -95,14 +96,15 @@ class SearchSpace:
         if recipe in INDUCTOR_RECIPES:
             return self._suggest_inductor(trial, arms, recipe)
         if recipe == "qat":
-            return QuantPlan(
-                **self._fallbacks_kernels_weights(trial, recipe, ranking),
-                reduce_range=trial.suggest_categorical("qat:reduce_range", self.reduce_range),
-                **self._suggest_fine_tune(trial, "qat:"),
-            )
+            fields = self._fallbacks_kernels_weights(trial, recipe, ranking)
+            return QuantPlan(**fields, **self._int8_ranges(trial, arms, _kernels_of(fields), "qat:", recipe),
+                             **self._suggest_fine_tune(trial, "qat:"))
         relu6, calib_counts = arms.has_relu6, arms.checkpoints
         observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, "")
         kernels = trial.suggest_categorical("engine", self.engines)
+        ranges = self._int8_ranges(trial, arms, kernels, "", recipe)
+        # a folded conv's output uses the full 8-bit range whatever reduce_range says
+        may_fold = relu6 and (ranges["weight_bits"] == 7 or arms.full_range_safe(kernels))
         return QuantPlan(
             **_kernel_choice(kernels),
             activation_observer=observer,
@@ -110,12 +112,28 @@ class SearchSpace:
             fp32_layers=list(ranking[:n_fallback]),
             weight_granularity=trial.suggest_categorical("weight_granularity", self.weight_granularities),
             activation_symmetric=trial.suggest_categorical("activation_symmetric", self.activation_symmetric),
-            reduce_range=trial.suggest_categorical("reduce_range", self.reduce_range),
+            **ranges,
             calib_samples=trial.suggest_categorical("calib_samples", tuple(calib_counts)),
             percentile=trial.suggest_categorical("percentile", PERCENTILES) if uses_percentile else 99.99,
             channels_last=trial.suggest_categorical("channels_last", self.channels_last),
-            fold_relu6=relu6 and trial.suggest_categorical("fold_relu6", self.fold_relu6),
+            fold_relu6=may_fold and trial.suggest_categorical("fold_relu6", self.fold_relu6),
         )
+
+    def _int8_ranges(self, trial: optuna.Trial, arms: Arms, kernels: str, prefix: str, recipe: str) -> dict:
+        """reduce_range and weight bits: where the kernels cannot saturate (VNNI/AMX), 8-bit weights and
+        reduce_range as searched (PT2E: full 8-bit, its quantizer's default there); where they can (AVX2
+        without VNNI), either 7-bit activations (reduce_range) or 7-bit weights with 8-bit activations
+        (8-bit weights kept on the layers whose kernels sum exactly), so no plan is spent on sums the
+        hardware saturates."""
+        safe = arms.full_range_safe(kernels)
+        if kernels == INDUCTOR and safe:
+            return {"reduce_range": False, "weight_bits": 8}
+        reduce_range = trial.suggest_categorical(f"{prefix}reduce_range", self.reduce_range)
+        if reduce_range or safe:
+            return {"reduce_range": reduce_range, "weight_bits": 8}
+        exact = {layer: 8 for layer in arms.layers(recipe)  # e.g. oneDNN's depthwise convs without VNNI
+                 if arms.int8.full_range_safe(kernels, arms.layer_kinds(layer))}
+        return {"reduce_range": False, "weight_bits": 7, "layer_weight_bits": exact}
 
     def _fallbacks_kernels_weights(self, trial: optuna.Trial, recipe: str, ranking: list[str]) -> dict:
         """QuantPlan fields of a dynamic or QAT plan: its recipe, fallbacks, kernels and weight granularity
@@ -151,7 +169,8 @@ class SearchSpace:
         """A PT2E plan: its parameters are prefixed with the recipe ('pt2e-static:n_fallback', ...)."""
         prefix, ranking = f"{recipe}:", arms.rankings[recipe]
         lowering = {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.cpp_wrapper),
-                    "mixed_bf16": arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.mixed_bf16)}
+                    "mixed_bf16": arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.mixed_bf16),
+                    **self._int8_ranges(trial, arms, INDUCTOR, prefix, recipe)}
         if recipe in ("pt2e-dynamic", "pt2e-qat"):
             n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.fallback_limit(len(ranking)))
             fine_tune = {} if recipe == "pt2e-dynamic" else self._suggest_fine_tune(trial, prefix)
@@ -159,7 +178,7 @@ class SearchSpace:
         observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, prefix)
         return QuantPlan(
             recipe=recipe, activation_observer=observer, layer_observers=layer_observers,
-            fp32_layers=list(ranking[:n_fallback]), reduce_range=False,
+            fp32_layers=list(ranking[:n_fallback]),
             calib_samples=trial.suggest_categorical(f"{prefix}calib_samples", tuple(arms.checkpoints)),
             percentile=trial.suggest_categorical(f"{prefix}percentile", PERCENTILES) if uses_percentile else 99.99,
             **lowering,
@@ -189,7 +208,8 @@ class SearchSpace:
                     "engine": engine,
                     "weight_granularity": _closest(plan.weight_granularity, self.weight_granularities),
                     "activation_symmetric": _closest(plan.activation_symmetric, self.activation_symmetric),
-                    "reduce_range": _closest(plan.reduce_range, self.reduce_range),
+                    "reduce_range": _closest(plan.reduce_range, self.reduce_range),  # on AVX2 onednn's
+                    # full range comes with 7-bit weights (see _int8_ranges)
                     "calib_samples": arms.checkpoints[-1],
                     "channels_last": _closest(plan.channels_last, self.channels_last),
                     **({"fold_relu6": _closest(False, self.fold_relu6)} if arms.has_relu6 else {}),
@@ -203,7 +223,8 @@ class SearchSpace:
         for recipe in (r for r in PT2E_POST_TRAINING if r in arms.recipes):
             prefix = f"{recipe}:"
             seed = {**({"recipe": recipe} if several else {}),
-                    f"{prefix}cpp_wrapper": _closest(False, self.cpp_wrapper)}
+                    f"{prefix}cpp_wrapper": _closest(False, self.cpp_wrapper),
+                    **self._inductor_range_seed(arms, prefix)}
             if arms.bf16:
                 seed[f"{prefix}mixed_bf16"] = _closest(False, self.mixed_bf16)
             if recipe == "pt2e-static":
@@ -237,14 +258,20 @@ class SearchSpace:
         if "pt2e-qat" in arms.recipes:
             seeds.append({**({"recipe": "pt2e-qat"} if several else {}),
                           "pt2e-qat:cpp_wrapper": _closest(False, self.cpp_wrapper),
+                          **self._inductor_range_seed(arms, "pt2e-qat:"),
                           **({"pt2e-qat:mixed_bf16": _closest(False, self.mixed_bf16)} if arms.bf16 else {}),
                           "pt2e-qat:n_fallback": 0,
                           **{f"pt2e-qat:{name}": value for name, value in fine_tune.items()}})
         return seeds
 
-    def sweep_params(self, seed: dict) -> list[dict]:
+    def _inductor_range_seed(self, arms: Arms, prefix: str) -> dict:
+        """X86InductorQuantizer's advice where the CPU lacks VNNI: 7-bit activations (reduce_range)."""
+        return {} if arms.full_range_safe(INDUCTOR) else {f"{prefix}reduce_range": _closest(True, self.reduce_range)}
+
+    def sweep_params(self, seed: dict, arms: Arms) -> list[dict]:
         """Variations of the best seed: every other observer method, at full 8-bit range if allowed
-        (and with ReLU6 folded, which gives its conv outputs a finer grid, if the model has any).
+        (and with ReLU6 folded, which gives its conv outputs a finer grid, if the model has any). On a
+        CPU whose kernels saturate, full 8-bit activations come with 7-bit weights (`_int8_ranges`).
 
         Run right after the seeds, they give the sampler an informed start on the dimensions that
         matter most for accuracy before it spends trials on fallbacks and per-layer choices. For a
@@ -255,16 +282,17 @@ class SearchSpace:
             return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.weight_granularities
                     if granularity != seed["dynamic:weight_granularity"]]
         recipe = next((r for r in PT2E_POST_TRAINING if f"{r}:n_fallback" in seed), None)
-        if recipe is not None:  # the Inductor lowering options, then (static) the other observers
+        if recipe is not None:  # the Inductor lowering options and int8 ranges, then (static) the other observers
             variants = [{**seed, f"{recipe}:{name}": value} for name, values in
-                        (("cpp_wrapper", self.cpp_wrapper), ("mixed_bf16", self.mixed_bf16))
+                        (("cpp_wrapper", self.cpp_wrapper), ("mixed_bf16", self.mixed_bf16),
+                         ("reduce_range", self.reduce_range))
                         if f"{recipe}:{name}" in seed for value in values]
             if recipe == "pt2e-static":
                 variants += self._observer_variants(seed, f"{recipe}:")
             return [params for params in _unique(variants) if params != seed]
         preferred = {"reduce_range": False if False in self.reduce_range else seed["reduce_range"]}
-        if "fold_relu6" in seed:
-            preferred["fold_relu6"] = True if True in self.fold_relu6 else seed["fold_relu6"]
+        if arms.has_relu6 and True in self.fold_relu6:  # (where 8-bit outputs would saturate, the plan
+            preferred["fold_relu6"] = True              # gets 7-bit weights or is not folded)
         return [params for params in self._observer_variants({**seed, **preferred}, "") if params != seed]
 
     def _observer_variants(self, seed: dict, prefix: str) -> list[dict]:
@@ -276,6 +304,11 @@ class SearchSpace:
             else:
                 variants.append(params)
         return variants
+
+
+def _kernels_of(fields: dict) -> str:
+    """The kernel choice (as `_kernel_choice` takes it) of a plan's fields."""
+    return MEASURED if fields["dispatch"] == MEASURED else fields["engine"]
 
 
 def _kernel_choice(kernels: str) -> dict[str, str]:
