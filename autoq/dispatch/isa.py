@@ -42,8 +42,10 @@ class Int8Path:
 
     isa: the CPU's best int8 instruction set ('amx', 'avx512-vnni', 'avx-vnni', 'avx512', 'avx2',
       'other'), from its flags.
-    saturating: (library, kind) kernels whose sums saturate with full 8-bit (0..255) activations.
-    saturating_7bit: those that saturate even with 7-bit (0..127) activations (none expected).
+    saturating: (library, kind) kernels whose sums saturate with 8-bit (0..255) activations and
+      8-bit weights.
+    saturating_7bit: those that saturate even with 7-bit activations (0..127) or with 7-bit weights
+      (-63..63) (none expected).
     overrides: the ISA-capping environment variables set in this process.
     """
 
@@ -65,8 +67,8 @@ class Int8Path:
         if not self.saturating:
             return f"int8 path {self.isa}{overrides}: no kernel saturates with 8-bit activations"
         kernels = ", ".join(f"{library} {kind}" for library, kind in sorted(self.saturating))
-        return (f"int8 path {self.isa}{overrides}: {kernels} saturate with 8-bit activations "
-                f"(int16 pair sums), 7-bit activations are exact")
+        return (f"int8 path {self.isa}{overrides}: {kernels} saturate with 8-bit activations and weights "
+                f"(int16 pair sums); 7-bit activations or 7-bit weights sum exactly")
 
 
 def module_kinds(model: nn.Module) -> dict[str, str]:
@@ -98,29 +100,30 @@ def int8_path() -> Int8Path:
     full, seven_bit = set(), set()
     for library in LIBRARIES:
         for kind in KERNEL_KINDS:
-            if _saturates(library, kind, activation=255):
+            if _saturates(library, kind, activation=255, weight=127):
                 full.add((library, kind))
-            if _saturates(library, kind, activation=127):
+            if _saturates(library, kind, activation=127, weight=127) or _saturates(library, kind, 255, -63):
                 seven_bit.add((library, kind))
     overrides = tuple((name, os.environ[name]) for name in ISA_OVERRIDES if os.environ.get(name))
     return Int8Path(cpu_isa(), frozenset(full), frozenset(seven_bit), overrides)
 
 
-def _saturates(library: str, kind: str, activation: int) -> bool:
+def _saturates(library: str, kind: str, activation: int, weight: int) -> bool:
     """Whether `library`'s `kind` kernel returns a sum off by more than SATURATION_TOLERANCE when every
-    input is `activation` (uint8) and every weight 127 (int8): the worst case for int16 pair sums."""
+    input is `activation` (uint8) and every weight `weight` (int8): the worst case for int16 pair sums."""
     channels = 16
     taps = {"linear": 64, "conv": 9 * channels, "depthwise": 9}[kind]
-    exact = float(activation * 127 * taps)  # input and weight scale 1: the sum in integer units
+    exact = float(activation * weight * taps)  # input and weight scale 1: the sum in integer units
     with torch.no_grad(), quantized_engine(library):
         if kind == "linear":
             layer, shape = nnq.Linear(taps, channels), (4, taps)
         else:  # one output pixel of a 3x3 conv
             layer = nnq.Conv2d(channels, channels, 3, groups=channels if kind == "depthwise" else 1)
             shape = (1, channels, 3, 3)
-        weight = torch.quantize_per_tensor(torch.full(layer.weight().shape, 127.0), 1.0, 0, torch.qint8)
-        layer.set_weight_bias(weight, None)
-        layer.scale, layer.zero_point = exact / 200, 0  # the exact sum lands on 200 of 0..255
+        weights = torch.quantize_per_tensor(torch.full(layer.weight().shape, float(weight)), 1.0, 0, torch.qint8)
+        layer.set_weight_bias(weights, None)
+        # the exact sum lands on 200 of 0..255 (a negative one on 55, with the zero point at 255)
+        layer.scale, layer.zero_point = abs(exact) / 200, 0 if exact > 0 else 255
         x = torch.quantize_per_tensor(torch.full(shape, float(activation)), 1.0, 0, torch.quint8)
         got = layer(x).dequantize()
-    return bool((got - exact).abs().max() > SATURATION_TOLERANCE * exact)
+    return bool((got - exact).abs().max() > SATURATION_TOLERANCE * abs(exact))
