@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
+from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.table import DispatchTable
 from autoq.plan import INDUCTOR_RECIPES, RECIPE_FIELDS, QuantPlan
-from autoq.recipes.engine import quantized_engine
 from autoq.recipes.pt2e import Lowered
 
 SAVE_FORMAT = "autoq.model"

@@ -28,7 +28,8 @@ CAPPED_TO_AVX2 = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
                   and os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() == "AVX2")
 EVERY_KERNEL = frozenset((library, kind) for library in LIBRARIES for kind in KERNEL_KINDS)
 AVX2 = Int8Path("avx2", EVERY_KERNEL - {("onednn", "depthwise")}, frozenset())  # as probed on AMD Zen 3
-VNNI = Int8Path("avx512-vnni", frozenset({("fbgemm", "depthwise")}), frozenset())  # FBGEMM's depthwise: int16
+# FBGEMM's depthwise kernel adds in int16 even with VNNI (the dispatch tests found it on Zen 5 and Xeon)
+VNNI = Int8Path("avx512-vnni", frozenset({("fbgemm", "depthwise")}), frozenset())
 
 
 def test_the_probe_finds_what_this_cpu_computes():
@@ -115,8 +116,8 @@ def test_on_a_vnni_cpu_the_space_is_pytorchs(relu6_arms):
     onednn_seed = next(p for p in planned if p.engine == "onednn")
     assert (onednn_seed.reduce_range, onednn_seed.weight_bits) == (False, 8)  # PyTorch's onednn default
     assert all(not p.reduce_range for p in planned + sampled if p.recipe == "pt2e-static")
-    assert {(p.reduce_range, p.weight_bits) for p in sampled if p.engine == "fbgemm" and p.recipe == "static"} \
-        <= {(True, 8), (False, 7)}
+    on_fbgemm = {(p.reduce_range, p.weight_bits) for p in sampled if p.engine == "fbgemm" and p.recipe == "static"}
+    assert on_fbgemm == {(True, 8), (False, 7)}  # the model's depthwise convs saturate in FBGEMM even with VNNI
 
 
 def test_pt2e_plans_of_older_versions_keep_their_8_bit_activations():

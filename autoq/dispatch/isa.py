@@ -23,9 +23,9 @@ import torch
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
+from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.table import current_cpu
 from autoq.plan import LIBRARIES
-from autoq.recipes.engine import quantized_engine
 
 KERNEL_KINDS = ("linear", "conv", "depthwise")  # depthwise: convs with groups == in_channels
 ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")

@@ -15,8 +15,8 @@ import torch
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
+from autoq.dispatch.engine import quantized_engine
 from autoq.plan import LIBRARIES
-from autoq.recipes.engine import quantized_engine
 
 __all__ = ["LIBRARIES", "LayerShape", "layer_inputs", "layer_shape", "layer_shapes", "pack", "set_layer_engines",
            "weighted_layers"]

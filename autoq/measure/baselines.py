@@ -13,7 +13,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86q
 
-from autoq.recipes.engine import quantized_engine
+from autoq.dispatch.engine import quantized_engine
 from autoq.recipes.pt2e import Lowered, export_graph, float32_outputs
 
 

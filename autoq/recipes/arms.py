@@ -36,12 +36,11 @@ _RECURRENT = (nn.LSTM, nn.GRU)
 class Arms:
     """Builders of the recipes a run searches, by recipe name, and their layers' sensitivity ranking."""
 
-    def __init__(self, builders: dict[str, Builder], skipped: dict[str, str], module_kinds: dict[str, str],
-                 int8: Int8Path | None = None) -> None:
+    def __init__(self, builders: dict[str, Builder], skipped: dict[str, str], module_kinds: dict[str, str]) -> None:
         """module_kinds: the kernel kind of the model's conv/linear modules by name
-        (autoq.dispatch.isa.module_kinds); int8: this CPU's int8 path (default: probed)."""
+        (autoq.dispatch.isa.module_kinds)."""
         self.builders, self.skipped = builders, skipped
-        self.int8 = int8 if int8 is not None else int8_path()
+        self.int8: Int8Path = int8_path()  # this CPU's int8 path
         self._module_kinds = module_kinds
         self.kinds = frozenset(kind for builder in builders.values() for layer in builder.layers
                                for kind in self.layer_kinds(layer))

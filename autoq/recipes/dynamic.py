@@ -16,9 +16,9 @@ from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
 from autoq.capture import use_base_layer_classes
+from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
-from autoq.recipes.engine import quantized_engine
 
 DYNAMIC_LAYER_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
 _QCONFIGS = {"per_channel": per_channel_dynamic_qconfig, "per_tensor": default_dynamic_qconfig}

@@ -13,7 +13,7 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import fx, nn
 
-from autoq.recipes.engine import quantized_engine
+from autoq.dispatch.engine import quantized_engine
 
 _FUSED = {nnq.Conv1d: nniq.ConvReLU1d, nnq.Conv2d: nniq.ConvReLU2d, nnq.Conv3d: nniq.ConvReLU3d}
 RELU6_MAX = 6.0

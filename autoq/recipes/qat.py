@@ -54,9 +54,9 @@ from autoq.calibrate.observers import WEIGHT_RANGES, Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, collect_stats, snapshot_at
 from autoq.capture import Layer, as_input_tuple, use_base_layer_classes
+from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
-from autoq.recipes.engine import quantized_engine
 from autoq.recipes.pt2e import QAT_EPS, Lowered, Pt2eBuilder, export_graph, inductor_quantizer
 from autoq.recipes.static import StaticBuilder, with_global_qconfig
 

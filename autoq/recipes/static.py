@@ -26,9 +26,9 @@ from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, 
 from autoq.capture import (
     Layer, explain_trace_failure, find_layers, keep_fp32, set_layer_qconfig, use_base_layer_classes,
 )
+from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
-from autoq.recipes.engine import quantized_engine
 from autoq.recipes.fusion import fold_relu6, is_relu6
 
 _WEIGHT_OBSERVERS = {"per_channel": (PerChannelMinMaxObserver, torch.per_channel_symmetric),
