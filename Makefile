@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data postgres demo test test-avx2 test-slow bench bench-qat bench-dispatch clean
+.PHONY: setup data postgres demo test test-avx2 test-slow bench bench-qat bench-dispatch bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,10 @@ bench-qat: setup data
 
 bench-dispatch: setup data
 	$(PY) benchmarks/dispatch.py --seconds 8 --repeats 3
+
+# Save/load and export reproduce the tuned model, timed side by side: benchmarks/EXPORT.md (~5 min).
+bench-export: setup data
+	$(PY) benchmarks/export.py --rounds 3 --out benchmarks/EXPORT.md
 
 clean:
 	rm -rf $(VENV) autoq-runs

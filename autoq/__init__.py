@@ -2,6 +2,7 @@
 
 from autoq.capture import TraceError
 from autoq.config import TuneConfig
+from autoq.deploy import export
 from autoq.dispatch.apply import apply_dispatch
 from autoq.dispatch.table import DispatchTable
 from autoq.plan import QuantPlan
@@ -10,5 +11,5 @@ from autoq.search.space import SearchSpace
 from autoq.tuner import quantize, tune
 
 __all__ = ["DispatchTable", "QuantPlan", "SearchSpace", "TraceError", "TuneConfig", "TuneResult", "apply_dispatch",
-           "load", "quantize", "save", "tune"]
-__version__ = "0.1.0"
+           "export", "load", "quantize", "save", "tune"]
+__version__ = "0.2.0"

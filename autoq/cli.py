@@ -4,12 +4,16 @@
                         [--quiet] [--measure-lock]
     autoq resume RUN.toml [same options]        continue the run's study (an error if it has none)
     autoq report [RUN.toml] [--study NAME] [--storage URL] [--out DIR]
-    autoq bench MODEL.autoq [--run RUN.toml] [--seconds S] [--threads N]
+    autoq bench MODEL.autoq --run RUN.toml [--seconds S] [--threads N] [--trusted]
+    autoq export MODEL.autoq --run RUN.toml --out DIR [--trusted]
     autoq strategies                             list the strategy presets
     autoq dispatch bench [--out TABLE.json] [--suite SHAPES.toml] [--threads N] [--limit N]
     autoq dispatch show TABLE.json
     autoq dispatch export --study NAME [--storage URL] --out TABLE.json
-    autoq dispatch apply MODEL.autoq TABLE.json|shipped --out NEW.autoq
+    autoq dispatch apply MODEL.autoq TABLE.json|shipped --run RUN.toml --out NEW.autoq [--trusted]
+
+A model file holds data only (plan, int8 numbers): commands that open one rebuild it on the FP32 model
+the run file names (--run). --trusted also opens autoq's old pickled files, which run code when opened.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.rule import DEPTH
 from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_suite
 from autoq.dispatch.table import DispatchTable, Entry
+from autoq.files import write_atomic
 from autoq.measure.latency import measure_latency, speedup
+from autoq.deploy import MANIFEST, export
+from autoq.model_file import synthetic_inputs
 from autoq.result import load, save
 from autoq.run import load_run, prepare
-from autoq.search.study import layer_timings, storage_url
+from autoq.run.sources import load_model
+from autoq.search.study import layer_timings, redacted, storage_url
 
 RESULT_FILE = "result.json"  # in a run's output folder: the study it used and the outcome
 
@@ -62,20 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="measure a saved int8 model's latency (and, with --run, "
                                               "its metric and speedup over the FP32 model)")
-    bench.add_argument("model", help="model file written by autoq tune / TuneResult.save / autoq.save")
-    bench.add_argument("--run", help="run file: compare against its FP32 model on its data")
+    _model_file_arguments(bench, run_help="run file naming the FP32 model the file was tuned from (its numbers "
+                                          "are rebuilt on it); the int8 model is compared with it on its data")
     bench.add_argument("--seconds", type=float, default=3.0, help="timing effort (default: %(default)s)")
     bench.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+
+    export = commands.add_parser("export", help="write a saved int8 model as a folder that plain PyTorch runs "
+                                                "(TorchScript or AOTInductor, with run.py)")
+    _model_file_arguments(export)
+    export.add_argument("--out", required=True, help="folder to write (replaced if it is an earlier export)")
 
     commands.add_parser("strategies", help="list the strategy presets and their settings")
     _dispatch_parser(commands)
 
     args = parser.parse_args(argv)
-    handlers = {"tune": _tune, "resume": _tune, "report": _report, "bench": _bench_model,
+    handlers = {"tune": _tune, "resume": _tune, "report": _report, "bench": _bench_model, "export": _export_model,
                 "strategies": _strategies, "dispatch": _dispatch}
     try:
         handlers[args.command](args)
-    except ValueError as error:
+    except (ValueError, TimeoutError) as error:  # TimeoutError: the measurement lock
         print(f"autoq: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -97,15 +110,15 @@ def _tune(args: argparse.Namespace) -> None:
     result = autoq.tune(job.model, job.example_inputs, job.calib, job.eval_fn, config=spec.tune,
                         train_data=job.train, loss_fn=job.loss_fn)
     output.mkdir(parents=True, exist_ok=True)
-    result.save(output / "model.autoq")
+    result.save(output / "model.autoq", model_source=f"the run file {spec.path}")
     if result.dispatch_table is not None and result.dispatch_table.entries:
         result.dispatch_table.save(output / "dispatch-table.json")
-    (output / RESULT_FILE).write_text(json.dumps({
+    write_atomic(output / RESULT_FILE, json.dumps({
         "run": str(spec.path), "study": result.study_name, "storage": result.storage,
         "feasible": result.feasible, "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy,
         "loss": result.loss, "speedup": result.speedup, "latency_ms": result.latency_ms, "plan": result.config,
     }, indent=2))
-    paths = _write_report(result.storage, result.study_name, output)
+    paths = _write_report(storage_url(spec.tune.storage), result.study_name, output)  # not the redacted one
     if args.quiet:
         print(result.summary())
     print(f"wrote {output / 'model.autoq'}, {paths['html']}")
@@ -124,10 +137,10 @@ def _report(args: argparse.Namespace) -> None:
     names = optuna.get_all_study_names(url)
     if study_name is None:
         if len(names) != 1:
-            raise ValueError(f"{url} holds {len(names)} studies {names}: name one with --study.")
+            raise ValueError(f"{redacted(url)} holds {len(names)} studies {names}: name one with --study.")
         study_name = names[0]
     if study_name not in names:
-        raise ValueError(f"no study named {study_name!r} in {url}; it holds {names}.")
+        raise ValueError(f"no study named {study_name!r} in {redacted(url)}; it holds {names}.")
     paths = _write_report(url, study_name, output or Path("autoq-report"))
     print(f"wrote {paths['html']}")
 
@@ -138,30 +151,49 @@ def _write_report(url: str, study_name: str, output: Path) -> dict[str, Path]:
     return write_report(optuna.load_study(study_name=study_name, storage=url), output)
 
 
-def _bench_model(args: argparse.Namespace) -> None:
-    model = load(args.model)
-    if args.run:
+def _model_file_arguments(parser: argparse.ArgumentParser,
+                          run_help: str = "run file naming the FP32 model the file was tuned from") -> None:
+    """The model file a command opens, and what opening it needs."""
+    parser.add_argument("model", help="model file written by autoq tune / TuneResult.save / autoq.save")
+    parser.add_argument("--run", help=run_help + " (required: a model file holds numbers, not code)")
+    parser.add_argument("--trusted", action="store_true",
+                        help="also open a model file of autoq's old pickled format, which runs code stored in it")
+
+
+def _open_model(args: argparse.Namespace, fp32: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The int8 model of `args.model`, rebuilt on `fp32` or else on the FP32 model `args.run` names."""
+    if fp32 is None and args.run:
         spec = load_run(args.run, verbose=False)
-        job = prepare(spec)
+        fp32 = load_model(spec.model, spec.base)
+    return load(args.model, fp32, trusted=args.trusted)
+
+
+def _bench_model(args: argparse.Namespace) -> None:
+    job = prepare(load_run(args.run, verbose=False)) if args.run else None
+    model = _open_model(args, job.model if job else None)
+    if job is not None:
         inputs = job.example_inputs
         models = {"fp32": job.model, "int8": model}
     else:
-        recorded = model.meta["autoq"].get("inputs")
-        if not recorded:
-            raise ValueError(f"{args.model} does not record its input shapes (saved by an older autoq): "
-                             f"pass --run RUN.toml to time it on the run's data.")
-        inputs = tuple(torch.randn(entry["shape"]).to(getattr(torch, entry["dtype"])) for entry in recorded)
+        inputs = synthetic_inputs(model.meta["autoq"]["inputs"])
         models = {"int8": model}
     timing = measure_latency(models, inputs, threads=args.threads, target_seconds=args.seconds, min_repeats=20)
     shapes = ", ".join(str(tuple(value.shape)) for value in inputs)
     print(f"{'model':6s} {'median ms':>10s} {'p10 ms':>8s} {'p90 ms':>8s}"
-          + (f" {'metric':>8s} {'speedup':>8s}" if args.run else "") + f"   inputs {shapes}, "
+          + (f" {'metric':>8s} {'speedup':>8s}" if job else "") + f"   inputs {shapes}, "
           f"{torch.get_num_threads() if args.threads is None else args.threads} threads")
     for name, stats in timing.items():
         line = f"{name:6s} {stats.median_ms:10.3f} {stats.p10_ms:8.3f} {stats.p90_ms:8.3f}"
-        if args.run:
+        if job:
             line += f" {job.eval_fn(models[name]):8.4f} {speedup(timing['fp32'], stats):7.2f}x"
         print(line)
+
+
+def _export_model(args: argparse.Namespace) -> None:
+    model = _open_model(args)
+    written = export(model, args.out)
+    print(f"wrote {written.directory}/: {written.model_file.name} ({written.format}, "
+          f"{written.size_bytes / 1e6:.1f} MB), run.py, {MANIFEST}")
 
 
 def _strategies(args: argparse.Namespace) -> None:
@@ -193,7 +225,7 @@ def _dispatch_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="table to write")
 
     apply = actions.add_parser("apply", help="re-pack a saved int8 model's layers per a table (no re-tuning)")
-    apply.add_argument("model", help="model file written by TuneResult.save or autoq.save")
+    _model_file_arguments(apply)
     apply.add_argument("table", help="dispatch table JSON, or 'shipped' for autoq's table for this CPU")
     apply.add_argument("--out", required=True, help="model file to write")
 
@@ -234,7 +266,7 @@ def _export(args: argparse.Namespace) -> DispatchTable:
     try:
         study = optuna.load_study(study_name=args.study, storage=storage_url(args.storage))
     except KeyError as error:
-        raise ValueError(f"no study named {args.study!r} in {storage_url(args.storage)}") from error
+        raise ValueError(f"no study named {args.study!r} in {redacted(storage_url(args.storage))}") from error
     stored = layer_timings(study)
     if not stored:
         raise ValueError(f"study {args.study!r} measured no per-layer kernel timings (no 'measured' trial ran).")
@@ -246,7 +278,7 @@ def _export(args: argparse.Namespace) -> DispatchTable:
 
 
 def _apply(args: argparse.Namespace) -> None:
-    model = load(args.model)
+    model = _open_model(args)
     engines = apply_dispatch(model, args.table)
     save(model, args.out)
     onednn = sum(library == "onednn" for library in engines.values())

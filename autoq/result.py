@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import types
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from autoq.dispatch.engine import quantized_engine
-from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.table import DispatchTable
-from autoq.plan import INDUCTOR_RECIPES, RECIPE_FIELDS, QuantPlan
-from autoq.recipes.pt2e import Lowered
-
-SAVE_FORMAT = "autoq.model"
-SAVE_VERSION = 1
+from autoq.deploy import Export, export
+from autoq.model_file import load_model, save_model
+from autoq.model_file.legacy import rebuild_module
+from autoq.plan import RECIPE_FIELDS, QuantPlan
 
 
 @dataclass
@@ -52,16 +45,22 @@ class TuneResult:
     feasible: bool
     layers: list[dict[str, Any]] = field(default_factory=list)
     study_name: str = ""
-    storage: str = ""
+    storage: str = ""  # the Optuna storage URL, password hidden
     notes: list[str] = field(default_factory=list)
     dispatch_table: DispatchTable | None = None
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the int8 model and its plan to one file; `autoq.load(path)` restores it."""
-        _write(self.model, self.config, path, summary={
+    def save(self, path: str | os.PathLike, model_source: str | None = None) -> None:
+        """Write the int8 model to one file (data only, see `autoq.save`); `autoq.load(path, fp32_model)`
+        rebuilds it. model_source: where the FP32 model comes from (e.g. a run file), for load's errors."""
+        save_model(self.model, path, summary={
             "accuracy": self.accuracy, "baseline_accuracy": self.baseline_accuracy, "loss": self.loss,
             "speedup": self.speedup, "latency_ms": self.latency_ms,
-        })
+        }, model_source=model_source)
+
+    def export(self, directory: str | os.PathLike) -> Export:
+        """Write the int8 model as a folder plain PyTorch runs without autoq (see `autoq.export`):
+        TorchScript for FX plans, an AOTInductor package for PT2E plans, with run.py."""
+        return export(self.model, directory)
 
     def summary(self) -> str:
         """A short human-readable table of the outcome."""
@@ -85,90 +84,25 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def _rebuild_module(cls: type, state: tuple) -> torch.nn.Module:
-    """Unpickle a quantized module the way its own __deepcopy__ copies it."""
-    module = cls.__new__(cls)
-    torch.nn.Module.__init__(module)
-    module.__setstate__(state)
-    return module
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles torch's quantized modules through `_rebuild_module`.
-
-    Their __setstate__ (tuple state, weights re-packed) never runs nn.Module.__init__, so a plainly
-    pickled quantized conv comes back without `_modules` and a GraphModule holding it cannot load.
-    """
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith(_QUANTIZED_MODULES):
-            state = obj.__getstate__()
-            if isinstance(state, tuple):
-                return _rebuild_module, (type(obj), state)
-        return NotImplemented
-
-
-_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
-_PICKLE_MODULE = types.ModuleType("autoq_pickle")
-_PICKLE_MODULE.Pickler = _Pickler
+_rebuild_module = rebuild_module  # the name autoq's old pickled files (loaded only when trusted) refer to
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Save an int8 model built by `autoq.quantize` (its plan, with per-layer kernels, comes along)."""
-    meta = getattr(model, "meta", {}).get("autoq")
-    if not meta:
-        raise ValueError("autoq.save needs a model built by autoq.quantize or autoq.load (model.meta['autoq'] "
-                         "holds its plan); for a tuning result use result.save(path).")
-    _write(model, meta["config"], path, meta.get("summary"))
+    """Save an int8 model built by `autoq.quantize`, `autoq.tune` or `autoq.load` to one file.
+
+    The file is data only (safetensors): the plan with its per-layer kernels, the int8 numbers and
+    the outputs the model gave on synthetic inputs; `autoq.load(path, fp32_model)` rebuilds it."""
+    save_model(model, path)
 
 
-def _write(model: torch.nn.Module, config: dict, path: str | os.PathLike, summary: dict | None = None) -> None:
-    """Save an autoq int8 model with its plan (the plan's kernel choices are re-applied on load)."""
-    if isinstance(model, Lowered):
-        data = model.to_bytes()
-    else:
-        buffer = io.BytesIO()
-        torch.save(model, buffer, pickle_module=_PICKLE_MODULE)
-        data = buffer.getvalue()
-    torch.save({
-        "format": SAVE_FORMAT, "version": SAVE_VERSION, "config": config, "summary": summary or {},
-        "layer_shapes": getattr(model, "meta", {}).get("autoq", {}).get("layer_shapes", {}),
-        "inputs": getattr(model, "meta", {}).get("autoq", {}).get("inputs", []),
-        "torch_version": str(torch.__version__), "model": data,
-    }, path)
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, trusted: bool = False,
+         check: bool = True) -> torch.nn.Module:
+    """The int8 model saved at `path`, rebuilt on `model`, the FP32 model it was tuned from (unchanged).
 
-
-def load(path: str | os.PathLike) -> torch.nn.Module:
-    """Load a model written by `TuneResult.save` or `autoq.save`, with its weights packed as tuned.
-
-    Unpickling re-packs every layer under one engine (PyTorch's heuristic); the plan's per-layer
-    kernel libraries are then re-applied.
-
-    The file contains pickled code (an FX GraphModule): load only files you trust. Classes of
-    modules kept as FP32 black boxes must be importable. The plan is in `model.meta['autoq']`.
+    Opening a file never runs code from it: the structure comes from `model` and the saved plan
+    (no calibration data or training needed), the numbers from the file, and the rebuilt model must
+    reproduce the outputs recorded at save time (check=False skips that). Files of autoq's old
+    pickled format (before 0.2) load without `model` only with trusted=True, which runs code stored
+    in them. The plan is in `model.meta['autoq']`.
     """
-    try:
-        payload = torch.load(path, weights_only=True)
-    except FileNotFoundError as error:
-        raise ValueError(f"model file {os.fspath(path)!r} not found.") from error
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{os.fspath(path)!r} is not an autoq model file (written by TuneResult.save): "
-                         f"{type(error).__name__}") from error
-    if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not an autoq model file (written by TuneResult.save).")
-    if payload.get("version") != SAVE_VERSION:
-        raise ValueError(
-            f"{os.fspath(path)!r} has autoq model format version {payload.get('version')}; "
-            f"this autoq reads version {SAVE_VERSION}."
-        )
-    plan = QuantPlan.from_dict(payload["config"])
-    if plan.recipe in INDUCTOR_RECIPES:
-        model = Lowered.from_bytes(payload["model"], plan)
-    else:
-        with quantized_engine(plan.engine), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors and TypedStorage
-            model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
-        set_layer_engines(model, plan.layer_engines)
-    model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"],
-                           "layer_shapes": payload.get("layer_shapes", {}), "inputs": payload.get("inputs", [])}
-    return model
+    return load_model(path, model, trusted=trusted, check=check)

@@ -33,8 +33,8 @@ from autoq.search.sensitivity import layer_sensitivity, rank_layers, single_laye
 from autoq.search.space import INDUCTOR
 from autoq.search.study import (
     DROPPED_ATTR, DROPPED_RECIPES_ATTR, FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row,
-    counted_trials, fingerprint, layer_timings, open_study, pareto_front, reclaim_interrupted, register_worker,
-    storage_url, trial_rows,
+    counted_trials, fingerprint, layer_timings, open_study, pareto_front, reclaim_interrupted, redacted,
+    register_worker, storage_url, trial_rows,
 )
 
 SWEEP_ATTR = "sweep_enqueued"  # study user attr: the observer sweep around the best seed is queued
@@ -142,7 +142,7 @@ def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: A
         calib_data, len(example_inputs), plan.calib_samples)
     quantized = builder(plan.recipe, model, example_inputs, batches, list(non_traceable_modules),
                         training=training).build(plan)
-    record_layer_shapes(quantized, example_inputs)
+    record_layer_shapes(quantized, example_inputs, list(non_traceable_modules))
     if dispatch == "measured":
         set_model_dispatch(quantized, LayerTimer().choose(quantized, example_inputs), "measured")
     elif dispatch is not None:
@@ -176,9 +176,10 @@ class _Run:
         for recipe, reason in arms.skipped.items():
             reporter.line(f"recipe {recipe} skipped: {reason}")
         study, created = self._study(baseline)
-        reporter.line(f"study '{study.study_name}' in {storage_url(config.storage)}")
+        reporter.line(f"study '{study.study_name}' in {redacted(storage_url(config.storage))}")
         study.set_user_attr(RESULT_ATTR, None)  # running again: the last final choice is stale until the end
-        study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": dataclasses.asdict(config),
+        stored_config = {**dataclasses.asdict(config), "storage": config.storage and redacted(config.storage)}
+        study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": stored_config,
                                        "layers": {recipe: arms.layers(recipe) for recipe in arms.recipes}})
         neighbours = register_worker(study, config.measure_lock)
         if neighbours and not config.measure_lock:
@@ -365,7 +366,7 @@ class _Run:
         if plan is None:
             plan = QuantPlan.from_dict(best["plan"])
             model = arms.build(plan)
-        record_layer_shapes(model, self.example_inputs)
+        record_layer_shapes(model, self.example_inputs, config.non_traceable_modules)
         with torch.no_grad():
             accuracy = float(self.eval_fn(model))
         loss = config.loss(baseline, accuracy)
@@ -404,7 +405,7 @@ class _Run:
             model=model, accuracy=accuracy, baseline_accuracy=baseline, loss=loss,
             speedup=latency["fp32_eager"] / latency["int8"], latency_ms=latency, config=plan.to_dict(),
             trials=rows, pareto_front=pareto_front(rows), feasible=feasible, layers=layers,
-            study_name=study.study_name, storage=storage_url(config.storage), notes=notes,
+            study_name=study.study_name, storage=redacted(storage_url(config.storage)), notes=notes,
             dispatch_table=table,
         )
         study.set_user_attr(RESULT_ATTR, {

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2, resnet18
 
+from autoq.files import replacing
+
 __all__ = [
     "LSTMClassifier",
     "MiniLMClassifier",
@@ -1108,11 +1110,10 @@ def _cached(path: Path, build: Callable[[], dict[str, Tensor]]) -> dict[str, Ten
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     state = build()
-    partial_path = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, partial_path)
-        os.replace(partial_path, path)
+        with replacing(path) as partial_path:
+            torch.save(state, partial_path)
     except OSError as error:
         raise OSError(
             f"Cannot write the autoq.zoo cache file {path} ({error}). Pass a writable cache_dir "

@@ -92,18 +92,26 @@ def test_report_with_the_run_file_finds_the_runs_study(tuned, tmp_path, capsys):
     assert (out / "report.html").is_file()
 
 
-def test_bench_times_a_saved_model_alone_or_against_fp32(tuned, capsys):
+def test_bench_times_a_saved_model_against_fp32_and_needs_the_run_file(tuned, capsys):
     _, _, out = tuned
-    assert main(["bench", str(out / "model.autoq"), "--seconds", "0.3"]) == 0
+    assert main(["bench", str(out / "model.autoq"), "--seconds", "0.3"]) == 2
+    error = capsys.readouterr().err
+    assert "--run RUN.toml" in error and f"the run file {EXAMPLE}" in error  # the file says where it came from
+    assert main(["bench", str(out / "model.autoq"), "--run", str(EXAMPLE), "--seconds", "0.3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["model", "median"] and "(1, 1, 28, 28)" in lines[0]
-    assert lines[1].split()[0] == "int8" and float(lines[1].split()[1]) > 0
-    assert main(["bench", str(out / "model.autoq"), "--run", str(EXAMPLE), "--seconds", "0.3"]) == 0
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"fp32", "int8"}
     record = json.loads((out / "result.json").read_text())
     assert float(rows["int8"][4]) == pytest.approx(record["accuracy"], abs=1e-4)  # same eval data as the run
     assert rows["fp32"][5] == "1.00x"
+
+
+def test_export_writes_a_folder_that_plain_torch_runs(tuned, tmp_path, capsys):
+    _, _, out = tuned
+    assert main(["export", str(out / "model.autoq"), "--run", str(EXAMPLE), "--out", str(tmp_path / "deploy")]) == 0
+    assert "model.pt (torchscript" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["model.json", "model.pt", "run.py"]
 
 
 def test_bench_rejects_a_file_that_is_not_an_autoq_model(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,14 @@ def saturation_net() -> nn.Module:
 
 
 X = torch.ones(1, 8, 6, 6)
+
+
+def saturation_run_file(folder: Path) -> Path:
+    """A run file whose model is saturation_net (its data sections are required, not read by model commands)."""
+    run = folder / "saturation.toml"
+    run.write_text(f'[model]\nfactory = "{Path(__file__).resolve()}:saturation_net"\n'
+                   f'[calib]\nbuiltin = "digits"\n[eval]\nbuiltin = "digits"\n')
+    return run
 FBGEMM_PLAN = QuantPlan(engine="fbgemm", reduce_range=False, activation_observer="minmax")
 
 
@@ -100,8 +109,8 @@ def test_table_applies_to_a_new_model_and_the_saved_model_keeps_its_dispatch(tmp
     assert plan.dispatch == "table" and plan.layer_engines == {"0": "onednn", "1": "fbgemm"}
     assert depthwise_library(model) == "onednn"
     autoq.save(model, tmp_path / "m.autoq")
-    # unpickling re-packs every layer under the plan's engine (FBGEMM): load must re-apply layer 0's oneDNN
-    reloaded = autoq.load(tmp_path / "m.autoq")
+    # rebuilding packs every layer under the plan's engine (FBGEMM): load must re-apply layer 0's oneDNN
+    reloaded = autoq.load(tmp_path / "m.autoq", fp32)
     assert depthwise_library(reloaded) == "onednn"
     with torch.no_grad():
         assert torch.equal(reloaded(X), model(X))
@@ -112,13 +121,14 @@ def test_a_saved_model_is_re_dispatched_from_the_cli_without_inputs(tmp_path, ca
     fp32 = saturation_net()
     autoq.save(autoq.quantize(fp32, FBGEMM_PLAN, X, [X]), tmp_path / "fbgemm.autoq")
     two_entry_table(current_cpu(), "onednn").save(tmp_path / "t.json")
-    assert main(["dispatch", "apply", str(tmp_path / "fbgemm.autoq"), str(tmp_path / "t.json"),
+    run = saturation_run_file(tmp_path)
+    assert main(["dispatch", "apply", str(tmp_path / "fbgemm.autoq"), str(tmp_path / "t.json"), "--run", str(run),
                  "--out", str(tmp_path / "dispatched.autoq")]) == 0
     assert "1 layers on oneDNN, 1 on FBGEMM" in capsys.readouterr().out
-    model = autoq.load(tmp_path / "dispatched.autoq")
+    model = autoq.load(tmp_path / "dispatched.autoq", fp32)
     assert QuantPlan.from_dict(model.meta["autoq"]["config"]).layer_engines == {"0": "onednn", "1": "fbgemm"}
     assert depthwise_library(model) == "onednn"
-    assert depthwise_library(autoq.load(tmp_path / "fbgemm.autoq")) == "fbgemm"  # the input file is untouched
+    assert depthwise_library(autoq.load(tmp_path / "fbgemm.autoq", fp32)) == "fbgemm"  # the input file is untouched
     bare = copy.deepcopy(model)
     bare.meta["autoq"]["layer_shapes"] = {}
     with pytest.raises(ValueError, match="layer shapes are recorded"):

@@ -101,7 +101,7 @@ def test_tuning_an_lstm_searches_both_recipes_and_returns_a_loadable_model(digit
     assert [layer["name"] for layer in result.layers] == (["embed", "lstm", "head"] if plan.recipe == "dynamic"
                                                           else ["embed", "head"])
     result.save(tmp_path / "model.autoq")
-    loaded = autoq.load(tmp_path / "model.autoq")
+    loaded = autoq.load(tmp_path / "model.autoq", lstm)
     with torch.no_grad():
         assert torch.equal(loaded(digits.x[:16]), result.model(digits.x[:16]))
 
@@ -115,4 +115,4 @@ def test_quantize_rebuilds_a_dynamic_plan_with_per_layer_kernels(digits, tmp_pat
     assert set(libraries) == {"body.1", "body.3", "head"} and set(libraries.values()) <= {"fbgemm", "onednn"}
     assert abs(digits.accuracy(model) - digits.accuracy(mlp)) <= 0.02
     autoq.save(model, tmp_path / "mlp.autoq")
-    assert QuantPlan.from_dict(autoq.load(tmp_path / "mlp.autoq").meta["autoq"]["config"]).recipe == "dynamic"
+    assert QuantPlan.from_dict(autoq.load(tmp_path / "mlp.autoq", mlp).meta["autoq"]["config"]).recipe == "dynamic"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines
@@ -11,13 +12,21 @@ from autoq.dispatch.table import DispatchTable
 from autoq.plan import QuantPlan
 
 
-def record_layer_shapes(model: nn.Module, example_inputs: tuple) -> None:
-    """Store each int8 layer's shape signature, and the model's input shapes and dtypes, in
-    `model.meta['autoq']` (saved with the model; `autoq bench` times a saved model on such inputs)."""
+def record_layer_shapes(model: nn.Module, example_inputs: tuple, non_traceable_modules: Sequence[str] = ()) -> None:
+    """Store each int8 layer's shape signature, the model's inputs (shape, dtype, and for integer inputs
+    such as token ids their [low, high]) and the modules its capture kept whole in `model.meta['autoq']`
+    (saved with the model: loading rebuilds it on such inputs, `autoq bench` times it on them)."""
     model.meta["autoq"]["layer_shapes"] = {
         name: shape.to_dict() for name, shape in layer_shapes(model, example_inputs).items()}
-    model.meta["autoq"]["inputs"] = [{"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
-                                     for value in example_inputs]
+    model.meta["autoq"]["inputs"] = [_input_spec(value) for value in example_inputs]
+    model.meta["autoq"]["non_traceable_modules"] = list(non_traceable_modules)
+
+
+def _input_spec(value: torch.Tensor) -> dict:
+    spec = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if not value.is_floating_point() and value.numel():
+        spec.update(low=int(value.min()), high=int(value.max()))
+    return spec
 
 
 def set_model_dispatch(model: nn.Module, engines: Mapping[str, str], dispatch: str) -> None:

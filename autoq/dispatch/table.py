@@ -22,6 +22,7 @@ import torch
 
 from autoq.dispatch.layers import LIBRARIES, LayerShape
 from autoq.dispatch.rule import DEPTH, DispatchRule, Measurement, fit_with_holdout, x86_rule
+from autoq.files import write_atomic
 
 TABLE_TYPE = "autoq.DispatchTable"
 TABLE_VERSION = 1
@@ -187,7 +188,7 @@ class DispatchTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DispatchTable:

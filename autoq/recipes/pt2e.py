@@ -289,11 +289,16 @@ class Pt2eBuilder:
 
     def build(self, plan: QuantPlan) -> Lowered:
         """The int8 model of `plan`, compiled by Inductor (compiled here: the first call happens inside)."""
-        model = Lowered(self.reference(plan), self.example_inputs, mixed_bf16=plan.mixed_bf16,
-                        cpp_wrapper=plan.cpp_wrapper)
-        model(*self.example_inputs)
-        model.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
-        return model
+        return lower(self.reference(plan), self.example_inputs, plan)
+
+
+def lower(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan) -> Lowered:
+    """A converted PT2E graph compiled by Inductor with the plan's options (the first call compiles it
+    here), carrying the plan in `meta['autoq']`."""
+    model = Lowered(graph, example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
+    model(*example_inputs)
+    model.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+    return model
 
 
 def _observed(prepared: torch.fx.GraphModule, kind: type) -> Iterator[tuple[torch.fx.Node, nn.Module]]:

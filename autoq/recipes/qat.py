@@ -57,7 +57,7 @@ from autoq.capture import Layer, as_input_tuple, use_base_layer_classes
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
 from autoq.plan import QuantPlan
-from autoq.recipes.pt2e import QAT_EPS, Lowered, Pt2eBuilder, export_graph, inductor_quantizer
+from autoq.recipes.pt2e import QAT_EPS, Pt2eBuilder, export_graph, inductor_quantizer, lower
 from autoq.recipes.static import StaticBuilder, with_global_qconfig
 
 FREEZE_AT = 0.5  # fraction of the fine-tune after which observers and BatchNorm statistics are frozen
@@ -129,12 +129,17 @@ class _FineTunes(abc.ABC):
         if unknown:
             raise ValueError(f"fp32_layers or layer_weight_bits name {sorted(unknown)}, which are not quantizable "
                              f"layers of this model. Known layers: {self.layers}")
+        quantized = self._int8(self.converted(plan), plan)
+        quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+        return quantized
+
+    def converted(self, plan: QuantPlan) -> nn.Module:
+        """A copy of the plan's fine-tuned model converted to int8, before kernels are chosen or it is
+        compiled (fine-tuned on the first call for a plan)."""
         key = plan.key()
         if key not in self._built:
             self._built[key] = self._fine_tuned(plan)
-        quantized = self._int8(copy.deepcopy(self._built[key]), plan)
-        quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
-        return quantized
+        return copy.deepcopy(self._built[key])
 
     @abc.abstractmethod
     def _fine_tuned(self, plan: QuantPlan) -> nn.Module:
@@ -288,9 +293,7 @@ class Pt2eQatBuilder(_FineTunes):
         torchao_pt2e.move_exported_model_to_train(prepared)
 
     def _int8(self, converted: nn.Module, plan: QuantPlan) -> nn.Module:
-        lowered = Lowered(converted, self.example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
-        lowered(*self.example_inputs)  # compiled here, as every PT2E build
-        return lowered
+        return lower(converted, self.example_inputs, plan)  # compiled here, as every PT2E build
 
 
 def _split(batch: object) -> tuple[tuple, torch.Tensor]:

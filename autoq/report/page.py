@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from autoq.files import write_atomic
 from autoq.plan import CALIBRATED_RECIPES, RECIPE_FIELDS, QuantPlan
 from autoq.report.content import ReportContent, gather
 from autoq.report.plots import history_png, pareto_png
@@ -48,9 +49,9 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     paths = {}
     for name, png in images.items():
         paths[name] = out / f"{name}.png"
-        paths[name].write_bytes(png)
+        write_atomic(paths[name], png)
     paths["html"] = out / "report.html"
-    paths["html"].write_text(render_page(content, images), encoding="utf-8")
+    write_atomic(paths["html"], render_page(content, images))
     return paths
 
 

@@ -8,12 +8,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.engine
 import sqlalchemy.exc
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -36,6 +38,8 @@ WORKER_PREFIX = "worker:"  # study user attrs "worker:host:pid" -> {"started", "
 HEARTBEAT_SECONDS = 30  # a trial whose worker has not beaten for GRACE_SECONDS is retried elsewhere
 GRACE_SECONDS = 120
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_USER_PASSWORD = re.compile(r"(://[^:/@?\s]*):[^\s?]*@")  # "://user:password@" up to the last '@' before '?'
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#\s]*", re.IGNORECASE)  # libpq's "?password=..."
 
 
 def storage_url(storage: str | None) -> str:
@@ -51,6 +55,24 @@ def storage_url(storage: str | None) -> str:
     return storage
 
 
+def redacted(url: str) -> str:
+    """`url` with its password shown as '***', for logs, errors and files: user, host and database stay.
+
+    A URL without a password is returned unchanged (so it still opens the study). SQLAlchemy URLs
+    with one are rendered by SQLAlchemy; anything else (a journal file path, 'redis://...') has a
+    'user:password@' or '?password=' masked. Never raises.
+    """
+    text = str(url)
+    try:
+        parsed = sqlalchemy.engine.make_url(text)
+        if parsed.password is not None:
+            text = parsed.render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: the patterns below still mask a password
+        pass
+    text = _USER_PASSWORD.sub(r"\1:***@", text)
+    return _PASSWORD_PARAMETER.sub(r"\1***", text)
+
+
 def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, must_exist: bool = False,
                ) -> tuple[optuna.Study, bool]:
     """The study `name` in storage `url`, created if needed (unless must_exist); True if this call created it.
@@ -60,7 +82,7 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *, mus
     """
     storage = _rdb_storage(url)
     if must_exist and name not in optuna.get_all_study_names(storage):
-        raise ValueError(f"There is no study {name!r} to resume in {url}: run `autoq tune` first "
+        raise ValueError(f"There is no study {name!r} to resume in {redacted(url)}: run `autoq tune` first "
                          f"(or check the storage URL, and that the model, data and settings are unchanged: "
                          f"they name the study).")
     try:

@@ -1,0 +1,91 @@
+"""An int8 model rebuilt from code (the user's FP32 model + the plan) and the numbers a file holds.
+
+The structure comes from the recipe that built the model, run again on synthetic inputs of the
+recorded shapes (calibration and fine-tuning are skipped: their results are the file's numbers);
+`autoq.model_file.state.restore` then puts the stored numbers in, and the rebuilt model must
+reproduce the outputs recorded at save time on the same synthetic inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from autoq.dispatch.engine import quantized_engine
+from autoq.dispatch.layers import set_layer_engines
+from autoq.plan import INDUCTOR_RECIPES, PT2E_POST_TRAINING, QuantPlan
+from autoq.recipes.arms import builder
+from autoq.recipes.pt2e import lower
+from autoq.recipes.qat import Training
+from autoq.model_file.state import MismatchError, restore
+
+CHECK_SEED = 0
+# relative RMS difference of the rebuilt model's outputs from the recorded ones: up to a few int8 rounding
+# ties flipped by FP32 parts summing in another order (thread count), or by another CPU's int8 kernels
+TOLERANCE = 1e-3
+OTHER_CPU_TOLERANCE = 5e-2
+
+
+def synthetic_inputs(specs: Sequence[Mapping], seed: int = CHECK_SEED) -> tuple[torch.Tensor, ...]:
+    """Inputs of the recorded shapes and dtypes: standard normal floats, integers uniform in the recorded
+    [low, high] (token ids, masks), the same for the same seed on every machine."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for spec in specs:
+        dtype, shape = getattr(torch, spec["dtype"]), tuple(spec["shape"])
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            low, high = int(spec.get("low", 0)), int(spec.get("high", 1))
+            inputs.append(torch.randint(low, high + 1, shape, generator=generator).to(dtype))
+    return tuple(inputs)
+
+
+def float_outputs(output: object) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (nested tuples, lists, dicts), in a fixed order."""
+    return [leaf.detach().float() for leaf in pytree.tree_leaves(output)
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+
+
+def rebuild(fp32_model: nn.Module, plan: QuantPlan, inputs: tuple, tensors: Mapping[str, torch.Tensor],
+            layout: Mapping, non_traceable_modules: Sequence[str] = ()) -> nn.Module:
+    """The int8 model of `plan` for `fp32_model`, holding the stored numbers (see the module docstring).
+
+    Raises MismatchError if `fp32_model` is not the architecture the numbers belong to."""
+    training = Training(train_fn=lambda model, epochs, lr: None)  # the file holds the fine-tuned numbers
+    batches = [] if plan.observer_for(None) == "dynamic" else [inputs]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arm = builder(plan.recipe, fp32_model, inputs, batches, list(non_traceable_modules), training=training)
+            if plan.recipe in INDUCTOR_RECIPES:
+                graph = arm.reference(plan) if plan.recipe in PT2E_POST_TRAINING else arm.converted(plan)
+                restore(graph, tensors, layout)
+                return lower(graph, inputs, plan)
+            model = arm.build(plan)
+            with quantized_engine(plan.engine):  # layers the plan does not dispatch are packed as built
+                restore(model, tensors, layout)
+            set_layer_engines(model, plan.layer_engines)
+            return model
+    except MismatchError:
+        raise
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as error:
+        raise MismatchError(f"the plan could not be rebuilt on this model ({type(error).__name__}: "
+                            f"{str(error)[:300]})") from error
+
+
+def output_difference(expected: Sequence[torch.Tensor], output: object) -> float:
+    """Relative RMS difference of `output`'s float tensors from `expected` (inf if their shapes differ)."""
+    actual = float_outputs(output)
+    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        return math.inf
+    if not expected:
+        return 0.0
+    error = sum(float(((a - e) ** 2).sum()) for a, e in zip(actual, expected))
+    scale = sum(float((e**2).sum()) for e in expected)
+    return math.sqrt(error / max(scale, 1e-30))
