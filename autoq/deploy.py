@@ -76,13 +76,13 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     staging.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     try:
         if plan.recipe in INDUCTOR_RECIPES:
-            name, kind = "model.pt2", "aoti"
+            name, kind, capture = "model.pt2", "aoti", "torch.export"
             _aoti(model, plan, staging / name)
         else:
             name, kind = "model.pt", "torchscript"
-            _torchscript(model, plan, inputs, staging / name)
+            capture = _torchscript(model, plan, inputs, staging / name)
         (staging / MANIFEST).write_text(json.dumps({
-            "format": FORMAT, "version": 1, "kind": kind, "file": name, "engine": plan.engine,
+            "format": FORMAT, "version": 1, "kind": kind, "file": name, "capture": capture, "engine": plan.engine,
             "layer_engines": plan.layer_engines, "inputs": meta["inputs"], "plan": meta["config"],
             "cpu": current_cpu().describe(), "torch": str(torch.__version__),
         }, indent=1) + "\n")
@@ -94,14 +94,21 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     return Export(target, target / name, kind, (target / name).stat().st_size)
 
 
-def _torchscript(model: nn.Module, plan: QuantPlan, inputs: tuple, path: Path) -> None:
+def _torchscript(model: nn.Module, plan: QuantPlan, inputs: tuple, path: Path) -> str:
+    """Save `model` as TorchScript; returns how it was captured: 'script', or 'trace' (the ops run on
+    inputs of the tuned shapes, recorded: data-dependent control flow is frozen), with a warning."""
     with warnings.catch_warnings(), quantized_engine(plan.engine):
         warnings.simplefilter("ignore")
         try:
-            scripted = torch.jit.script(model)
-        except Exception:  # scripting fails on Python the FX graph kept (untraceable modules): trace
-            scripted = torch.jit.trace(model, inputs, check_trace=False)
+            scripted, capture = torch.jit.script(model), "script"
+        except Exception as error:  # scripting fails on Python an eager model or a kept module holds
+            scripted, capture, reason = torch.jit.trace(model, inputs, check_trace=False), "trace", error
         scripted.save(str(path))
+    if capture == "trace":
+        warnings.warn(f"autoq export: torch.jit.script failed ({type(reason).__name__}: {str(reason)[:200]}); "
+                      f"the model was traced on inputs of its tuned shapes, so control flow that depends on the "
+                      f"inputs is fixed to what those inputs took.", stacklevel=3)
+    return capture
 
 
 def _aoti(model: nn.Module, plan: QuantPlan, path: Path) -> None:

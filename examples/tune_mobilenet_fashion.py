@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,8 @@ import autoq
 from autoq import zoo
 from autoq.measure.baselines import default_fx_ptq
 from autoq.measure.latency import measure_latency, speedup
+
+OUTPUT = Path("autoq-runs/mobilenet-fashion")  # the tuned model and its deployable export
 
 
 def main() -> None:
@@ -59,6 +62,11 @@ def main() -> None:
     print(f"\nFP32 fallback layers: {fallback or 'none'}; int8 layers on oneDNN: {libraries.count('onednn')}, "
           f"FBGEMM: {libraries.count('fbgemm')}, PyTorch's x86 rule: {libraries.count('x86')}")
     print(f"study '{result.study_name}' in {result.storage}; total {time.perf_counter() - started:.0f} s")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    result.save(OUTPUT / "model.autoq", model_source="autoq.zoo.mobilenet_fashion_task().model")
+    exported = result.export(OUTPUT / "deploy")
+    print(f"wrote {OUTPUT / 'model.autoq'} (autoq.load(path, task.model) rebuilds it) and {exported.directory}/ "
+          f"({exported.format}: `python {exported.directory / 'run.py'}` runs it without autoq)")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ def test_torchscript_export_keeps_each_layers_kernel_library(tmp_path):
     assert torch.equal(run_exported(written.directory, [X], tmp_path), expected)
 
 
-def test_an_eager_dynamic_model_exports_by_tracing(tmp_path):
+def test_an_eager_dynamic_model_exports_as_torchscript(tmp_path):
     model, x = tuned_model("dynamic", Recurrent)
     written = autoq.export(model, tmp_path / "export")
+    assert json.loads((written.directory / "model.json").read_text())["capture"] == "script"
     with torch.no_grad():
         assert torch.allclose(run_exported(written.directory, [x], tmp_path), model(x), rtol=1e-5, atol=1e-6)
 
@@ -56,6 +57,16 @@ def test_a_pt2e_plan_exports_an_aoti_package(tmp_path):
     assert written.format == "aoti" and written.model_file.suffix == ".pt2"
     with torch.no_grad():
         assert torch.equal(run_exported(written.directory, [x], tmp_path), model(x))
+
+
+def test_a_model_torchscript_cannot_compile_is_traced_with_a_warning(tmp_path):
+    model, x = tuned_model("dynamic", Recurrent)
+    model.forward = lambda inputs: type(model).forward(model, inputs)  # a Python attribute script cannot compile
+    with pytest.warns(UserWarning, match="traced on inputs of its tuned shapes"):
+        written = autoq.export(model, tmp_path / "export")
+    assert json.loads((written.directory / "model.json").read_text())["capture"] == "trace"
+    with torch.no_grad():
+        assert torch.allclose(run_exported(written.directory, [x], tmp_path), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_export_replaces_only_an_earlier_export(tmp_path):

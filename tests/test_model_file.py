@@ -80,6 +80,15 @@ def test_a_saved_model_is_rebuilt_from_another_instance_with_identical_outputs(t
     assert loaded.meta["autoq"]["config"] == model.meta["autoq"]["config"]
 
 
+def test_output_scales_float32_cannot_hold_survive_exactly(tmp_path):
+    model, x = tuned_model("static", reduce_range=False, fold_relu6=True, weight_bits=7)
+    scales = {name: m.scale for name, m in model.named_modules() if isinstance(getattr(m, "scale", None), float)}
+    assert any(scale != float(torch.tensor(scale)) for scale in scales.values())  # a folded ReLU6's 6/255-like scale
+    autoq.save(model, tmp_path / "m.autoq")
+    loaded = autoq.load(tmp_path / "m.autoq", fresh())
+    assert {name: m.scale for name, m in loaded.named_modules() if name in scales} == scales
+
+
 def test_a_pickled_model_file_is_refused_without_running_it(tmp_path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.autoq"

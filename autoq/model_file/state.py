@@ -21,6 +21,7 @@ from torch import fx, nn
 
 # packed-weight objects whose __setstate__ only re-packs tensors (what quantized Linear/Conv/LSTM hold)
 _PACKED_TYPES = ("__torch__.torch.classes.quantized.", "__torch__.torch.classes.rnn.CellParamsBase")
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 _QSCHEMES = {str(q): q for q in (torch.per_tensor_affine, torch.per_tensor_symmetric, torch.per_channel_affine,
                                  torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -36,11 +37,15 @@ class MismatchError(ValueError):
 class Numbers:
     """state: the model's state dict (entries the graph uses); literals: {'node:arg index': number} of the
     quantize/dequantize calls of PT2E graphs; versions: the state-dict version of each module, which
-    quantized modules' loaders read."""
+    quantized modules' loaders read; scalars: the output scale and zero point of each quantized module
+    as the module holds them (Python floats, which its state dict rounds to float32: a ReLU6 folded
+    by autoq.recipes.fusion has a scale of 6/255 that float32 does not hold, and on MobileNetV2 that
+    rounding alone moved the outputs by 17% RMS)."""
 
     state: dict[str, Any]
     literals: dict[str, float | int] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)  # module prefix -> state-dict format version
+    scalars: dict[str, float | int] = field(default_factory=dict)  # 'module.scale' -> the exact Python number
 
 
 def int8_graph(model: nn.Module) -> nn.Module:
@@ -65,7 +70,10 @@ def numbers(model: nn.Module) -> Numbers:
             for index, value in enumerate(node.args):
                 if isinstance(value, (float, int)) and not isinstance(value, bool):
                     literals[f"{node.name}:{index}"] = value
-    return Numbers(state, literals, versions)
+    scalars = {f"{name}.{attribute}": getattr(child, attribute) for name, child in module.named_modules()
+               if type(child).__module__.startswith(_QUANTIZED_MODULES) for attribute in ("scale", "zero_point")
+               if isinstance(getattr(child, attribute, None), (float, int))}
+    return Numbers(state, literals, versions, scalars)
 
 
 def _quantize_calls(module: fx.GraphModule) -> list[fx.Node]:
@@ -77,7 +85,7 @@ def encode(values: Numbers) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors for a safetensors file, JSON layout) of `values`."""
     tensors: dict[str, torch.Tensor] = {}
     layout = {"state": {key: _encode(value, key, tensors) for key, value in values.state.items()},
-              "literals": dict(values.literals), "versions": dict(values.versions)}
+              "literals": dict(values.literals), "versions": dict(values.versions), "scalars": dict(values.scalars)}
     return tensors, layout
 
 
@@ -129,9 +137,15 @@ def restore(model: nn.Module, tensors: Mapping[str, torch.Tensor], layout: Mappi
     if set(literals) != set(rebuilt.literals):
         raise MismatchError(f"the rebuilt graph's quantize calls differ from the file's "
                             f"({sorted(set(literals) ^ set(rebuilt.literals))[:3]})")
+    if set(layout["scalars"]) != set(rebuilt.scalars):
+        raise MismatchError(f"the rebuilt model's quantized modules differ from the file's "
+                            f"({sorted(set(layout['scalars']) ^ set(rebuilt.scalars))[:3]})")
     state = OrderedDict((key, _decode(entry, key, tensors, rebuilt.state[key])) for key, entry in stored.items())
     state._metadata = {prefix: {"version": int(version)} for prefix, version in layout["versions"].items()}
     module.load_state_dict(state, strict=False)
+    for key, value in layout["scalars"].items():
+        owner, attribute = key.rsplit(".", 1)
+        setattr(module.get_submodule(owner), attribute, _same(value, rebuilt.scalars[key], key))
     if literals:
         nodes = {node.name: node for node in _quantize_calls(module)}
         for key, value in literals.items():
