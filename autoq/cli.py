@@ -239,8 +239,6 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> DispatchTable:
     shapes = load_suite(args.suite)[: args.limit]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
     def progress(done: int, total: int, entry: Entry | None) -> None:
         if args.quiet:

@@ -33,7 +33,7 @@ from autoq.search.sensitivity import layer_sensitivity, rank_layers, single_laye
 from autoq.search.space import INDUCTOR
 from autoq.search.study import (
     DROPPED_ATTR, DROPPED_RECIPES_ATTR, FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row,
-    counted_trials, fingerprint, layer_timings, open_study, pareto_front, reclaim_interrupted, redacted,
+    counted_trials, fingerprint, layer_timings, open_study, optuna_quiet, pareto_front, reclaim_interrupted, redacted,
     register_worker, storage_url, trial_rows,
 )
 
@@ -80,7 +80,8 @@ def tune(
     training = None
     if train_data is not None or loss_fn is not None or train_fn is not None:
         training = Training(train_data, loss_fn, train_fn, max_seconds=config.qat_seconds)
-    return _Run(model, example_inputs, batches, eval_fn, config, training).execute()
+    with optuna_quiet():  # autoq prints its own line per trial
+        return _Run(model, example_inputs, batches, eval_fn, config, training).execute()
 
 
 def isa_note(arms: Arms) -> str:
@@ -316,7 +317,6 @@ class _Run:
         name = config.study_name or "autoq-" + fingerprint(self.fp32, self.example_inputs, baseline, config.space)
         n_startup = max(3, min(10, (config.n_trials or 40) // 4))
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=n_startup)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return open_study(storage_url(config.storage), name, sampler, must_exist=config.resume)

@@ -11,6 +11,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,17 @@ GRACE_SECONDS = 120
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _USER_PASSWORD = re.compile(r"(://[^:/@?\s]*):[^\s?]*@")  # "://user:password@" up to the last '@' before '?'
 _PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#\s]*", re.IGNORECASE)  # libpq's "?password=..."
+
+
+@contextmanager
+def optuna_quiet() -> Iterator[None]:
+    """Optuna logs warnings only (not a line per trial) inside the block; its verbosity is restored after."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
 
 
 def storage_url(storage: str | None) -> str:
