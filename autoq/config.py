@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from autoq.search.space import SearchSpace
+from autoq.plan import AUTO, KERNEL_CHOICES, OBSERVERS, RECIPE_CHOICES, WEIGHT_GRANULARITIES
 
 LOSS_TYPES = ("relative", "absolute")
 STRATEGY_KEY = "strategy"
@@ -44,6 +44,65 @@ def check_keys(data: Mapping, allowed: list[str], where: str) -> None:
         raise ValueError(f"Unknown key{'s' if len(unknown) > 1 else ''} {unknown} in {where}. "
                          f"Allowed keys: {sorted(allowed)}.")
 
+
+BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
+                        ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6", "mixed_bf16",
+                         "cpp_wrapper"))
+
+
+@dataclass
+class SearchSpace:
+    """What the search may vary. Every field is a tuple of allowed values or a bound."""
+
+    recipes: tuple[str, ...] = (AUTO,)
+    engines: tuple[str, ...] = KERNEL_CHOICES
+    observers: tuple[str, ...] = OBSERVERS
+    weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
+    activation_symmetric: tuple[bool, ...] = (False, True)
+    reduce_range: tuple[bool, ...] = (True, False)  # where kernels saturate (no VNNI), False means 7-bit weights
+    channels_last: tuple[bool, ...] = (False, True)
+    fold_relu6: tuple[bool, ...] = (False, True)
+    mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
+    cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
+    qat_epochs: tuple[int, int] = (1, 3)  # QAT fine-tune length, epochs (inclusive bounds)
+    qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
+    max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
+    layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("recipes", RECIPE_CHOICES), ("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
+                              ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
+            values = getattr(self, name)
+            if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):
+                raise ValueError(f"The '{name}' parameter of SearchSpace must be a list of values from "
+                                 f"{list(allowed)}. Got {values!r} instead.")
+            values = tuple(values)
+            setattr(self, name, values)
+            bad = [v for v in values if v not in allowed or type(v) is not type(allowed[0])]
+            if not values or bad:
+                raise ValueError(
+                    f"The '{name}' parameter of SearchSpace must be a non-empty subset of {list(allowed)}. "
+                    f"Got {list(values)} instead."
+                )
+        if AUTO in self.recipes and len(self.recipes) > 1:
+            raise ValueError(f"The 'recipes' parameter of SearchSpace is either ['auto'] or a list of recipes "
+                             f"to search. Got {list(self.recipes)} instead.")
+        self.qat_epochs, self.qat_lr = tuple(self.qat_epochs), tuple(self.qat_lr)
+        if not (len(self.qat_epochs) == 2 and all(isinstance(e, int) for e in self.qat_epochs)
+                and 1 <= self.qat_epochs[0] <= self.qat_epochs[1]):
+            raise ValueError(f"The 'qat_epochs' parameter of SearchSpace must be [low, high] with 1 <= low <= high. "
+                             f"Got {list(self.qat_epochs)} instead.")
+        if not (len(self.qat_lr) == 2 and 0 < self.qat_lr[0] <= self.qat_lr[1] < 1):
+            raise ValueError(f"The 'qat_lr' parameter of SearchSpace must be [low, high] with 0 < low <= high < 1. "
+                             f"Got {list(self.qat_lr)} instead.")
+        if self.max_fallback is not None and (not isinstance(self.max_fallback, int) or self.max_fallback < 0):
+            raise ValueError(f"The 'max_fallback' parameter of SearchSpace must be >= 0. Got {self.max_fallback}.")
+        if not isinstance(self.layer_observer_slots, int) or self.layer_observer_slots < 0:
+            raise ValueError(f"'layer_observer_slots' must be >= 0. Got {self.layer_observer_slots}.")
+
+    def fallback_limit(self, n_layers: int) -> int:
+        limit = self.max_fallback if self.max_fallback is not None else max(4, n_layers // 4)
+        return min(limit, max(n_layers - 1, 0))
 
 @dataclass
 class TuneConfig:

@@ -38,6 +38,10 @@ RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and ker
                  "cpp_wrapper"),
 }
 LIBRARIES = ("fbgemm", "onednn")
+MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
+KERNEL_CHOICES = (*ENGINES, MEASURED)
+AUTO = "auto"  # recipe choice: the recipes that apply to the model (autoq.recipes.arms)
+RECIPE_CHOICES = (AUTO, *RECIPES)
 DISPATCH = ("engine", "measured", "table")
 
 

@@ -30,7 +30,7 @@ from autoq.result import TuneResult
 from autoq.search.ctrl_c import CTRL_C
 from autoq.search.objective import CandidateFailed, Objective
 from autoq.search.sensitivity import layer_sensitivity, rank_layers, single_layer_sensitivity
-from autoq.search.space import INDUCTOR
+from autoq.search.space import INDUCTOR, PlanProposer
 from autoq.search.study import (
     DROPPED_ATTR, DROPPED_RECIPES_ATTR, FINISHED, RESULT_ATTR, RUN_ATTR, SENSITIVITY_ATTR, SPEED_TIE, best_row,
     counted_trials, fingerprint, layer_timings, open_study, optuna_quiet, pareto_front, reclaim_interrupted, redacted,
@@ -157,6 +157,7 @@ class _Run:
         self.example_inputs, self.batches, self.eval_fn, self.config = example_inputs, batches, eval_fn, config
         self.training = training
         self.reporter = Reporter.shared(config.verbose)
+        self.proposer = PlanProposer(config.space)  # plans, seeds and sweeps of the search space
         try:
             self.fp32 = copy.deepcopy(model).eval()
         except Exception as error:
@@ -192,7 +193,7 @@ class _Run:
             reporter.line(f"trials {reclaimed} were cut short (worker died or stopped): queued again")
         scores = self._sensitivity(study, arms)
         arms.rankings = {recipe: rank_layers(recipe_scores) for recipe, recipe_scores in scores.items()}
-        seeds = config.space.seed_params(arms)
+        seeds = self.proposer.seed_params(arms)
         if created or not study.get_trials(deepcopy=False):
             for params in seeds:
                 study.enqueue_trial(params, skip_if_exists=True)
@@ -246,7 +247,7 @@ class _Run:
                                         f"(trial {feasible[0]}): QAT is only tried when it does not"
                                 for recipe in fine_tuning})
             else:
-                for params in self.config.space.qat_seeds(arms):
+                for params in self.proposer.qat_seeds(arms):
                     study.enqueue_trial(params, skip_if_exists=True)
         if dropped:
             study.set_user_attr(DROPPED_RECIPES_ATTR, dropped)
@@ -254,7 +255,7 @@ class _Run:
                 self.reporter.line(f"recipe {recipe} dropped: {reason}")
         for recipe, trial in best.items():
             if recipe not in dropped:
-                for params in self.config.space.sweep_params(dict(trial.params), arms):
+                for params in self.proposer.sweep_params(dict(trial.params), arms):
                     study.enqueue_trial(params, skip_if_exists=True)
 
     def _best_seeds(self, seeds: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:

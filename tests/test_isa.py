@@ -18,7 +18,8 @@ import autoq
 from autoq.dispatch.isa import KERNEL_KINDS, Int8Path, cpu_isa, int8_path, module_kinds
 from autoq.plan import LIBRARIES, QuantPlan
 from autoq.recipes.arms import applicable_arms
-from autoq.search.space import SearchSpace
+from autoq.config import SearchSpace
+from autoq.search.space import PlanProposer
 from autoq.tuner import isa_note
 from test_dispatch import X, saturation_net
 from test_fusion import Block
@@ -73,6 +74,7 @@ def relu6_arms():
 
 def plans_of(space: SearchSpace, arms, n_random: int = 60) -> tuple[list[QuantPlan], list[QuantPlan]]:
     """The plans of the space's seeds and sweeps, and of n_random trials of a random sampler."""
+    space = PlanProposer(space)
     seeds = space.seed_params(arms)
     proposed = [*seeds, *(variant for seed in seeds for variant in space.sweep_params(seed, arms))]
     planned = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in proposed]
@@ -91,7 +93,7 @@ def test_on_a_cpu_without_vnni_no_plan_saturates(relu6_arms):
     for plan in planned + sampled:
         assert plan.reduce_range or plan.weight_bits == 7, plan
         assert not plan.fold_relu6 or plan.weight_bits == 7, plan  # folded outputs use all 8 bits
-    seeds = planned[:len(SearchSpace().seed_params(relu6_arms))]
+    seeds = planned[:len(PlanProposer(SearchSpace()).seed_params(relu6_arms))]
     assert [p.engine for p in seeds if p.recipe == "static"] == ["x86", "fbgemm", "onednn", "x86"]
     onednn_seed = next(p for p in seeds if p.engine == "onednn")
     assert (onednn_seed.reduce_range, onednn_seed.weight_bits) == (False, 7)  # its 8-bit default, made safe

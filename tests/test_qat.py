@@ -15,7 +15,8 @@ from autoq.plan import QuantPlan
 from autoq.recipes.pt2e import Lowered
 from autoq.recipes.arms import applicable_arms
 from autoq.recipes.qat import Training
-from autoq.search.space import SearchSpace
+from autoq.config import SearchSpace
+from autoq.search.space import PlanProposer
 from autoq.search.study import DROPPED_RECIPES_ATTR
 
 from conftest import fast_settings, state_of
@@ -168,7 +169,7 @@ def test_auto_searches_both_qat_recipes_with_training_data_and_seeds_each(digits
     assert {"static", "pt2e-static", "qat", "pt2e-qat"} <= set(arms.recipes)
     assert arms.builders["pt2e-qat"].twin is arms.builders["pt2e-static"]
     arms.rankings = {recipe: arms.layers(recipe) for recipe in arms.recipes}
-    space = SearchSpace()
+    space = PlanProposer(SearchSpace())
     plans = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in space.qat_seeds(arms)]
     # the longest fine-tune: epochs cost tuning time, not inference speed
     assert [(p.recipe, p.fp32_layers, p.qat_epochs) for p in plans] == [("qat", [], 3), ("pt2e-qat", [], 3)]

@@ -14,6 +14,7 @@ from autoq.config import TuneConfig, load_strategy, strategies
 from autoq.measure import metrics
 from autoq.run import load_run, prepare
 from autoq.run.sources import batches, load_model
+from autoq.search.space import PlanProposer
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -237,7 +238,7 @@ def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_
     space = TuneConfig.from_dict({"strategy": name}).space
     arms = SimpleNamespace(recipes=["static"], rankings={"static": ["conv1", "conv2"]}, checkpoints=[32, 64],
                            has_relu6=True)
-    seeds = space.seed_params(arms)
+    seeds = PlanProposer(space).seed_params(arms)
     assert [seed["engine"] for seed in seeds] == sorted(space.engines, key=lambda e: (e != "x86", e == "measured"))
     default = autoq.QuantPlan()
     for seed in seeds:

@@ -16,6 +16,7 @@ import torch
 import torchao
 from torch import nn
 
+from autoq import __version__
 from autoq.dispatch.isa import int8_path
 from autoq.model_file.archive import LegacyFile, read, write
 from autoq.model_file.legacy import load_trusted
@@ -48,7 +49,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, summary: Mapping | Non
         "non_traceable_modules": list(meta.get("non_traceable_modules", [])), "layout": layout,
         "check": {"outputs": len(outputs), "int8_path": int8_path().describe()},
         "model_source": model_source or meta.get("model_source"),
-        "versions": {"autoq": _autoq_version(), "torch": str(torch.__version__), "torchao": torchao.__version__},
+        "versions": {"autoq": __version__, "torch": str(torch.__version__), "torchao": torchao.__version__},
     }, tensors)
 
 
@@ -107,9 +108,3 @@ def _check(model: nn.Module, inputs: tuple, tensors: Mapping[str, torch.Tensor],
             + ("" if same_path else f" (saved where {manifest['check']['int8_path']}; here {int8_path().describe()})")
             + ". The FP32 model passed differs from the one it was tuned from (its code or buffers), or "
               "autoq/torch changed; autoq.load(..., check=False) skips this check.")
-
-
-def _autoq_version() -> str:
-    from autoq import __version__
-
-    return __version__

@@ -19,14 +19,12 @@ from torch import nn
 
 from autoq.capture import TraceError
 from autoq.dispatch.isa import KERNEL_KINDS, Int8Path, int8_path, module_kinds
-from autoq.plan import CALIBRATED_RECIPES, INDUCTOR_RECIPES, QAT_TWINS, RECIPES, QuantPlan
+from autoq.plan import AUTO, CALIBRATED_RECIPES, INDUCTOR_RECIPES, QAT_TWINS, RECIPES, QuantPlan
 from autoq.recipes.dynamic import DynamicBuilder, dynamic_layers
 from autoq.recipes.pt2e import Pt2eBuilder, bf16_supported
 from autoq.recipes.qat import Pt2eQatBuilder, QatBuilder, Training
 from autoq.recipes.static import StaticBuilder
 
-AUTO = "auto"
-RECIPE_CHOICES = (AUTO, *RECIPES)
 Builder = StaticBuilder | DynamicBuilder | QatBuilder | Pt2eBuilder | Pt2eQatBuilder
 _NO_TRAINING = "The '{}' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn."
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

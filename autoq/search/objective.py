@@ -19,6 +19,7 @@ from autoq.plan import CALIBRATED_RECIPES, RECIPE_FIELDS, QuantPlan, default_pla
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms
 from autoq.search.ctrl_c import CTRL_C
+from autoq.search.space import PlanProposer
 from autoq.search.study import (
     DROPPED_ATTR, DROPPED_RECIPES_ATTR, STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, store_layer_timings,
     trial_rows, worker_id,
@@ -48,6 +49,7 @@ class Objective:
         self.arms, self.fp32_model, self.eval_fn = arms, fp32_model, eval_fn
         self.baseline, self.config, self.timer = baseline, config, timer
         self.reporter = reporter
+        self.proposer = PlanProposer(config.space)
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.pruned: dict[str, dict] = {}  # plan key -> timings of plans pruned as too slow
         self.best_feasible_speedup = 0.0
@@ -89,7 +91,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
-        plan = self.config.space.suggest(trial, self.arms)
+        plan = self.proposer.suggest(trial, self.arms)
         dropped = trial.study.user_attrs.get(DROPPED_RECIPES_ATTR) or {}
         if plan.recipe in dropped:  # not counted: the sampler learns to avoid the recipe
             trial.set_user_attr(DROPPED_ATTR, plan.recipe)

@@ -8,78 +8,22 @@ and packed for the faster one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import optuna
 
-from autoq.plan import (
-    ENGINES, INDUCTOR_RECIPES, OBSERVERS, PT2E_POST_TRAINING, WEIGHT_GRANULARITIES, QuantPlan, default_plan,
-)
-from autoq.recipes.arms import AUTO, RECIPE_CHOICES, Arms
+from autoq.config import SearchSpace
+from autoq.plan import INDUCTOR_RECIPES, MEASURED, OBSERVERS, PT2E_POST_TRAINING, QuantPlan, default_plan
+from autoq.recipes.arms import Arms
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
-MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
 INDUCTOR = "inductor"  # the PT2E recipes' kernels: Inductor lowers int8 ops to oneDNN
-KERNEL_CHOICES = (*ENGINES, MEASURED)
 PERCENTILES = (99.9, 99.99, 99.999)
-BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
-                        ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6", "mixed_bf16",
-                         "cpp_wrapper"))
 
 
-@dataclass
-class SearchSpace:
-    """What the search may vary. Every field is a tuple of allowed values or a bound."""
+class PlanProposer:
+    """The search's side of a SearchSpace: plans for Optuna trials, and the seeds and sweeps it enqueues."""
 
-    recipes: tuple[str, ...] = (AUTO,)
-    engines: tuple[str, ...] = KERNEL_CHOICES
-    observers: tuple[str, ...] = OBSERVERS
-    weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
-    activation_symmetric: tuple[bool, ...] = (False, True)
-    reduce_range: tuple[bool, ...] = (True, False)  # where kernels saturate (no VNNI), False means 7-bit weights
-    channels_last: tuple[bool, ...] = (False, True)
-    fold_relu6: tuple[bool, ...] = (False, True)
-    mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
-    cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
-    qat_epochs: tuple[int, int] = (1, 3)  # QAT fine-tune length, epochs (inclusive bounds)
-    qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
-    max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
-    layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("recipes", RECIPE_CHOICES), ("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
-                              ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
-            values = getattr(self, name)
-            if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):
-                raise ValueError(f"The '{name}' parameter of SearchSpace must be a list of values from "
-                                 f"{list(allowed)}. Got {values!r} instead.")
-            values = tuple(values)
-            setattr(self, name, values)
-            bad = [v for v in values if v not in allowed or type(v) is not type(allowed[0])]
-            if not values or bad:
-                raise ValueError(
-                    f"The '{name}' parameter of SearchSpace must be a non-empty subset of {list(allowed)}. "
-                    f"Got {list(values)} instead."
-                )
-        if AUTO in self.recipes and len(self.recipes) > 1:
-            raise ValueError(f"The 'recipes' parameter of SearchSpace is either ['auto'] or a list of recipes "
-                             f"to search. Got {list(self.recipes)} instead.")
-        self.qat_epochs, self.qat_lr = tuple(self.qat_epochs), tuple(self.qat_lr)
-        if not (len(self.qat_epochs) == 2 and all(isinstance(e, int) for e in self.qat_epochs)
-                and 1 <= self.qat_epochs[0] <= self.qat_epochs[1]):
-            raise ValueError(f"The 'qat_epochs' parameter of SearchSpace must be [low, high] with 1 <= low <= high. "
-                             f"Got {list(self.qat_epochs)} instead.")
-        if not (len(self.qat_lr) == 2 and 0 < self.qat_lr[0] <= self.qat_lr[1] < 1):
-            raise ValueError(f"The 'qat_lr' parameter of SearchSpace must be [low, high] with 0 < low <= high < 1. "
-                             f"Got {list(self.qat_lr)} instead.")
-        if self.max_fallback is not None and (not isinstance(self.max_fallback, int) or self.max_fallback < 0):
-            raise ValueError(f"The 'max_fallback' parameter of SearchSpace must be >= 0. Got {self.max_fallback}.")
-        if not isinstance(self.layer_observer_slots, int) or self.layer_observer_slots < 0:
-            raise ValueError(f"'layer_observer_slots' must be >= 0. Got {self.layer_observer_slots}.")
-
-    def fallback_limit(self, n_layers: int) -> int:
-        limit = self.max_fallback if self.max_fallback is not None else max(4, n_layers // 4)
-        return min(limit, max(n_layers - 1, 0))
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
 
     def suggest(self, trial: optuna.Trial, arms: Arms) -> QuantPlan:
         """The plan for this trial.
@@ -101,7 +45,7 @@ class SearchSpace:
                              **self._suggest_fine_tune(trial, "qat:"))
         relu6, calib_counts = arms.has_relu6, arms.checkpoints
         observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, "")
-        kernels = trial.suggest_categorical("engine", self.engines)
+        kernels = trial.suggest_categorical("engine", self.space.engines)
         ranges = self._int8_ranges(trial, arms, kernels, "", recipe)
         # a folded conv's output uses the full 8-bit range whatever reduce_range says
         may_fold = relu6 and (ranges["weight_bits"] == 7 or arms.full_range_safe(kernels))
@@ -110,13 +54,13 @@ class SearchSpace:
             activation_observer=observer,
             layer_observers=layer_observers,
             fp32_layers=list(ranking[:n_fallback]),
-            weight_granularity=trial.suggest_categorical("weight_granularity", self.weight_granularities),
-            activation_symmetric=trial.suggest_categorical("activation_symmetric", self.activation_symmetric),
+            weight_granularity=trial.suggest_categorical("weight_granularity", self.space.weight_granularities),
+            activation_symmetric=trial.suggest_categorical("activation_symmetric", self.space.activation_symmetric),
             **ranges,
             calib_samples=trial.suggest_categorical("calib_samples", tuple(calib_counts)),
             percentile=trial.suggest_categorical("percentile", PERCENTILES) if uses_percentile else 99.99,
-            channels_last=trial.suggest_categorical("channels_last", self.channels_last),
-            fold_relu6=may_fold and trial.suggest_categorical("fold_relu6", self.fold_relu6),
+            channels_last=trial.suggest_categorical("channels_last", self.space.channels_last),
+            fold_relu6=may_fold and trial.suggest_categorical("fold_relu6", self.space.fold_relu6),
         )
 
     def _int8_ranges(self, trial: optuna.Trial, arms: Arms, kernels: str, prefix: str, recipe: str) -> dict:
@@ -128,7 +72,7 @@ class SearchSpace:
         safe = arms.full_range_safe(kernels)
         if kernels == INDUCTOR and safe:
             return {"reduce_range": False, "weight_bits": 8}
-        reduce_range = trial.suggest_categorical(f"{prefix}reduce_range", self.reduce_range)
+        reduce_range = trial.suggest_categorical(f"{prefix}reduce_range", self.space.reduce_range)
         if reduce_range or safe:
             return {"reduce_range": reduce_range, "weight_bits": 8}
         exact = {layer: 8 for layer in arms.layers(recipe)  # e.g. oneDNN's depthwise convs without VNNI
@@ -138,29 +82,29 @@ class SearchSpace:
     def _fallbacks_kernels_weights(self, trial: optuna.Trial, recipe: str, ranking: list[str]) -> dict:
         """QuantPlan fields of a dynamic or QAT plan: its recipe, fallbacks, kernels and weight granularity
         (parameters prefixed with the recipe, but for the shared 'engine')."""
-        n_fallback = trial.suggest_int(f"{recipe}:n_fallback", 0, self.fallback_limit(len(ranking)))
-        kernels = trial.suggest_categorical("engine", self.engines)
+        n_fallback = trial.suggest_int(f"{recipe}:n_fallback", 0, self.space.fallback_limit(len(ranking)))
+        kernels = trial.suggest_categorical("engine", self.space.engines)
         return {"recipe": recipe, **_kernel_choice(kernels), "fp32_layers": list(ranking[:n_fallback]),
                 "weight_granularity": trial.suggest_categorical(f"{recipe}:weight_granularity",
-                                                                self.weight_granularities)}
+                                                                self.space.weight_granularities)}
 
     def _suggest_fine_tune(self, trial: optuna.Trial, prefix: str) -> dict:
         """A QAT plan's starting activation ranges (observer), fine-tune length (epochs) and learning rate."""
-        observer = trial.suggest_categorical(f"{prefix}activation_observer", self.observers)
+        observer = trial.suggest_categorical(f"{prefix}activation_observer", self.space.observers)
         return {"activation_observer": observer,
                 "percentile": (trial.suggest_categorical(f"{prefix}percentile", PERCENTILES)
                                if observer == "percentile" else 99.99),
-                "qat_epochs": trial.suggest_int(f"{prefix}epochs", *self.qat_epochs),
-                "qat_lr": trial.suggest_float(f"{prefix}lr", *self.qat_lr, log=True)}
+                "qat_epochs": trial.suggest_int(f"{prefix}epochs", *self.space.qat_epochs),
+                "qat_lr": trial.suggest_float(f"{prefix}lr", *self.space.qat_lr, log=True)}
 
     def _suggest_ranges(self, trial: optuna.Trial, ranking: list[str], prefix: str
                         ) -> tuple[str, int, dict[str, str], bool]:
         """Activation observer, number of FP32 fallbacks, per-layer observers and whether any uses percentile."""
-        observer = trial.suggest_categorical(f"{prefix}activation_observer", self.observers)
-        n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.fallback_limit(len(ranking)))
+        observer = trial.suggest_categorical(f"{prefix}activation_observer", self.space.observers)
+        n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.space.fallback_limit(len(ranking)))
         layer_observers = {}
-        for layer in ranking[: self.layer_observer_slots]:
-            choice = trial.suggest_categorical(f"{prefix}observer:{layer}", (GLOBAL, *self.observers))
+        for layer in ranking[: self.space.layer_observer_slots]:
+            choice = trial.suggest_categorical(f"{prefix}observer:{layer}", (GLOBAL, *self.space.observers))
             if choice != GLOBAL:
                 layer_observers[layer] = choice
         return observer, n_fallback, layer_observers, "percentile" in (observer, *layer_observers.values())
@@ -168,11 +112,11 @@ class SearchSpace:
     def _suggest_inductor(self, trial: optuna.Trial, arms: Arms, recipe: str) -> QuantPlan:
         """A PT2E plan: its parameters are prefixed with the recipe ('pt2e-static:n_fallback', ...)."""
         prefix, ranking = f"{recipe}:", arms.rankings[recipe]
-        lowering = {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.cpp_wrapper),
-                    "mixed_bf16": arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.mixed_bf16),
+        lowering = {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.space.cpp_wrapper),
+                    "mixed_bf16": arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.space.mixed_bf16),
                     **self._int8_ranges(trial, arms, INDUCTOR, prefix, recipe)}
         if recipe in ("pt2e-dynamic", "pt2e-qat"):
-            n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.fallback_limit(len(ranking)))
+            n_fallback = trial.suggest_int(f"{prefix}n_fallback", 0, self.space.fallback_limit(len(ranking)))
             fine_tune = {} if recipe == "pt2e-dynamic" else self._suggest_fine_tune(trial, prefix)
             return QuantPlan(recipe=recipe, fp32_layers=list(ranking[:n_fallback]), **lowering, **fine_tune)
         observer, n_fallback, layer_observers, uses_percentile = self._suggest_ranges(trial, ranking, prefix)
@@ -197,40 +141,40 @@ class SearchSpace:
         """
         seeds = []
         several = len(arms.recipes) > 1  # only then is 'recipe' a parameter
-        for engine in sorted(self.engines, key=lambda e: (e != "x86", e == MEASURED)):
+        for engine in sorted(self.space.engines, key=lambda e: (e != "x86", e == MEASURED)):
             plan = default_plan("x86" if engine == MEASURED else engine)
             if "static" in arms.recipes:
                 seeds.append({
                     **({"recipe": "static"} if several else {}),
-                    "activation_observer": _closest(plan.activation_observer, self.observers),
+                    "activation_observer": _closest(plan.activation_observer, self.space.observers),
                     "n_fallback": 0,
-                    **{f"observer:{layer}": GLOBAL for layer in arms.rankings["static"][: self.layer_observer_slots]},
+                    **{f"observer:{layer}": GLOBAL for layer in arms.rankings["static"][: self.space.layer_observer_slots]},
                     "engine": engine,
-                    "weight_granularity": _closest(plan.weight_granularity, self.weight_granularities),
-                    "activation_symmetric": _closest(plan.activation_symmetric, self.activation_symmetric),
-                    "reduce_range": _closest(plan.reduce_range, self.reduce_range),  # on AVX2 onednn's
+                    "weight_granularity": _closest(plan.weight_granularity, self.space.weight_granularities),
+                    "activation_symmetric": _closest(plan.activation_symmetric, self.space.activation_symmetric),
+                    "reduce_range": _closest(plan.reduce_range, self.space.reduce_range),  # on AVX2 onednn's
                     # full range comes with 7-bit weights (see _int8_ranges)
                     "calib_samples": arms.checkpoints[-1],
-                    "channels_last": _closest(plan.channels_last, self.channels_last),
-                    **({"fold_relu6": _closest(False, self.fold_relu6)} if arms.has_relu6 else {}),
+                    "channels_last": _closest(plan.channels_last, self.space.channels_last),
+                    **({"fold_relu6": _closest(False, self.space.fold_relu6)} if arms.has_relu6 else {}),
                 })
             if "dynamic" in arms.recipes:
                 seeds.append({
                     **({"recipe": "dynamic"} if several else {}),
                     "dynamic:n_fallback": 0, "engine": engine,
-                    "dynamic:weight_granularity": _closest("per_tensor", self.weight_granularities),
+                    "dynamic:weight_granularity": _closest("per_tensor", self.space.weight_granularities),
                 })
         for recipe in (r for r in PT2E_POST_TRAINING if r in arms.recipes):
             prefix = f"{recipe}:"
             seed = {**({"recipe": recipe} if several else {}),
-                    f"{prefix}cpp_wrapper": _closest(False, self.cpp_wrapper),
+                    f"{prefix}cpp_wrapper": _closest(False, self.space.cpp_wrapper),
                     **self._inductor_range_seed(arms, prefix)}
             if arms.bf16:
-                seed[f"{prefix}mixed_bf16"] = _closest(False, self.mixed_bf16)
+                seed[f"{prefix}mixed_bf16"] = _closest(False, self.space.mixed_bf16)
             if recipe == "pt2e-static":
-                seed.update({f"{prefix}activation_observer": _closest("histogram", self.observers),
+                seed.update({f"{prefix}activation_observer": _closest("histogram", self.space.observers),
                              **{f"{prefix}observer:{layer}": GLOBAL
-                                for layer in arms.rankings[recipe][: self.layer_observer_slots]},
+                                for layer in arms.rankings[recipe][: self.space.layer_observer_slots]},
                              f"{prefix}calib_samples": arms.checkpoints[-1]})
             seeds.append({**seed, f"{prefix}n_fallback": 0})
         return seeds
@@ -246,27 +190,27 @@ class SearchSpace:
         QAT config with the Python wrapper and no bf16.
         """
         several = len(arms.recipes) > 1
-        fine_tune = {"activation_observer": _closest("histogram", self.observers), "epochs": self.qat_epochs[1],
-                     "lr": min(max(1e-4, self.qat_lr[0]), self.qat_lr[1])}
+        fine_tune = {"activation_observer": _closest("histogram", self.space.observers), "epochs": self.space.qat_epochs[1],
+                     "lr": min(max(1e-4, self.space.qat_lr[0]), self.space.qat_lr[1])}
         seeds = []
         if "qat" in arms.recipes:
             seeds.append({**({"recipe": "qat"} if several else {}), "qat:n_fallback": 0,
-                          "engine": _closest("x86", self.engines),
-                          "qat:weight_granularity": _closest("per_channel", self.weight_granularities),
-                          "qat:reduce_range": _closest(False, self.reduce_range),
+                          "engine": _closest("x86", self.space.engines),
+                          "qat:weight_granularity": _closest("per_channel", self.space.weight_granularities),
+                          "qat:reduce_range": _closest(False, self.space.reduce_range),
                           **{f"qat:{name}": value for name, value in fine_tune.items()}})
         if "pt2e-qat" in arms.recipes:
             seeds.append({**({"recipe": "pt2e-qat"} if several else {}),
-                          "pt2e-qat:cpp_wrapper": _closest(False, self.cpp_wrapper),
+                          "pt2e-qat:cpp_wrapper": _closest(False, self.space.cpp_wrapper),
                           **self._inductor_range_seed(arms, "pt2e-qat:"),
-                          **({"pt2e-qat:mixed_bf16": _closest(False, self.mixed_bf16)} if arms.bf16 else {}),
+                          **({"pt2e-qat:mixed_bf16": _closest(False, self.space.mixed_bf16)} if arms.bf16 else {}),
                           "pt2e-qat:n_fallback": 0,
                           **{f"pt2e-qat:{name}": value for name, value in fine_tune.items()}})
         return seeds
 
     def _inductor_range_seed(self, arms: Arms, prefix: str) -> dict:
         """X86InductorQuantizer's advice where the CPU lacks VNNI: 7-bit activations (reduce_range)."""
-        return {} if arms.full_range_safe(INDUCTOR) else {f"{prefix}reduce_range": _closest(True, self.reduce_range)}
+        return {} if arms.full_range_safe(INDUCTOR) else {f"{prefix}reduce_range": _closest(True, self.space.reduce_range)}
 
     def sweep_params(self, seed: dict, arms: Arms) -> list[dict]:
         """Variations of the best seed: every other observer method, at full 8-bit range if allowed
@@ -279,25 +223,25 @@ class SearchSpace:
         seed its other lowering options (cpp_wrapper, mixed_bf16) and, if static, observers.
         """
         if "dynamic:weight_granularity" in seed:
-            return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.weight_granularities
+            return [{**seed, "dynamic:weight_granularity": granularity} for granularity in self.space.weight_granularities
                     if granularity != seed["dynamic:weight_granularity"]]
         recipe = next((r for r in PT2E_POST_TRAINING if f"{r}:n_fallback" in seed), None)
         if recipe is not None:  # the Inductor lowering options and int8 ranges, then (static) the other observers
             variants = [{**seed, f"{recipe}:{name}": value} for name, values in
-                        (("cpp_wrapper", self.cpp_wrapper), ("mixed_bf16", self.mixed_bf16),
-                         ("reduce_range", self.reduce_range))
+                        (("cpp_wrapper", self.space.cpp_wrapper), ("mixed_bf16", self.space.mixed_bf16),
+                         ("reduce_range", self.space.reduce_range))
                         if f"{recipe}:{name}" in seed for value in values]
             if recipe == "pt2e-static":
                 variants += self._observer_variants(seed, f"{recipe}:")
             return [params for params in _unique(variants) if params != seed]
-        preferred = {"reduce_range": False if False in self.reduce_range else seed["reduce_range"]}
-        if arms.has_relu6 and True in self.fold_relu6:  # (where 8-bit outputs would saturate, the plan
+        preferred = {"reduce_range": False if False in self.space.reduce_range else seed["reduce_range"]}
+        if arms.has_relu6 and True in self.space.fold_relu6:  # (where 8-bit outputs would saturate, the plan
             preferred["fold_relu6"] = True              # gets 7-bit weights or is not folded)
         return [params for params in self._observer_variants({**seed, **preferred}, "") if params != seed]
 
     def _observer_variants(self, seed: dict, prefix: str) -> list[dict]:
         variants = []
-        for observer in self.observers:
+        for observer in self.space.observers:
             params = {**seed, f"{prefix}activation_observer": observer}
             if observer == "percentile":
                 variants += [{**params, f"{prefix}percentile": percentile} for percentile in PERCENTILES]
