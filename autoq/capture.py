@@ -22,6 +22,19 @@ class TraceError(RuntimeError):
     """The model (or one of its submodules) cannot be captured by torch.fx."""
 
 
+def drop_dead_code(graph: torch.fx.GraphModule) -> bool:
+    """Remove computations whose results the model never returns (in place); True if any were.
+
+    Captured graphs keep them: unused heads, debug outputs, the pooler of a BERT encoder whose pooled
+    output the model ignores (prepare_pt2e then fails with an IndexError on the dangling pattern).
+    """
+    if not graph.graph.eliminate_dead_code():
+        return False
+    graph.delete_all_unused_submodules()
+    graph.recompile()
+    return True
+
+
 def check_model(model: Any) -> nn.Module:
     """Validate the FP32 model: an nn.Module whose parameters and buffers all live on the CPU."""
     if not isinstance(model, nn.Module):

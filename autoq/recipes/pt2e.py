@@ -33,7 +33,7 @@ from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86q
 from autoq.calibrate.observers import WEIGHT_RANGES, Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
-from autoq.capture import TraceError
+from autoq.capture import TraceError, drop_dead_code
 from autoq.plan import PT2E_POST_TRAINING, QuantPlan
 
 QAT_EPS = 2**-12  # X86InductorQuantizer's eps for QAT fake-quants
@@ -79,17 +79,6 @@ def _export(model: nn.Module, example_inputs: tuple, strict: bool = False) -> to
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(model, inputs, strict=strict, dynamic_shapes=dynamic)
-
-
-def drop_dead_code(graph: torch.fx.GraphModule) -> None:
-    """Remove computations whose results the model never returns (in place).
-
-    Exported graphs keep them, e.g. the pooler of a BERT encoder whose pooled output the model
-    ignores; prepare_pt2e then fails with an IndexError on the dangling pattern.
-    """
-    if graph.graph.eliminate_dead_code():
-        graph.delete_all_unused_submodules()
-        graph.recompile()
 
 
 def _layer_name(node: torch.fx.Node) -> str | None:

@@ -24,7 +24,7 @@ from autoq.calibrate.observers import WEIGHT_RANGES, FixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import (
-    Layer, explain_trace_failure, find_layers, keep_fp32, set_layer_qconfig, use_base_layer_classes,
+    Layer, drop_dead_code, explain_trace_failure, find_layers, keep_fp32, set_layer_qconfig, use_base_layer_classes,
 )
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
@@ -117,7 +117,7 @@ class StaticBuilder:
                     )
                 except Exception as error:  # tracing errors come in many types
                     raise explain_trace_failure(self._model, error, self.non_traceable_modules) from error
-            _drop_dead_code(prepared)
+            _drop_dead_observed_code(prepared)
             self._prepared[key] = prepared
         return self._prepared[key]
 
@@ -172,15 +172,12 @@ def _copy_sharing_tensors(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo=shared)
 
 
-def _drop_dead_code(prepared: torch.fx.GraphModule) -> None:
-    """Remove computations whose results the model never returns (unused heads, debug outputs)."""
-    if not prepared.graph.eliminate_dead_code():
-        return
-    prepared.delete_all_unused_submodules()
-    prepared.recompile()
-    attrs = prepared.meta["_observed_graph_module_attrs"]
-    alive = {node.name for node in prepared.graph.nodes}
-    attrs.node_name_to_qconfig = {k: v for k, v in attrs.node_name_to_qconfig.items() if k in alive}
+def _drop_dead_observed_code(prepared: torch.fx.GraphModule) -> None:
+    """`drop_dead_code` for a prepared graph, whose per-node qconfigs (which convert_fx reads) follow."""
+    if drop_dead_code(prepared):
+        attrs = prepared.meta["_observed_graph_module_attrs"]
+        alive = {node.name for node in prepared.graph.nodes}
+        attrs.node_name_to_qconfig = {k: v for k, v in attrs.node_name_to_qconfig.items() if k in alive}
 
 
 def _observer_names_and_owners(
