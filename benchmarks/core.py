@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoq
-from autoq import zoo
+import autoq_zoo as zoo
 from autoq.measure.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup

@@ -33,7 +33,7 @@ import torch
 import torchvision
 from torch import nn
 
-from autoq import zoo
+import autoq_zoo as zoo
 from autoq.dispatch.layers import LIBRARIES, layer_inputs, layer_shapes, set_layer_engines, weighted_layers
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.microbench import time_libraries

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import autoq
-from autoq import zoo
+import autoq_zoo as zoo
 from autoq.dispatch.isa import int8_path, module_kinds
 from autoq.dispatch.table import current_cpu
 from autoq.measure.latency import measure_latency

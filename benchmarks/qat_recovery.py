@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import autoq
-from autoq import zoo
+import autoq_zoo as zoo
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup
 from autoq.plan import QuantPlan

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import autoq
-from autoq import zoo
+import autoq_zoo as zoo
 from autoq.measure.baselines import default_pt2e
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import autoq
-from autoq import zoo
+import autoq_zoo as zoo
 from autoq.measure.baselines import default_fx_ptq
 from autoq.measure.latency import measure_latency, speedup
 
@@ -63,7 +63,7 @@ def main() -> None:
           f"FBGEMM: {libraries.count('fbgemm')}, PyTorch's x86 rule: {libraries.count('x86')}")
     print(f"study '{result.study_name}' in {result.storage}; total {time.perf_counter() - started:.0f} s")
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    result.save(OUTPUT / "model.autoq", model_source="autoq.zoo.mobilenet_fashion_task().model")
+    result.save(OUTPUT / "model.autoq", model_source="autoq_zoo.mobilenet_fashion_task().model")
     exported = result.export(OUTPUT / "deploy")
     print(f"wrote {OUTPUT / 'model.autoq'} (autoq.load(path, task.model) rebuilds it) and {exported.directory}/ "
           f"({exported.format}: `python {exported.directory / 'run.py'}` runs it without autoq)")

@@ -1,9 +1,12 @@
+import importlib.util
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from autoq import zoo
+import autoq_zoo as zoo
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,20 @@ def fast_settings(tmp_path, **overrides):
                     verbose=False, seed=0)
     settings.update(overrides)
     return settings
+
+
+def hide_package(monkeypatch: pytest.MonkeyPatch, package: str, search_location: Path | None = None) -> None:
+    """Make ``importlib.util.find_spec(package)`` report it missing, or installed at ``search_location``."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        if name != package:
+            return real_find_spec(name, *args)
+        if search_location is None:
+            return None
+        return SimpleNamespace(submodule_search_locations=[str(search_location)])
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
 def state_of(model: torch.nn.Module) -> dict:

@@ -7,8 +7,8 @@ from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import quantized as nniq
 
 import autoq
+import autoq_zoo as zoo
 from autoq.recipes.static import StaticBuilder
-from autoq import zoo
 from conftest import fast_settings
 
 INT8_CONVS = (nnq.Conv2d, nniq.ConvReLU2d)

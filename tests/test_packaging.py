@@ -1,5 +1,7 @@
-"""The shipped package: what the wheel holds, and what importing it costs."""
+"""The shipped package: what the wheel holds (every package of the source tree, which an editable install
+would hide a missing one of, and nothing of the demo zoo in zoo/), and what importing it costs."""
 
+import ast
 import subprocess
 import sys
 import tomllib
@@ -24,3 +26,43 @@ def test_importing_autoq_and_its_config_types_loads_no_heavy_module():
     probe = "import autoq; print(autoq.tune.__module__, autoq.TuneResult.__name__, 'export' in dir(autoq))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split() == [
         "autoq.tuner", "TuneResult", "True"]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` in the file names, as dotted paths
+    (``from autoq import zoo`` gives both ``autoq`` and ``autoq.zoo``; relative imports resolved)."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parent = package[: len(package) - node.level + 1] if node.level else []
+            base = ".".join([*parent, node.module] if node.module else parent)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_never_imports_the_demo_zoo():
+    """The zoo (demo models, training, caches) is the separate autoq-zoo distribution in zoo/."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = [ROOT / "autoq", *(ROOT / folder for folder in setuptools["package-dir"].values())]
+    modules = sorted(path for folder in folders for path in folder.rglob("*.py"))
+    assert ROOT / "autoq" / "run" / "sources.py" in modules
+    assert not [path for path in modules if path.stem == "zoo" or path.parent.name == "zoo"]
+    offenders = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in modules
+        for name in _imported_modules(path)
+        if name.split(".")[0] == "autoq_zoo" or "zoo" in name.split(".")
+    }
+    assert offenders == set()
+
+
+def test_the_zoo_is_not_in_autoqs_wheel():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert not [name for name in setuptools["packages"] if "zoo" in name]
+    zoo_project = tomllib.loads((ROOT / "zoo" / "pyproject.toml").read_text())
+    assert zoo_project["project"]["name"] == "autoq-zoo" and "autoq" in zoo_project["project"]["dependencies"]
+    assert zoo_project["tool"]["setuptools"]["packages"] == ["autoq_zoo"]

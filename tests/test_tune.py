@@ -115,7 +115,7 @@ def test_save_and_load_in_a_new_process_gives_identical_outputs(tuned, mnist_tas
     result.save(path)
     script = textwrap.dedent(f"""
         import torch, autoq
-        from autoq.zoo import mnist_cnn
+        from autoq_zoo import mnist_cnn
         model = autoq.load({str(path)!r}, mnist_cnn())  # the FP32 model the file was tuned from
         inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
         expected = torch.load({str(tmp_path / 'expected.pt')!r})

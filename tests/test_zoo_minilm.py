@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 with a sentiment head on movie-review sentences (autoq.zoo.minilm_sentiment_task).
+"""all-MiniLM-L6-v2 with a sentiment head on movie-review sentences (autoq_zoo.minilm_sentiment_task).
 
 The head for the default ``n_train`` is cached under ``~/.cache/autoq`` (or ``$AUTOQ_CACHE``):
 the first run embeds 4000 sentences (~50 s on 2 cores), later runs build the task in ~3 s.
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 
-from autoq import zoo
-from autoq.zoo import MiniLMClassifier, Task
+import autoq_zoo as zoo
+from autoq_zoo import MiniLMClassifier, Task
 
 N_VAL, N_TEST, CALIB_BATCHES = 300, 300, 4
 
@@ -39,17 +39,17 @@ def test_movie_review_snippets_are_distinct_labeled_sentences() -> None:
 
 
 def test_splits_are_disjoint_and_fixed_by_the_seed() -> None:
-    parts = zoo._movie_review_splits(seed=0, n_val=1000, n_test=1000, n_train=4000, n_calib=256)
+    parts = zoo.text._movie_review_splits(seed=0, n_val=1000, n_test=1000, n_train=4000, n_calib=256)
     sizes = {name: len(sentences) for name, (sentences, _) in parts.items()}
     assert sizes == {"val": 1000, "test": 1000, "train": 4000, "calib": 256}
     sets = {name: set(sentences) for name, (sentences, _) in parts.items()}
     assert sum(map(len, sets.values())) == len(set().union(*sets.values())) == 6256
-    again = zoo._movie_review_splits(0, 1000, 1000, 4000, 256)
+    again = zoo.text._movie_review_splits(0, 1000, 1000, 4000, 256)
     for name, (sentences, labels) in parts.items():
         assert again[name][0] == sentences and torch.equal(again[name][1], labels)
-    assert set(zoo._movie_review_splits(1, 1000, 1000, 4000, 256)["val"][0]) != sets["val"]
+    assert set(zoo.text._movie_review_splits(1, 1000, 1000, 4000, 256)["val"][0]) != sets["val"]
     # The cached head's training sentences depend on seed and n_train only; val on seed and n_val only.
-    small = zoo._movie_review_splits(0, 100, 50, 4000, 8)
+    small = zoo.text._movie_review_splits(0, 100, 50, 4000, 8)
     assert small["train"][0] == parts["train"][0] and small["val"][0] == parts["val"][0][:100]
 
 
@@ -81,14 +81,14 @@ def test_inputs_are_padded_token_batches(task: Task) -> None:
 
 
 def test_task_data_matches_the_split_and_calibration_avoids_val_and_test(task: Task) -> None:
-    parts = zoo._movie_review_splits(0, N_VAL, N_TEST, 4000, CALIB_BATCHES * 8)
+    parts = zoo.text._movie_review_splits(0, N_VAL, N_TEST, 4000, CALIB_BATCHES * 8)
     _, tokenizer = zoo.minilm_l6_v2()
     for stored, name in ((task.val, "val"), (task.test, "test")):
         sentences, labels = parts[name]
         assert torch.equal(stored[1], labels)
-        assert all(torch.equal(a, b) for a, b in zip(stored[0], zoo._tokenize(tokenizer, sentences, 64)))
+        assert all(torch.equal(a, b) for a, b in zip(stored[0], zoo.text._tokenize(tokenizer, sentences, 64)))
     calib_ids = torch.cat([input_ids for input_ids, _ in task.calib])
-    assert torch.equal(calib_ids, zoo._tokenize(tokenizer, parts["calib"][0], 64)[0])
+    assert torch.equal(calib_ids, zoo.text._tokenize(tokenizer, parts["calib"][0], 64)[0])
 
 
 def test_model_is_one_module_with_37_linear_layers(task: Task) -> None:

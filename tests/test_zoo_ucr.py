@@ -1,4 +1,4 @@
-"""An LSTM classifier on a UCR time-series set bundled with sktime (autoq.zoo.ucr_lstm_task).
+"""An LSTM classifier on a UCR time-series set bundled with sktime (autoq_zoo.ucr_lstm_task).
 
 Training the default model (ItalyPowerDemand) takes ~1 s single-threaded; its state_dict is cached
 under ``~/.cache/autoq`` (or ``$AUTOQ_CACHE``), so later runs build the task in well under 1 s.
@@ -16,8 +16,8 @@ import torch
 from torch.ao.nn.quantized import dynamic as nnqd
 
 import autoq
-from autoq import zoo
-from autoq.zoo import LSTMClassifier, Task
+import autoq_zoo as zoo
+from autoq_zoo import LSTMClassifier, Task
 
 # Measured at the defaults (seed 0): FP32 0.963 val / 0.971 test; default dynamic int8 0.961 val.
 MIN_FP32_ACCURACY = 0.93
@@ -85,7 +85,7 @@ def test_missing_sktime_names_the_install_command(monkeypatch: pytest.MonkeyPatc
     def find_spec(name: str, *args: object) -> object:
         return None if name == "sktime" else real_find_spec(name, *args)
 
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ModuleNotFoundError, match="pip install sktime"):
         zoo.ucr_lstm_task()
 
@@ -100,7 +100,7 @@ def test_a_broken_sktime_install_says_reinstall(monkeypatch: pytest.MonkeyPatch,
             return SimpleNamespace(submodule_search_locations=[str(tmp_path)])
         return real_find_spec(name, *args)
 
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(FileNotFoundError, match="pip install --force-reinstall sktime"):
         zoo.ucr_dataset("ItalyPowerDemand", "test")
 
@@ -157,10 +157,10 @@ def test_training_is_deterministic_and_cached(task: Task, tmp_path: Path) -> Non
 
 
 def test_the_cache_key_follows_the_training_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    digest = zoo._ucr_lstm_code_digest()
-    assert len(digest) == 8 and digest == zoo._ucr_lstm_code_digest()
-    monkeypatch.setattr(zoo, "_UCR_EPOCHS", zoo._UCR_EPOCHS + 1)
-    assert zoo._ucr_lstm_code_digest() != digest
+    digest = zoo.series._ucr_lstm_code_digest()
+    assert len(digest) == 8 and digest == zoo.series._ucr_lstm_code_digest()
+    monkeypatch.setattr(zoo.series, "_UCR_EPOCHS", zoo.series._UCR_EPOCHS + 1)
+    assert zoo.series._ucr_lstm_code_digest() != digest
 
 
 def test_fp32_accuracy(task: Task) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from autoq.measure.metrics import BUILTIN, LOSSES, Metric
 from autoq.progress import Reporter
+from autoq.run import datasets as builtin_datasets  # not Hugging Face's `datasets` (_file_batches)
 from autoq.run.spec import DataSpec, ModelSpec, RunSpec
 
 Batch = tuple[Tensor, Tensor]
@@ -149,30 +150,22 @@ def evaluator(spec: DataSpec, base: Path, metric: Metric, verbose: bool) -> Call
 
 
 def _preprocess(spec: DataSpec, images: Tensor) -> Tensor:
-    from autoq import zoo
-
     if spec.preprocess == "mnist":
-        return zoo.mnist_inputs(images)
+        return builtin_datasets.mnist_inputs(images)
     if spec.preprocess == "imagenet":
-        return zoo.imagenet_inputs(images, spec.resolution or images.shape[-1])
+        return builtin_datasets.imagenet_inputs(images, spec.resolution or images.shape[-1])
     return images.float().unsqueeze(1) / 255  # 'none': pixels in [0, 1]
 
 
 def _builtin_batches(spec: DataSpec) -> Iterator[Batch]:
-    from autoq import zoo
-
     if spec.builtin == "fashion-mnist":
-        images, labels = zoo.fashion_mnist(spec.split)
+        images, labels = builtin_datasets.fashion_mnist(spec.split)
     elif spec.builtin == "mnist-5k":
-        images, labels = zoo.mnist_5k_split(spec.split)
+        images, labels = builtin_datasets.mnist_5k_split(spec.split)
     else:
-        from sklearn.datasets import load_digits
-
         if spec.split != "train":
             raise ValueError(f"{spec.where}: builtin 'digits' has one split, 'train'; slice it with start/samples.")
-        pixels, targets = load_digits(return_X_y=True)
-        images = torch.tensor((pixels * 255 / 16).round(), dtype=torch.uint8).view(-1, 8, 8)
-        labels = torch.tensor(targets)
+        images, labels = builtin_datasets.digits()
     stop = len(labels) if spec.samples is None else spec.start + spec.samples
     if spec.start >= len(labels):
         raise ValueError(f"{spec.where}: start={spec.start} is past the end of {spec.builtin} "
@@ -240,8 +233,6 @@ def _images(spec: DataSpec, images: list) -> Tensor:
     """PIL images -> float [N, C, H, W] in [0, 1] (resized to `resolution`), then `preprocess`."""
     import numpy as np
 
-    from autoq.zoo import normalize
-
     size = spec.resolution
     arrays = []
     for image in images:
@@ -251,5 +242,5 @@ def _images(spec: DataSpec, images: list) -> Tensor:
         arrays.append(np.asarray(image, dtype=np.float32) / 255)
     pixels = torch.from_numpy(np.stack(arrays))
     pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
-    return pixels if spec.preprocess == "none" else normalize(pixels, spec.preprocess)
+    return pixels if spec.preprocess == "none" else builtin_datasets.normalize(pixels, spec.preprocess)
 

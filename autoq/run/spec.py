@@ -6,7 +6,7 @@
     loss = "cross_entropy"              # QAT training loss: cross_entropy | mse | "module:function"
 
     [model]                             # one of factory / torchvision
-    factory = "autoq.zoo:mobilenet_fashion"   # "pkg.module:callable" or "path/to/file.py:callable"
+    factory = "autoq_zoo:mobilenet_fashion"   # "pkg.module:callable" or "path/to/file.py:callable"
     args = { resolution = 224 }
     weights = "weights.pth"             # optional state_dict: a path or "package:path/in/package"
     example_batch = 1                   # batch size latency is measured at
@@ -92,8 +92,8 @@ class ModelSpec:
 class DataSpec:
     """Where calibration or evaluation batches of (inputs, targets) come from.
 
-    builtin: 'fashion-mnist' (split train|test), 'mnist-5k' (train|val|test, as autoq.zoo splits it)
-      or 'digits' (sklearn, one split 'train'); images go through `preprocess`.
+    builtin: 'fashion-mnist' (split train|test), 'mnist-5k' (train|val|test, a fixed 4000/500/500 split)
+      or 'digits' (sklearn, one split 'train'), read by autoq.run.datasets; images go through `preprocess`.
     factory: import path of a callable(**args) returning a torch Dataset of (input, target) items,
       a DataLoader, or any iterable of (inputs, targets) batches.
     format + files: Hugging Face `datasets` from local files: csv/parquet/json (`columns` are the
