@@ -35,7 +35,7 @@ from torch import nn
 
 import autoq
 import autoq_zoo as zoo
-from autoq.measure.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
+from autoq_zoo.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup
 from autoq.plan import QuantPlan, default_plan

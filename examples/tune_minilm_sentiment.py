@@ -24,7 +24,7 @@ from torch import nn
 
 import autoq
 import autoq_zoo as zoo
-from autoq.measure.baselines import default_pt2e
+from autoq_zoo.baselines import default_pt2e
 from autoq.measure.fp32 import best_fp32
 from autoq.measure.latency import measure_latency, speedup
 

@@ -17,7 +17,7 @@ import torch
 
 import autoq
 import autoq_zoo as zoo
-from autoq.measure.baselines import default_fx_ptq
+from autoq_zoo.baselines import default_fx_ptq
 from autoq.measure.latency import measure_latency, speedup
 
 OUTPUT = Path("autoq-runs/mobilenet-fashion")  # the tuned model and its deployable export

@@ -66,3 +66,27 @@ def test_the_zoo_is_not_in_autoqs_wheel():
     zoo_project = tomllib.loads((ROOT / "zoo" / "pyproject.toml").read_text())
     assert zoo_project["project"]["name"] == "autoq-zoo" and "autoq" in zoo_project["project"]["dependencies"]
     assert zoo_project["tool"]["setuptools"]["packages"] == ["autoq_zoo"]
+
+
+# (modules, what they may not import): imports point down the pipeline (docs/architecture.md)
+LAYERS = [
+    (("autoq.recipes", "autoq.calibrate", "autoq.dispatch", "autoq.measure", "autoq.search", "autoq.config",
+      "autoq.plan", "autoq.result", "autoq.report", "autoq.run", "autoq.model_file", "autoq.deploy", "autoq.files"),
+     ("autoq.cli", "autoq.tuner")),
+    (("autoq.recipes", "autoq.calibrate", "autoq.dispatch", "autoq.measure", "autoq.model_file", "autoq.deploy",
+      "autoq.result"), ("autoq.search",)),
+    (("autoq.measure", "autoq.calibrate", "autoq.dispatch"), ("autoq.recipes",)),
+    (("autoq.config", "autoq.plan", "autoq.files"), ("autoq.recipes", "autoq.search", "autoq.calibrate",
+                                                     "autoq.dispatch", "autoq.measure")),
+]
+
+
+def test_imports_point_down_the_pipeline():
+    upward = []
+    for path in sorted((ROOT / "autoq").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for sources, forbidden in LAYERS:
+            if any(module == s or module.startswith(f"{s}.") for s in sources):
+                upward += [f"{module} imports {target}" for target in _imported_modules(path)
+                           for f in forbidden if (target == f or target.startswith(f"{f}.")) and not module.startswith(f)]
+    assert upward == []
