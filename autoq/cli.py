@@ -116,7 +116,7 @@ def _tune(args: argparse.Namespace) -> None:
     write_atomic(output / RESULT_FILE, json.dumps({
         "run": str(spec.path), "study": result.study_name, "storage": result.storage,
         "feasible": result.feasible, "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy,
-        "loss": result.loss, "speedup": result.speedup, "latency_ms": result.latency_ms, "plan": result.config,
+        "loss": result.loss, "speedup": result.speedup, "latency_ms": result.latency_ms, "plan": result.plan,
     }, indent=2))
     paths = _write_report(storage_url(spec.tune.storage), result.study_name, output)  # not the redacted one
     if args.quiet:

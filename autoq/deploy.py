@@ -69,7 +69,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     target = Path(directory)
     if target.exists() and not (target / MANIFEST).is_file():
         raise ValueError(f"{target} exists and is not an autoq export folder: choose a new --out folder.")
-    plan = QuantPlan.from_dict(meta["config"])
+    plan = QuantPlan.from_dict(meta["plan"])
     inputs = synthetic_inputs(meta["inputs"])
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -83,7 +83,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
             capture = _torchscript(model, plan, inputs, staging / name)
         (staging / MANIFEST).write_text(json.dumps({
             "format": FORMAT, "version": 1, "kind": kind, "file": name, "capture": capture, "engine": plan.engine,
-            "layer_engines": plan.layer_engines, "inputs": meta["inputs"], "plan": meta["config"],
+            "layer_engines": plan.layer_engines, "inputs": meta["inputs"], "plan": meta["plan"],
             "cpu": current_cpu().describe(), "torch": str(torch.__version__),
         }, indent=1) + "\n")
         (staging / "run.py").write_text(RUN_PY)

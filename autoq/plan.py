@@ -2,7 +2,7 @@
 
 One `QuantPlan` fully describes how `autoq.recipes` turns an FP32 model (plus the calibration
 statistics of that model) into an int8 model. Plans are what the search proposes, what a tuning
-run returns in `TuneResult.config`, and what `autoq.quantize` rebuilds from.
+run returns in `TuneResult.plan`, and what `autoq.quantize` rebuilds from.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ class TuneResult:
     loss: accuracy loss as a fraction of the baseline (relative) or in metric units (absolute).
     speedup: FP32-eager latency / int8 latency, measured side by side at the end of the run.
     latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8.
-    config: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
+    plan: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
     trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error, seconds,
       finished: Unix time the trial ended).
     pareto_front: trials not dominated in (loss, speedup), lowest loss first.
@@ -39,7 +40,7 @@ class TuneResult:
     loss: float
     speedup: float
     latency_ms: dict[str, float]
-    config: dict[str, Any]
+    plan: dict[str, Any]
     trials: list[dict[str, Any]]
     pareto_front: list[dict[str, Any]]
     feasible: bool
@@ -48,6 +49,13 @@ class TuneResult:
     storage: str = ""  # the Optuna storage URL, password hidden
     notes: list[str] = field(default_factory=list)
     dispatch_table: DispatchTable | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Deprecated since 0.2: the plan is `plan` ("config" means a TuneConfig)."""
+        warnings.warn("TuneResult.config is deprecated since autoq 0.2: use TuneResult.plan.", DeprecationWarning,
+                      stacklevel=2)
+        return self.plan
 
     def save(self, path: str | os.PathLike, model_source: str | None = None) -> None:
         """Write the int8 model to one file (data only, see `autoq.save`); `autoq.load(path, fp32_model)`
@@ -74,7 +82,7 @@ class TuneResult:
             f"  speedup   {self.speedup:.2f}x vs FP32 eager   {lat['fp32_best'] / lat['int8']:.2f}x vs best FP32",
             f"  trials    {len(self.trials)} in study '{self.study_name}'",
         ]
-        plan = QuantPlan.from_dict(self.config)
+        plan = QuantPlan.from_dict(self.plan)
         lines.append(
             f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "
             + "".join(f"{name}={getattr(plan, name)} " for name in RECIPE_FIELDS[plan.recipe])

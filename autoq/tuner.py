@@ -121,22 +121,22 @@ def dominated_recipes(best: dict[str, dict], max_loss: float) -> dict[str, str]:
     return dropped
 
 
-def quantize(model: torch.nn.Module, config: dict | QuantPlan, example_inputs: Any, calib_data: Iterable,
+def quantize(model: torch.nn.Module, plan: dict | QuantPlan, example_inputs: Any, calib_data: Iterable,
              non_traceable_modules: Iterable[str] = (), dispatch: DispatchTable | str | None = None,
              training: Training | None = None) -> torch.nn.Module:
-    """Build the int8 model of a plan (e.g. `TuneResult.config`, or `QuantPlan()`) without searching.
+    """Build the int8 model of a plan (e.g. `TuneResult.plan`, or `QuantPlan()`) without searching.
 
     dispatch: per-layer kernel libraries from a DispatchTable (or its JSON path, or 'shipped' for
       autoq's table for this CPU: exact entries, else its learned rule), or 'measured' to time
       every layer inside the model now; None keeps the plan's own kernel choices (PT2E plans: Inductor
       picks kernels, dispatch must be None).
     training: a `autoq.recipes.qat.Training` (train_data + loss_fn, or train_fn), for 'qat' and 'pt2e-qat' plans.
-    The plan actually built (with per-layer kernels) is in `model.meta['autoq']['config']`;
+    The plan actually built (with per-layer kernels) is in `model.meta['autoq']['plan']`;
     `autoq.save(model, path)` keeps it, and `autoq.apply_dispatch` can re-dispatch it later.
     """
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
-    plan = copy.deepcopy(config) if isinstance(config, QuantPlan) else QuantPlan.from_dict(config)
+    plan = copy.deepcopy(plan) if isinstance(plan, QuantPlan) else QuantPlan.from_dict(plan)
     if plan.recipe in INDUCTOR_RECIPES and dispatch is not None:
         raise ValueError(f"dispatch does not apply to recipe {plan.recipe!r}: Inductor picks its kernels itself.")
     batches = [] if plan.observer_for(None) == "dynamic" else calibration_batches(
@@ -404,13 +404,13 @@ class _Run:
             table.refit()
         result = TuneResult(
             model=model, accuracy=accuracy, baseline_accuracy=baseline, loss=loss,
-            speedup=latency["fp32_eager"] / latency["int8"], latency_ms=latency, config=plan.to_dict(),
+            speedup=latency["fp32_eager"] / latency["int8"], latency_ms=latency, plan=plan.to_dict(),
             trials=rows, pareto_front=pareto_front(rows), feasible=feasible, layers=layers,
             study_name=study.study_name, storage=redacted(storage_url(config.storage)), notes=notes,
             dispatch_table=table,
         )
         study.set_user_attr(RESULT_ATTR, {
-            "plan": result.config, "accuracy": accuracy, "loss": loss, "speedup": result.speedup,
+            "plan": result.plan, "accuracy": accuracy, "loss": loss, "speedup": result.speedup,
             "latency_ms": latency, "feasible": feasible, "layers": layers, "notes": notes,
         })
         self.reporter.line("\n" + result.summary())

@@ -130,7 +130,7 @@ def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = 
     result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), max_loss=0.01,
                         n_trials=trials, storage=storage, verbose=False, **training)
     first_ok = next((t for t in result.trials if t["feasible"]), None)
-    plan = QuantPlan.from_dict(result.config)
+    plan = QuantPlan.from_dict(result.plan)
     changes = " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
                        for name, value in plan_changes(plan, default_plan("x86")).items() if name != "recipe")
     return result.model, Tuning(f"{plan.recipe} {changes}".strip(), len(result.trials),

@@ -78,7 +78,7 @@ def bench_case(name: str, task: zoo.Task, build: Callable[[], torch.nn.Module], 
                work: Path) -> dict:
     started = time.perf_counter()
     tuned = build()
-    plan = autoq.QuantPlan.from_dict(tuned.meta["autoq"]["config"])
+    plan = autoq.QuantPlan.from_dict(tuned.meta["autoq"]["plan"])
     built_s = time.perf_counter() - started
     inputs = task.example_inputs
     with torch.no_grad():

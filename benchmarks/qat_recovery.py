@@ -89,7 +89,7 @@ def main() -> None:
         runs[name] = autoq.tune(model, example, calib, val_mse, storage=f"sqlite:///{storage}/{len(runs)}.db",
                                 **settings, **extra)
         seconds[name] = time.time() - begin
-    qat_plan = QuantPlan.from_dict(runs["with training data (QAT arm)"].config)
+    qat_plan = QuantPlan.from_dict(runs["with training data (QAT arm)"].plan)
     epochs, lr = qat_plan.qat_epochs, qat_plan.qat_lr  # the QuantPlan defaults if run 2 picked no QAT plan
     begin = time.time()
     tuned_fp32 = fine_tune_fp32(model, batches, epochs, lr)
@@ -122,7 +122,7 @@ def main() -> None:
                      f"{timing[name].median_ms:.3f} | {speedup(timing['FP32 eager'], timing[name]):.2f}x | "
                      f"{speedup(timing[best], timing[name]):.2f}x |  |")
     for name, result in runs.items():
-        plan = QuantPlan.from_dict(result.config)
+        plan = QuantPlan.from_dict(result.plan)
         changes = " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
                            for key, value in plan_changes(plan, QuantPlan(recipe=plan.recipe)).items())
         lines.append(f"| {name} | {plan.recipe} {changes} | {rel(result.accuracy, base_val)} | "

@@ -63,7 +63,7 @@ def main() -> None:
               f"{timing[key].median_ms:8.2f} {speedup(timing['fp32'], timing[key]):7.2f}x")
     print("(batch 8; latencies measured side by side in one interleaved run; loss relative to FP32)")
     fallback = [layer["name"] for layer in result.layers if not layer["quantized"]]
-    print(f"\nplan: {result.config['_data']}\nFP32 fallback layers: {fallback or 'none'}")
+    print(f"\nplan: {result.plan['_data']}\nFP32 fallback layers: {fallback or 'none'}")
     print(f"study '{result.study_name}' in {result.storage}; total {time.perf_counter() - started:.0f} s")
 
 

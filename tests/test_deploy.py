@@ -31,7 +31,7 @@ def run_exported(folder, inputs, tmp_path):
 def test_torchscript_export_keeps_each_layers_kernel_library(tmp_path):
     fp32 = saturation_net()
     mixed = autoq.quantize(fp32, FBGEMM_PLAN, X, [X], dispatch=two_entry_table(current_cpu(), "onednn"))
-    assert QuantPlan.from_dict(mixed.meta["autoq"]["config"]).layer_engines == {"0": "onednn", "1": "fbgemm"}
+    assert QuantPlan.from_dict(mixed.meta["autoq"]["plan"]).layer_engines == {"0": "onednn", "1": "fbgemm"}
     everything_fbgemm = autoq.quantize(fp32, FBGEMM_PLAN, X, [X])
     with torch.no_grad():
         expected = mixed(X)

@@ -105,7 +105,7 @@ def test_table_applies_to_a_new_model_and_the_saved_model_keeps_its_dispatch(tmp
     fp32 = saturation_net()
     table = two_entry_table(current_cpu(), "onednn")
     model = autoq.quantize(fp32, FBGEMM_PLAN, X, [X], dispatch=table)
-    plan = QuantPlan.from_dict(model.meta["autoq"]["config"])
+    plan = QuantPlan.from_dict(model.meta["autoq"]["plan"])
     assert plan.dispatch == "table" and plan.layer_engines == {"0": "onednn", "1": "fbgemm"}
     assert depthwise_library(model) == "onednn"
     autoq.save(model, tmp_path / "m.autoq")
@@ -126,7 +126,7 @@ def test_a_saved_model_is_re_dispatched_from_the_cli_without_inputs(tmp_path, ca
                  "--out", str(tmp_path / "dispatched.autoq")]) == 0
     assert "1 layers on oneDNN, 1 on FBGEMM" in capsys.readouterr().out
     model = autoq.load(tmp_path / "dispatched.autoq", fp32)
-    assert QuantPlan.from_dict(model.meta["autoq"]["config"]).layer_engines == {"0": "onednn", "1": "fbgemm"}
+    assert QuantPlan.from_dict(model.meta["autoq"]["plan"]).layer_engines == {"0": "onednn", "1": "fbgemm"}
     assert depthwise_library(model) == "onednn"
     assert depthwise_library(autoq.load(tmp_path / "fbgemm.autoq", fp32)) == "fbgemm"  # the input file is untouched
     bare = copy.deepcopy(model)
@@ -141,7 +141,7 @@ def test_table_from_another_cpu_warns_and_uses_only_its_rule():
     table = two_entry_table(other, "onednn")
     with pytest.warns(UserWarning, match="measured on Some Xeon.*learned rule"):
         model = autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X], dispatch=table)
-    assert QuantPlan.from_dict(model.meta["autoq"]["config"]).layer_engines == {"0": "fbgemm", "1": "fbgemm"}
+    assert QuantPlan.from_dict(model.meta["autoq"]["plan"]).layer_engines == {"0": "fbgemm", "1": "fbgemm"}
     assert depthwise_library(model) == "fbgemm"
 
 
@@ -238,7 +238,7 @@ def test_quantize_rejects_a_bad_dispatch_argument():
     with pytest.raises(TypeError, match="must be a DispatchTable, a JSON path or 'shipped'"):
         autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X], dispatch=3)
     model = autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X], dispatch="measured")
-    plan = QuantPlan.from_dict(model.meta["autoq"]["config"])
+    plan = QuantPlan.from_dict(model.meta["autoq"]["plan"])
     assert plan.dispatch == "measured" and set(plan.layer_engines) == set(weighted_layers(model))
     assert copy.deepcopy(plan) == plan
 
@@ -249,7 +249,7 @@ def test_tuning_times_layers_in_place_stores_them_and_resume_reuses_them(mnist_t
     settings = fast_settings(tmp_path, space=autoq.SearchSpace(recipes=("static",), engines=("measured",)))
     args = (mnist_task.model, mnist_task.example_inputs, mnist_task.calib, mnist_task.eval_fn())
     result = autoq.tune(*args, n_trials=3, **settings)
-    plan = QuantPlan.from_dict(result.config)
+    plan = QuantPlan.from_dict(result.plan)
     assert plan.dispatch == "measured" and set(plan.layer_engines) == set(weighted_layers(result.model))
     assert {layer["engine"] for layer in result.layers if layer["quantized"]} <= {"fbgemm", "onednn"}
     measured = {key for key, entry in result.dispatch_table.entries.items() if entry.source == "tuning"}

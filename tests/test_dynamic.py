@@ -97,7 +97,7 @@ def test_tuning_an_lstm_searches_both_recipes_and_returns_a_loadable_model(digit
     assert result.feasible and result.loss <= 0.02
     dynamic_rows = [row for row in result.trials if row["params"]["recipe"] == "dynamic"]
     assert all(QuantPlan.from_dict(row["plan"]).recipe == "dynamic" for row in dynamic_rows)
-    plan = QuantPlan.from_dict(result.config)
+    plan = QuantPlan.from_dict(result.plan)
     assert [layer["name"] for layer in result.layers] == (["embed", "lstm", "head"] if plan.recipe == "dynamic"
                                                           else ["embed", "head"])
     result.save(tmp_path / "model.autoq")
@@ -111,8 +111,8 @@ def test_quantize_rebuilds_a_dynamic_plan_with_per_layer_kernels(digits, tmp_pat
     plan = QuantPlan(recipe="dynamic", weight_granularity="per_channel")
     table = shipped_tables()[0]  # by path: 'shipped' means this CPU's table, and CI machines vary
     model = autoq.quantize(mlp, plan, (digits.x[:1],), digits.calib, dispatch=table)
-    libraries = QuantPlan.from_dict(model.meta["autoq"]["config"]).layer_engines
+    libraries = QuantPlan.from_dict(model.meta["autoq"]["plan"]).layer_engines
     assert set(libraries) == {"body.1", "body.3", "head"} and set(libraries.values()) <= {"fbgemm", "onednn"}
     assert abs(digits.accuracy(model) - digits.accuracy(mlp)) <= 0.02
     autoq.save(model, tmp_path / "mlp.autoq")
-    assert QuantPlan.from_dict(autoq.load(tmp_path / "mlp.autoq", mlp).meta["autoq"]["config"]).recipe == "dynamic"
+    assert QuantPlan.from_dict(autoq.load(tmp_path / "mlp.autoq", mlp).meta["autoq"]["plan"]).recipe == "dynamic"

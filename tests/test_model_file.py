@@ -77,7 +77,7 @@ def test_a_saved_model_is_rebuilt_from_another_instance_with_identical_outputs(t
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert all(torch.equal(value, before[name]) for name, value in other.state_dict().items())  # untouched
-    assert loaded.meta["autoq"]["config"] == model.meta["autoq"]["config"]
+    assert loaded.meta["autoq"]["plan"] == model.meta["autoq"]["plan"]
 
 
 def test_output_scales_float32_cannot_hold_survive_exactly(tmp_path):

@@ -115,7 +115,7 @@ def test_untraceable_submodule_is_named_with_the_fix(digits, tmp_path):
     # with the default recipes ('auto') the model is still tuned, dynamically (no capture needed),
     # and the result says why static was skipped and how to fix it
     result = autoq.tune(model, (digits.x[:1],), digits.calib, eval_fn, n_trials=2, **fast_settings(tmp_path))
-    assert result.config["_data"]["recipe"] == "dynamic"
+    assert result.plan["_data"]["recipe"] == "dynamic"
     assert any("static skipped" in note and "non_traceable_modules=['router']" in note for note in result.notes)
 
 

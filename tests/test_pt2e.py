@@ -181,7 +181,7 @@ def test_quantize_save_and_load_a_pt2e_plan(tmp_path, digits, mlp):
     autoq.save(model, tmp_path / "m.autoq")
     loaded = autoq.load(tmp_path / "m.autoq", mlp)
     assert isinstance(loaded, Lowered)
-    assert QuantPlan.from_dict(loaded.meta["autoq"]["config"]) == plan
+    assert QuantPlan.from_dict(loaded.meta["autoq"]["plan"]) == plan
     assert torch.equal(loaded(digits.x[:16]), model(digits.x[:16]))  # recompiled: the same int8 graph
     with pytest.raises(ValueError, match="Inductor picks its kernels"):
         autoq.quantize(mlp, plan, digits.x[:1], digits.calib, dispatch="shipped")
@@ -190,7 +190,7 @@ def test_quantize_save_and_load_a_pt2e_plan(tmp_path, digits, mlp):
 def test_pinned_pt2e_tuning_meets_the_budget(tmp_path, digits, mlp):
     result = autoq.tune(mlp, digits.x[:1], digits.calib, digits.accuracy, n_trials=3,
                         space={"recipes": ["pt2e-static"]}, **fast_settings(tmp_path))
-    assert result.feasible and QuantPlan.from_dict(result.config).recipe == "pt2e-static"
+    assert result.feasible and QuantPlan.from_dict(result.plan).recipe == "pt2e-static"
     assert isinstance(result.model, Lowered)
     assert all(row["plan"]["_data"]["recipe"] == "pt2e-static" for row in result.trials)
     assert all(name.startswith("pt2e-static:") for row in result.trials for name in row["params"])

@@ -143,7 +143,7 @@ def test_pt2e_qat_fine_tunes_an_exported_copy_and_compiles_it_with_fallbacks(dig
     targets = [str(node.target) for node in model.graph.graph.nodes]
     assert sum("dequantize_per_channel" in t for t in targets) == 1  # only the Linear's weight is int8
     assert digits.accuracy(model) >= digits.accuracy(cnn) - 0.03
-    assert QuantPlan.from_dict(model.meta["autoq"]["config"]) == plan
+    assert QuantPlan.from_dict(model.meta["autoq"]["plan"]) == plan
     again = builder.build(plan)
     assert again is not model and len(steps) == 12  # the kept fine-tune, compiled again, not retrained
     assert all(torch.equal(value, before[name]) for name, value in cnn.state_dict().items())

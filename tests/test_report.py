@@ -124,7 +124,7 @@ def test_trial_table_lists_every_trial_and_marks_the_chosen_one(tuned):
     text = paths["html"].read_text(encoding="utf-8")
     chosen = re.findall(r'<tr class="chosen[^"]*"><td class="num">(\d+)</td>', text)
     assert len(chosen) == 1
-    assert QuantPlan.from_dict(result.trials[int(chosen[0])]["plan"]) == QuantPlan.from_dict(result.config)
+    assert QuantPlan.from_dict(result.trials[int(chosen[0])]["plan"]) == QuantPlan.from_dict(result.plan)
 
 
 def test_layer_table_matches_the_chosen_plan_per_layer(tuned):

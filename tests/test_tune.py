@@ -69,7 +69,7 @@ def test_result_is_one_of_the_fastest_feasible_trials(tuned):
     for trial in feasible:
         if trial["plan"] not in finalists:
             finalists.append(trial["plan"])
-    assert result.config in finalists[:FINALISTS]
+    assert result.plan in finalists[:FINALISTS]
     assert result.speedup == pytest.approx(result.latency_ms["fp32_eager"] / result.latency_ms["int8"])
     assert set(result.latency_ms) == {"fp32_eager", "fp32_best", "int8"}
     assert all(v > 0 for v in result.latency_ms.values())
@@ -77,7 +77,7 @@ def test_result_is_one_of_the_fastest_feasible_trials(tuned):
 
 def test_model_is_int8_on_the_x86_engine(tuned):
     result, *_ = tuned
-    plan = QuantPlan.from_dict(result.config)
+    plan = QuantPlan.from_dict(result.plan)
     quantized = [n for n, m in result.model.named_modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
     assert len(quantized) == len(result.layers) - len(plan.fp32_layers) > 0
     assert any("quantize_per_tensor" in str(node.target) for node in result.model.graph.nodes)
@@ -121,7 +121,7 @@ def test_save_and_load_in_a_new_process_gives_identical_outputs(tuned, mnist_tas
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
         with torch.no_grad():
             assert torch.equal(model(inputs), expected), "outputs differ after reload"
-        assert model.meta["autoq"]["config"]["_data"]["engine"] in ("x86", "fbgemm", "onednn")
+        assert model.meta["autoq"]["plan"]["_data"]["engine"] in ("x86", "fbgemm", "onednn")
         assert set(model.meta["autoq"]["layer_shapes"]) == {{
             name for name, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)
             or isinstance(m, torch.ao.nn.quantized.Linear)}}  # so autoq.apply_dispatch needs no inputs
@@ -134,7 +134,7 @@ def test_save_and_load_in_a_new_process_gives_identical_outputs(tuned, mnist_tas
 
 def test_quantize_rebuilds_the_tuned_model_from_its_config(tuned, mnist_task):
     result, *_ = tuned
-    rebuilt = autoq.quantize(mnist_task.model, result.config, mnist_task.example_inputs, mnist_task.calib)
+    rebuilt = autoq.quantize(mnist_task.model, result.plan, mnist_task.example_inputs, mnist_task.calib)
     inputs = mnist_task.calib[2]
     with torch.no_grad():
         assert torch.equal(rebuilt(inputs), result.model(inputs))

@@ -31,10 +31,10 @@ def _input_spec(value: torch.Tensor) -> dict:
 
 def set_model_dispatch(model: nn.Module, engines: Mapping[str, str], dispatch: str) -> None:
     """Re-pack `model`'s int8 layers per `engines` and record them (and how they were chosen) in its plan."""
-    plan = QuantPlan.from_dict(model.meta["autoq"]["config"])
+    plan = QuantPlan.from_dict(model.meta["autoq"]["plan"])
     plan.layer_engines, plan.dispatch = dict(engines), dispatch
     set_layer_engines(model, plan.layer_engines)
-    model.meta["autoq"]["config"] = plan.to_dict()
+    model.meta["autoq"]["plan"] = plan.to_dict()
 
 
 def apply_dispatch(model: nn.Module, table: DispatchTable | str) -> dict[str, str]:

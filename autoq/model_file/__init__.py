@@ -44,7 +44,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, summary: Mapping | Non
         outputs = float_outputs(model(*synthetic_inputs(meta["inputs"])))
     tensors.update({f"{_CHECK}{i}": output for i, output in enumerate(outputs)})
     write(path, {
-        "plan": meta["config"], "summary": dict(summary if summary is not None else meta.get("summary", {})),
+        "plan": meta["plan"], "summary": dict(summary if summary is not None else meta.get("summary", {})),
         "inputs": meta["inputs"], "layer_shapes": meta.get("layer_shapes", {}),
         "non_traceable_modules": list(meta.get("non_traceable_modules", [])), "layout": layout,
         "check": {"outputs": len(outputs), "int8_path": int8_path().describe()},
@@ -87,7 +87,7 @@ def load_model(path: str | os.PathLike, model: nn.Module | None = None, *, trust
     if check:
         _check(rebuilt, inputs, tensors, manifest, where)
     rebuilt.meta["autoq"] = {
-        "config": manifest["plan"], "summary": manifest["summary"], "layer_shapes": manifest["layer_shapes"],
+        "plan": manifest["plan"], "summary": manifest["summary"], "layer_shapes": manifest["layer_shapes"],
         "inputs": manifest["inputs"], "non_traceable_modules": manifest["non_traceable_modules"],
         "model_source": manifest.get("model_source"),
     }

@@ -52,6 +52,6 @@ def load_trusted(path: str | os.PathLike) -> nn.Module:
             warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors and TypedStorage
             model = torch.load(io.BytesIO(payload["model"]), weights_only=False)
         set_layer_engines(model, plan.layer_engines)
-    model.meta["autoq"] = {"config": payload["config"], "summary": payload["summary"],
+    model.meta["autoq"] = {"plan": payload["config"], "summary": payload["summary"],
                            "layer_shapes": payload.get("layer_shapes", {}), "inputs": payload.get("inputs", [])}
     return model

@@ -59,5 +59,5 @@ class DynamicBuilder:
             warnings.simplefilter("ignore")
             model = quantize_dynamic(self._model, qconfig_spec=self.qconfig_spec(plan, layers), inplace=False)
         set_layer_engines(model, plan.layer_engines)
-        model.meta = {"autoq": {"config": plan.to_dict(), "summary": {}}}
+        model.meta = {"autoq": {"plan": plan.to_dict(), "summary": {}}}
         return model

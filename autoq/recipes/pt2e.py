@@ -286,7 +286,7 @@ def lower(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan) -
     here), carrying the plan in `meta['autoq']`."""
     model = Lowered(graph, example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
     model(*example_inputs)
-    model.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+    model.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
     return model
 
 

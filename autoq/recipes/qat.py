@@ -130,7 +130,7 @@ class _FineTunes(abc.ABC):
             raise ValueError(f"fp32_layers or layer_weight_bits name {sorted(unknown)}, which are not quantizable "
                              f"layers of this model. Known layers: {self.layers}")
         quantized = self._int8(self.converted(plan), plan)
-        quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+        quantized.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
         return quantized
 
     def converted(self, plan: QuantPlan) -> nn.Module:

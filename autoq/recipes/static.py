@@ -162,7 +162,7 @@ class StaticBuilder:
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
         set_layer_engines(quantized, plan.layer_engines)
-        quantized.meta["autoq"] = {"config": plan.to_dict(), "summary": {}}
+        quantized.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
         return quantized
 
 
