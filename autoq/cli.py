@@ -28,6 +28,7 @@ import optuna
 import torch
 
 from autoq.config import load_strategy, strategies
+from autoq.deploy import MANIFEST, export
 from autoq.dispatch.apply import apply_dispatch
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.rule import DEPTH
@@ -35,7 +36,6 @@ from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_su
 from autoq.dispatch.table import DispatchTable, Entry
 from autoq.files import write_atomic
 from autoq.measure.latency import measure_latency, speedup
-from autoq.deploy import MANIFEST, export
 from autoq.model_file import synthetic_inputs
 from autoq.result import load, save
 from autoq.run import load_run, prepare

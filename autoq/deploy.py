@@ -45,8 +45,8 @@ class Export:
 
 
 class _Deployed(nn.Module):
-    """A converted PT2E graph as its compiled twin runs it: no autograd, bf16 autocast if the plan says
-    so, floating outputs as float32."""
+    """A converted PT2E graph as its compiled twin runs it: under bf16 autocast if the plan says so,
+    floating outputs as float32 (exported without autograd)."""
 
     def __init__(self, graph: nn.Module, mixed_bf16: bool) -> None:
         super().__init__()
@@ -70,7 +70,6 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     if target.exists() and not (target / MANIFEST).is_file():
         raise ValueError(f"{target} exists and is not an autoq export folder: choose a new --out folder.")
     plan = QuantPlan.from_dict(meta["plan"])
-    inputs = synthetic_inputs(meta["inputs"])
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
@@ -80,7 +79,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
             _aoti(model, plan, staging / name)
         else:
             name, kind = "model.pt", "torchscript"
-            capture = _torchscript(model, plan, inputs, staging / name)
+            capture = _torchscript(model, plan, synthetic_inputs(meta["inputs"]), staging / name)
         (staging / MANIFEST).write_text(json.dumps({
             "format": FORMAT, "version": 1, "kind": kind, "file": name, "capture": capture, "engine": plan.engine,
             "layer_engines": plan.layer_engines, "inputs": meta["inputs"], "plan": meta["plan"],

@@ -17,11 +17,9 @@ from torch import nn
 
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
+from autoq.model_file.archive import FORMAT, LEGACY_VERSION
 from autoq.plan import INDUCTOR_RECIPES, QuantPlan
 from autoq.recipes.pt2e import Lowered
-
-FORMAT = "autoq.model"
-
 
 def rebuild_module(cls: type, state: tuple) -> nn.Module:
     """Unpickle a quantized module the way its own __deepcopy__ copies it (version-1 files name this
@@ -40,7 +38,7 @@ def load_trusted(path: str | os.PathLike) -> nn.Module:
         payload = torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise ValueError(f"{os.fspath(path)!r} is not an autoq model file: {type(error).__name__}") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != 1:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != LEGACY_VERSION:
         raise ValueError(f"{os.fspath(path)!r} is not an autoq model file.")
     plan = QuantPlan.from_dict(payload["config"])
     if plan.recipe in INDUCTOR_RECIPES:
