@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from autoq.plan import AUTO, KERNEL_CHOICES, OBSERVERS, RECIPE_CHOICES, WEIGHT_GRANULARITIES
+from autoq.plan import AUTO, KERNEL_CHOICES, OBSERVERS, RECIPE_KINDS, WEIGHT_GRANULARITIES
 
 LOSS_TYPES = ("relative", "absolute")
 STRATEGY_KEY = "strategy"
@@ -70,7 +70,7 @@ class SearchSpace:
     layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
 
     def __post_init__(self) -> None:
-        for name, allowed in (("recipes", RECIPE_CHOICES), ("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
+        for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
                               ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
             values = getattr(self, name)
             if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):

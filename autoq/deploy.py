@@ -27,7 +27,7 @@ from torch import nn
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.table import current_cpu
 from autoq.model_file.rebuild import synthetic_inputs
-from autoq.plan import INDUCTOR_RECIPES, QuantPlan
+from autoq.plan import QuantPlan, recipe_kind
 from autoq.recipes.pt2e import Lowered, float32_outputs
 
 MANIFEST = "model.json"
@@ -74,7 +74,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     try:
-        if plan.recipe in INDUCTOR_RECIPES:
+        if recipe_kind(plan.recipe).inductor:
             name, kind, capture = "model.pt2", "aoti", "torch.export"
             _aoti(model, plan, staging / name)
         else:

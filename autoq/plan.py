@@ -22,27 +22,55 @@ ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_BITS = (8, 7)  # 7: weights in [-63, 63], so u8 x s8 pair sums fit int16 (CPUs without VNNI)
-RECIPES = ("static", "dynamic", "qat", "pt2e-static", "pt2e-dynamic", "pt2e-qat")
-INDUCTOR_RECIPES = ("pt2e-static", "pt2e-dynamic", "pt2e-qat")  # compiled by Inductor: no engine or per-layer kernels
-QAT_TWINS = {"qat": "static", "pt2e-qat": "pt2e-static"}  # fine-tuning recipe -> its post-training twin
-PT2E_POST_TRAINING = ("pt2e-static", "pt2e-dynamic")  # the Inductor recipes that do not fine-tune
-CALIBRATED_RECIPES = ("static", "pt2e-static")  # ranges from calibration statistics (calib_samples applies)
-RECIPE_FIELDS = {  # the plan fields each recipe reads, beyond fallbacks and kernels
-    "static": ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range", "weight_bits",
-               "channels_last", "fold_relu6"),
-    "dynamic": ("weight_granularity",),
-    "qat": ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs", "qat_lr"),
-    "pt2e-static": ("activation_observer", "reduce_range", "weight_bits", "mixed_bf16", "cpp_wrapper"),
-    "pt2e-dynamic": ("reduce_range", "weight_bits", "mixed_bf16", "cpp_wrapper"),
-    "pt2e-qat": ("activation_observer", "reduce_range", "weight_bits", "qat_epochs", "qat_lr", "mixed_bf16",
-                 "cpp_wrapper"),
-}
+
+
+@dataclass(frozen=True)
+class RecipeKind:
+    """What a plan needs to know of a recipe; its behaviour (build, search dimensions, ...) is its
+    `autoq.recipes.recipe.Recipe`, registered in `autoq.recipes.registry`.
+
+    fields: the plan fields it reads beyond fallbacks and kernels.
+    inductor: compiled by Inductor, which picks kernels itself: no engine or per-layer kernels.
+    calibrated: activation ranges from calibration statistics (calib_samples applies).
+    dynamic: activations quantized per call at run time (no observers).
+    fine_tunes: for a quantization-aware fine-tune, the post-training recipe it starts from (its twin).
+    """
+
+    name: str
+    fields: tuple[str, ...] = ()
+    inductor: bool = False
+    calibrated: bool = False
+    dynamic: bool = False
+    fine_tunes: str | None = None
+
+
+_INDUCTOR_FIELDS = ("mixed_bf16", "cpp_wrapper")
+# The built-in recipes (plans of every version name only these); autoq.recipes.registry.register adds more.
+RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
+    RecipeKind("static", ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
+                          "weight_bits", "channels_last", "fold_relu6"), calibrated=True),
+    RecipeKind("dynamic", ("weight_granularity",), dynamic=True),
+    RecipeKind("qat", ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs",
+                       "qat_lr"), fine_tunes="static"),
+    RecipeKind("pt2e-static", ("activation_observer", "reduce_range", "weight_bits", *_INDUCTOR_FIELDS),
+               inductor=True, calibrated=True),
+    RecipeKind("pt2e-dynamic", ("reduce_range", "weight_bits", *_INDUCTOR_FIELDS), inductor=True, dynamic=True),
+    RecipeKind("pt2e-qat", ("activation_observer", "reduce_range", "weight_bits", "qat_epochs", "qat_lr",
+                            *_INDUCTOR_FIELDS), inductor=True, fine_tunes="pt2e-static"),
+)}
 LIBRARIES = ("fbgemm", "onednn")
 MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
 KERNEL_CHOICES = (*ENGINES, MEASURED)
+INDUCTOR = "inductor"  # the Inductor recipes' kernels: Inductor lowers int8 ops to oneDNN
 AUTO = "auto"  # recipe choice: the recipes that apply to the model (autoq.recipes.arms)
-RECIPE_CHOICES = (AUTO, *RECIPES)
 DISPATCH = ("engine", "measured", "table")
+
+
+def recipe_kind(name: str) -> RecipeKind:
+    """The kind of recipe `name`; a clear error for a name no recipe has."""
+    if name not in RECIPE_KINDS:
+        raise ValueError(f"Unknown recipe {name!r}; the recipes are {list(RECIPE_KINDS)}.")
+    return RECIPE_KINDS[name]
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -102,7 +130,7 @@ class QuantPlan:
     qat_lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        _check_choice("recipe", self.recipe, RECIPES)
+        _check_choice("recipe", self.recipe, tuple(RECIPE_KINDS))
         _check_choice("engine", self.engine, ENGINES)
         _check_choice("activation_observer", self.activation_observer, OBSERVERS)
         for layer, observer in self.layer_observers.items():
@@ -123,10 +151,12 @@ class QuantPlan:
             raise ValueError(
                 f"The 'percentile' parameter of QuantPlan must be in (50, 100]. Got {self.percentile!r} instead."
             )
-        if self.recipe not in INDUCTOR_RECIPES and (self.mixed_bf16 or self.cpp_wrapper):
-            raise ValueError(f"mixed_bf16 and cpp_wrapper apply to the Inductor recipes {list(INDUCTOR_RECIPES)}, "
+        inductor = RECIPE_KINDS[self.recipe].inductor
+        if not inductor and (self.mixed_bf16 or self.cpp_wrapper):
+            raise ValueError(f"mixed_bf16 and cpp_wrapper apply to the Inductor recipes "
+                             f"{[name for name, kind in RECIPE_KINDS.items() if kind.inductor]}, "
                              f"not to recipe {self.recipe!r}.")
-        if self.recipe in INDUCTOR_RECIPES and (self.layer_engines or self.dispatch != "engine"):
+        if inductor and (self.layer_engines or self.dispatch != "engine"):
             raise ValueError(f"Recipe {self.recipe!r} is compiled by Inductor, which picks its own kernels: "
                              f"per-layer kernel choices (layer_engines, dispatch) do not apply.")
         if not (isinstance(self.qat_epochs, int) and self.qat_epochs >= 1 and 0 < self.qat_lr < 1):
@@ -137,7 +167,7 @@ class QuantPlan:
     def observer_for(self, layer: str | None) -> str:
         """The activation observer used for the output of `layer` (None: tensors owned by no layer);
         'dynamic' when activations are quantized per call at run time."""
-        if self.recipe in ("dynamic", "pt2e-dynamic"):
+        if RECIPE_KINDS[self.recipe].dynamic:
             return "dynamic"
         return self.layer_observers.get(layer, self.activation_observer) if layer else self.activation_observer
 
@@ -173,15 +203,15 @@ class QuantPlan:
         if unknown:
             raise ValueError(f"Unknown QuantPlan fields {sorted(unknown)}; allowed: {sorted(known)}.")
         fields = dict(data["_data"])
-        if data["_version"] < 4 and fields.get("recipe") in INDUCTOR_RECIPES:
+        if data["_version"] < 4 and fields.get("recipe") in ("pt2e-static", "pt2e-dynamic", "pt2e-qat"):
             fields["reduce_range"] = False  # what these plans were built with
         return cls(**fields)
 
     def kernels(self) -> str:
         """The kernel choice in short: the engine ('x86', 'fbgemm', 'onednn'), or per-layer dispatch
         as e.g. 'measured 18/35' (oneDNN/FBGEMM layers; just 'measured' before the layers are timed)."""
-        if self.recipe in INDUCTOR_RECIPES:
-            return "inductor"
+        if RECIPE_KINDS[self.recipe].inductor:
+            return INDUCTOR
         if not self.layer_engines:
             return self.engine if self.dispatch == "engine" else self.dispatch
         onednn = sum(library == "onednn" for library in self.layer_engines.values())

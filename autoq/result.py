@@ -13,7 +13,7 @@ from autoq.dispatch.table import DispatchTable
 from autoq.deploy import Export, export
 from autoq.model_file import load_model, save_model
 from autoq.model_file.legacy import rebuild_module
-from autoq.plan import RECIPE_FIELDS, QuantPlan
+from autoq.plan import QuantPlan, recipe_kind
 
 
 @dataclass
@@ -70,6 +70,11 @@ class TuneResult:
         TorchScript for FX plans, an AOTInductor package for PT2E plans, with run.py."""
         return export(self.model, directory)
 
+    def stored(self) -> dict[str, Any]:
+        """What the study keeps of the final choice (the report reads it)."""
+        return {"plan": self.plan, "accuracy": self.accuracy, "loss": self.loss, "speedup": self.speedup,
+                "latency_ms": self.latency_ms, "feasible": self.feasible, "layers": self.layers, "notes": self.notes}
+
     def summary(self) -> str:
         """A short human-readable table of the outcome."""
         lat = self.latency_ms
@@ -85,7 +90,7 @@ class TuneResult:
         plan = QuantPlan.from_dict(self.plan)
         lines.append(
             f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "
-            + "".join(f"{name}={getattr(plan, name)} " for name in RECIPE_FIELDS[plan.recipe])
+            + "".join(f"{name}={getattr(plan, name)} " for name in recipe_kind(plan.recipe).fields)
             + f"fp32_layers={len(plan.fp32_layers)}"
         )
         lines += [f"  note      {note}" for note in self.notes]

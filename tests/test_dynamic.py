@@ -10,7 +10,7 @@ from autoq.dispatch.table import shipped_tables
 from autoq.plan import QuantPlan
 from autoq.recipes.arms import applicable_arms
 from autoq.recipes.dynamic import DynamicBuilder
-from autoq.search.sensitivity import single_layer_sensitivity
+from autoq.recipes.sensitivity import single_layer_sensitivity
 
 from conftest import fast_settings, state_of
 

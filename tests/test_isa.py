@@ -67,22 +67,25 @@ def relu6_arms():
     """Arms (FX static, PT2E static) of a model with ReLU6, where folding is on offer."""
     torch.manual_seed(0)
     data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
-    arms = applicable_arms(Block().eval(), (data[0][:1],), [(b,) for b in data], ["static", "pt2e-static"])
-    arms.rankings = {recipe: arms.layers(recipe) for recipe in arms.recipes}
-    return arms
+    return applicable_arms(Block().eval(), (data[0][:1],), [(b,) for b in data], ["static", "pt2e-static"])
+
+
+def proposer(space: SearchSpace, arms) -> PlanProposer:
+    """The plan proposer of `arms` with their layers ranked in order."""
+    return PlanProposer(space, arms, {recipe: arms.layers(recipe) for recipe in arms.recipes})
 
 
 def plans_of(space: SearchSpace, arms, n_random: int = 60) -> tuple[list[QuantPlan], list[QuantPlan]]:
     """The plans of the space's seeds and sweeps, and of n_random trials of a random sampler."""
-    space = PlanProposer(space)
-    seeds = space.seed_params(arms)
-    proposed = [*seeds, *(variant for seed in seeds for variant in space.sweep_params(seed, arms))]
-    planned = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in proposed]
+    space = proposer(space, arms)
+    seeds = space.seed_params()
+    proposed = [*seeds, *(variant for seed in seeds for variant in space.sweep_params(seed.get("recipe", arms.recipes[0]), seed))]
+    planned = [space.suggest(optuna.trial.FixedTrial(params)) for params in proposed]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     sampled = []
     for _ in range(n_random):
         trial = study.ask()
-        sampled.append(space.suggest(trial, arms))
+        sampled.append(space.suggest(trial))
         study.tell(trial, 1.0)
     return planned, sampled
 
@@ -93,7 +96,7 @@ def test_on_a_cpu_without_vnni_no_plan_saturates(relu6_arms):
     for plan in planned + sampled:
         assert plan.reduce_range or plan.weight_bits == 7, plan
         assert not plan.fold_relu6 or plan.weight_bits == 7, plan  # folded outputs use all 8 bits
-    seeds = planned[:len(PlanProposer(SearchSpace()).seed_params(relu6_arms))]
+    seeds = planned[:len(proposer(SearchSpace(), relu6_arms).seed_params())]
     assert [p.engine for p in seeds if p.recipe == "static"] == ["x86", "fbgemm", "onednn", "x86"]
     onednn_seed = next(p for p in seeds if p.engine == "onednn")
     assert (onednn_seed.reduce_range, onednn_seed.weight_bits) == (False, 7)  # its 8-bit default, made safe

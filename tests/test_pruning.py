@@ -5,12 +5,13 @@ import time
 
 from torch import nn
 
-from autoq.config import TuneConfig
+from autoq.config import SearchSpace, TuneConfig
 from autoq.dispatch.measured import LayerTimer
 from autoq.plan import QuantPlan
 from autoq.progress import Reporter
 from autoq.recipes.arms import applicable_arms
 from autoq.search.objective import Objective
+from autoq.search.space import PlanProposer
 from test_dynamic import MLP
 
 
@@ -45,7 +46,8 @@ def test_a_lucky_best_measurement_prunes_only_candidates_slower_side_by_side(dig
     comparisons = side_by_side_costs(monkeypatch)
     model = digits.train(MLP())
     arms = applicable_arms(model, (digits.x[:1],), [(batch,) for batch in digits.calib], ["static"])
-    objective = Objective(arms, model, digits.accuracy, digits.accuracy(model), TuneConfig(latency_seconds=0.3),
+    proposer = PlanProposer(SearchSpace(), arms, {"static": arms.layers("static")})
+    objective = Objective(arms, proposer, model, digits.accuracy, digits.accuracy(model), TuneConfig(latency_seconds=0.3),
                           LayerTimer(), Reporter(verbose=False))
     best = QuantPlan(recipe="static")
     # the best plan's trial was measured at an implausible 50x: every later trial looks >5% slower

@@ -13,7 +13,7 @@ from autoq.plan import QuantPlan
 from autoq.recipes.arms import applicable_arms
 from autoq.recipes.pt2e import Lowered, Pt2eBuilder
 from autoq.search.study import DROPPED_ATTR, DROPPED_RECIPES_ATTR
-from autoq.tuner import dominated_recipes
+from autoq.search.policy import dominated_recipes
 
 from conftest import fast_settings, state_of
 from test_dynamic import MLP

@@ -138,7 +138,7 @@ def test_pt2e_qat_fine_tunes_an_exported_copy_and_compiles_it_with_fallbacks(dig
     builder = arms.builders["pt2e-qat"]
     assert builder.layers == ["0", "4"]
     plan = QuantPlan(recipe="pt2e-qat", qat_epochs=1, qat_lr=1e-3, fp32_layers=["0"])  # a Conv-BN kept FP32
-    model = builder.build(plan)
+    model = arms.build(plan)
     assert isinstance(model, Lowered) and len(steps) == 12  # one epoch of 12 batches
     targets = [str(node.target) for node in model.graph.graph.nodes]
     assert sum("dequantize_per_channel" in t for t in targets) == 1  # only the Linear's weight is int8
@@ -168,9 +168,8 @@ def test_auto_searches_both_qat_recipes_with_training_data_and_seeds_each(digits
     arms = applicable_arms(cnn, (digits.x[:1],), [(b,) for b in digits.calib], ["auto"], training=training(digits))
     assert {"static", "pt2e-static", "qat", "pt2e-qat"} <= set(arms.recipes)
     assert arms.builders["pt2e-qat"].twin is arms.builders["pt2e-static"]
-    arms.rankings = {recipe: arms.layers(recipe) for recipe in arms.recipes}
-    space = PlanProposer(SearchSpace())
-    plans = [space.suggest(optuna.trial.FixedTrial(params), arms) for params in space.qat_seeds(arms)]
+    space = PlanProposer(SearchSpace(), arms, {recipe: arms.layers(recipe) for recipe in arms.recipes})
+    plans = [space.suggest(optuna.trial.FixedTrial(params)) for params in space.qat_seeds()]
     # the longest fine-tune: epochs cost tuning time, not inference speed
     assert [(p.recipe, p.fp32_layers, p.qat_epochs) for p in plans] == [("qat", [], 3), ("pt2e-qat", [], 3)]
     assert [p.activation_observer for p in plans] == ["histogram"] * 2  # the static seeds' ranges, then learned

@@ -237,9 +237,8 @@ def test_builtin_metrics_match_their_definitions():
 @pytest.mark.parametrize("name", strategies())
 def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_allows(name):
     space = TuneConfig.from_dict({"strategy": name}).space
-    arms = SimpleNamespace(recipes=["static"], rankings={"static": ["conv1", "conv2"]}, checkpoints=[32, 64],
-                           has_relu6=True)
-    seeds = PlanProposer(space).seed_params(arms)
+    arms = SimpleNamespace(recipes=["static"], checkpoints=[32, 64], has_relu6=True)
+    seeds = PlanProposer(space, arms, {"static": ["conv1", "conv2"]}).seed_params()
     assert [seed["engine"] for seed in seeds] == sorted(space.engines, key=lambda e: (e != "x86", e == "measured"))
     default = autoq.QuantPlan()
     for seed in seeds:

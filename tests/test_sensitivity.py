@@ -6,7 +6,9 @@ import torch
 
 from autoq.plan import default_plan
 from autoq.recipes.static import StaticBuilder
-from autoq.search.sensitivity import layer_sensitivity, output_tensors, rank_layers, sqnr_db
+from autoq.measure.outputs import float_outputs, sqnr_db
+from autoq.recipes.sensitivity import layer_sensitivity
+from autoq.search.rankings import rank_layers
 
 
 def test_simulated_sqnr_matches_converting_each_layer_alone(mnist_task):
@@ -16,11 +18,11 @@ def test_simulated_sqnr_matches_converting_each_layer_alone(mnist_task):
     plan = default_plan("x86")
     simulated = layer_sensitivity(builder, mnist_task.model, batches, plan)
     with torch.no_grad():
-        reference = [t for b in batches for t in output_tensors(mnist_task.model(*b))]
+        reference = [t for b in batches for t in float_outputs(mnist_task.model(*b))]
         for layer in builder.layers:
             others = [name for name in builder.layers if name != layer]
             model = builder.build(dataclasses.replace(plan, fp32_layers=others))
-            real = sqnr_db(reference, [t for b in batches for t in output_tensors(model(*b))])
+            real = sqnr_db(reference, [t for b in batches for t in float_outputs(model(*b))])
             assert abs(simulated[layer] - real) < 4.0, (layer, simulated[layer], real)
     assert rank_layers(simulated)[0] == min(simulated, key=simulated.get)
 

@@ -11,7 +11,7 @@ from torch.ao.nn import quantized as nnq
 import autoq
 from autoq.dispatch.isa import cpu_isa
 from autoq.plan import QuantPlan, default_plan
-from autoq.tuner import FINALISTS
+from autoq.search.policy import FINALISTS
 from conftest import fast_settings, state_of
 
 

@@ -12,6 +12,15 @@ from autoq.dispatch.table import DispatchTable
 from autoq.plan import QuantPlan
 
 
+def carrying_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """`model` (built from `plan`) with the plan in `model.meta['autoq']`, where saving, exporting and
+    re-dispatching read it; every int8 model autoq hands out carries one."""
+    if not isinstance(getattr(model, "meta", None), dict):
+        model.meta = {}
+    model.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
+    return model
+
+
 def record_layer_shapes(model: nn.Module, example_inputs: tuple, non_traceable_modules: Sequence[str] = ()) -> None:
     """Store each int8 layer's shape signature, the model's inputs (shape, dtype, and for integer inputs
     such as token ids their [low, high]) and the modules its capture kept whole in `model.meta['autoq']`

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from autoq.measure.latency import measure_latency
+from autoq.measure.lock import measurement_lock
+
 _RTOL = 1e-3
 _ATOL_FRACTION = 1e-3  # absolute tolerance as a fraction of the largest reference output magnitude
 _ATOL_FLOOR = 1e-6  # keeps the absolute tolerance above zero for all-zero reference outputs
@@ -172,3 +175,35 @@ def best_fp32(model: nn.Module, example_inputs: tuple, *, compile: bool = True) 
     optimized = _to_channels_last(optimized, example_inputs, log)
     final = _compile_frozen(optimized, example_inputs, log) if compile else optimized
     return BestFP32(model=_NoGrad(final), steps=log.steps, warnings=log.warnings)
+
+
+@dataclass
+class AgainstFP32:
+    """The int8 model timed side by side with FP32 eager and the best FP32 (`best_fp32`)."""
+
+    latency_ms: dict[str, float]  # median ms: fp32_eager, fp32_best, int8
+    speedup: float  # FP32 eager / int8, median of per-round ratios
+    notes: list[str]  # which FP32 is best, steps skipped, whether int8 pays
+
+
+def against_fp32(int8_model: Callable[..., object], fp32_model: nn.Module, example_inputs: tuple, *,
+                 compile_fp32: bool, threads: int | None, seconds: float, lock: bool) -> AgainstFP32:
+    """Time `int8_model` against FP32 eager, folded/channels_last FP32 and (compile_fp32) frozen
+    torch.compile, interleaved for `seconds` (at least 20 rounds) under the measurement lock."""
+    reference = best_fp32(fp32_model, example_inputs, compile=False)
+    candidates = {"fp32_eager": fp32_model, "fp32_folded": reference.model, "int8": int8_model}
+    notes = []
+    if compile_fp32:
+        compiled = best_fp32(fp32_model, example_inputs, compile=True)
+        candidates["fp32_compiled"] = compiled.model
+        notes += compiled.warnings
+    with measurement_lock(lock):
+        timing = measure_latency(candidates, example_inputs, threads=threads, target_seconds=seconds, min_repeats=20)
+    best = min((name for name in timing if name.startswith("fp32_")), key=lambda name: timing[name].median_ms)
+    latency = {"fp32_eager": timing["fp32_eager"].median_ms, "fp32_best": timing[best].median_ms,
+               "int8": timing["int8"].median_ms}
+    notes.append(f"best FP32 is {best} ({', '.join(reference.steps) or 'no rewrite'}"
+                 f"{' + torch.compile' if best == 'fp32_compiled' else ''})")
+    if latency["int8"] >= latency["fp32_best"]:
+        notes.append("int8 does not beat the best FP32 on this CPU for these inputs")
+    return AgainstFP32(latency, latency["fp32_eager"] / latency["int8"], notes)

@@ -17,11 +17,13 @@ import torchao
 from torch import nn
 
 from autoq import __version__
+from autoq.dispatch.apply import carrying_plan
 from autoq.dispatch.isa import int8_path
+from autoq.measure.outputs import float_outputs
 from autoq.model_file.archive import LegacyFile, read, write
 from autoq.model_file.legacy import load_trusted
 from autoq.model_file.rebuild import (
-    OTHER_CPU_TOLERANCE, TOLERANCE, float_outputs, output_difference, rebuild, synthetic_inputs,
+    OTHER_CPU_TOLERANCE, TOLERANCE, output_difference, rebuild, synthetic_inputs,
 )
 from autoq.model_file.state import MismatchError, encode, numbers
 from autoq.plan import QuantPlan
@@ -86,11 +88,11 @@ def load_model(path: str | os.PathLike, model: nn.Module | None = None, *, trust
                          f"from ({manifest.get('model_source') or 'same class and configuration'}).") from error
     if check:
         _check(rebuilt, inputs, tensors, manifest, where)
-    rebuilt.meta["autoq"] = {
-        "plan": manifest["plan"], "summary": manifest["summary"], "layer_shapes": manifest["layer_shapes"],
+    carrying_plan(rebuilt, plan).meta["autoq"].update({
+        "summary": manifest["summary"], "layer_shapes": manifest["layer_shapes"],
         "inputs": manifest["inputs"], "non_traceable_modules": manifest["non_traceable_modules"],
         "model_source": manifest.get("model_source"),
-    }
+    })
     return rebuilt
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
 from autoq.model_file.archive import FORMAT, LEGACY_VERSION
-from autoq.plan import INDUCTOR_RECIPES, QuantPlan
+from autoq.plan import QuantPlan, recipe_kind
 from autoq.recipes.pt2e import Lowered
 
 def rebuild_module(cls: type, state: tuple) -> nn.Module:
@@ -41,7 +41,7 @@ def load_trusted(path: str | os.PathLike) -> nn.Module:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != LEGACY_VERSION:
         raise ValueError(f"{os.fspath(path)!r} is not an autoq model file.")
     plan = QuantPlan.from_dict(payload["config"])
-    if plan.recipe in INDUCTOR_RECIPES:
+    if recipe_kind(plan.recipe).inductor:
         program = torch.export.load(io.BytesIO(payload["model"]))
         model = Lowered(program.module(), tuple(program.example_inputs[0]), mixed_bf16=plan.mixed_bf16,
                         cpp_wrapper=plan.cpp_wrapper)

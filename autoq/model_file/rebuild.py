@@ -14,14 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from autoq.dispatch.engine import quantized_engine
-from autoq.dispatch.layers import set_layer_engines
-from autoq.plan import INDUCTOR_RECIPES, PT2E_POST_TRAINING, QuantPlan
+from autoq.measure.outputs import float_outputs
+from autoq.plan import QuantPlan
 from autoq.recipes.arms import builder
-from autoq.recipes.pt2e import lower
 from autoq.recipes.qat import Training
+from autoq.recipes.registry import RECIPES
 from autoq.model_file.state import MismatchError, restore
 
 CHECK_SEED = 0
@@ -46,12 +44,6 @@ def synthetic_inputs(specs: Sequence[Mapping], seed: int = CHECK_SEED) -> tuple[
     return tuple(inputs)
 
 
-def float_outputs(output: object) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's output (nested tuples, lists, dicts), in a fixed order."""
-    return [leaf.detach().float() for leaf in pytree.tree_leaves(output)
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
-
-
 def rebuild(fp32_model: nn.Module, plan: QuantPlan, inputs: tuple, tensors: Mapping[str, torch.Tensor],
             layout: Mapping, non_traceable_modules: Sequence[str] = ()) -> nn.Module:
     """The int8 model of `plan` for `fp32_model`, holding the stored numbers (see the module docstring).
@@ -63,15 +55,7 @@ def rebuild(fp32_model: nn.Module, plan: QuantPlan, inputs: tuple, tensors: Mapp
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arm = builder(plan.recipe, fp32_model, inputs, batches, list(non_traceable_modules), training=training)
-            if plan.recipe in INDUCTOR_RECIPES:
-                graph = arm.reference(plan) if plan.recipe in PT2E_POST_TRAINING else arm.converted(plan)
-                restore(graph, tensors, layout)
-                return lower(graph, inputs, plan)
-            model = arm.build(plan)
-            with quantized_engine(plan.engine):  # layers the plan does not dispatch are packed as built
-                restore(model, tensors, layout)
-            set_layer_engines(model, plan.layer_engines)
-            return model
+            return RECIPES[plan.recipe].rebuilt(arm, plan, lambda model: restore(model, tensors, layout))
     except MismatchError:
         raise
     except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as error:

@@ -1,14 +1,12 @@
 """The recipes that apply to a model (the search's arms), each with its builder, built once per run.
 
-'auto' picks by layer types: static (FX graph, calibrated activations) whenever the model can be
-captured; dynamic (Linear/LSTM/GRU weights int8, activations quantized per call) when the model
-has such layers and either no convolutions (transformers, MLPs), recurrent layers (which static
-leaves in FP32), or no graph capture. Conv nets get static only: there dynamic would quantize a
-head and nothing else. The PT2E + Inductor twins of both ('pt2e-static', 'pt2e-dynamic') are
-searched under the same rule whenever torch.export can capture the model. QAT ('qat' on FX,
-'pt2e-qat' on PT2E) is searched when the user gives training data and its post-training twin
-('static', 'pt2e-static') applies: these are the recovery arms, tried only if post-training seeds
-miss the budget (see `autoq.tuner`).
+'auto' searches every registered recipe that applies (see each recipe's `unavailable`): FX static
+whenever the model can be captured; dynamic (Linear/LSTM/GRU weights int8, activations quantized
+per call) when the model has such layers and either no convolutions (transformers, MLPs),
+recurrent layers (which static leaves in FP32), or no graph capture; the PT2E + Inductor twins of
+both whenever torch.export can capture the model; and the fine-tuning recipes ('qat',
+'pt2e-qat') when the user gives training data and their post-training twin applies: these are
+the recovery arms, tried only if post-training seeds miss the budget (see `autoq.search.policy`).
 """
 
 from __future__ import annotations
@@ -18,21 +16,17 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from autoq.capture import TraceError
+from autoq.dispatch.apply import carrying_plan
 from autoq.dispatch.isa import KERNEL_KINDS, Int8Path, int8_path, module_kinds
-from autoq.plan import AUTO, CALIBRATED_RECIPES, INDUCTOR_RECIPES, QAT_TWINS, RECIPES, QuantPlan
-from autoq.recipes.dynamic import DynamicBuilder, dynamic_layers
-from autoq.recipes.pt2e import Pt2eBuilder, bf16_supported
-from autoq.recipes.qat import Pt2eQatBuilder, QatBuilder, Training
-from autoq.recipes.static import StaticBuilder
-
-Builder = StaticBuilder | DynamicBuilder | QatBuilder | Pt2eBuilder | Pt2eQatBuilder
-_NO_TRAINING = "The '{}' recipe fine-tunes the model: pass train_data and loss_fn, or train_fn."
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RECURRENT = (nn.LSTM, nn.GRU)
+from autoq.plan import AUTO, RECIPE_KINDS, QuantPlan, recipe_kind
+from autoq.recipes.pt2e import bf16_supported
+from autoq.recipes.qat import Training
+from autoq.recipes.recipe import Builder, Capture
+from autoq.recipes.registry import RECIPES
 
 
 class Arms:
-    """Builders of the recipes a run searches, by recipe name, and their layers' sensitivity ranking."""
+    """Builders of the recipes a run searches, by recipe name, and what the search needs to know of the model."""
 
     def __init__(self, builders: dict[str, Builder], skipped: dict[str, str], module_kinds: dict[str, str]) -> None:
         """module_kinds: the kernel kind of the model's conv/linear modules by name
@@ -42,14 +36,13 @@ class Arms:
         self._module_kinds = module_kinds
         self.kinds = frozenset(kind for builder in builders.values() for layer in builder.layers
                                for kind in self.layer_kinds(layer))
-        self.rankings: dict[str, list[str]] = {}  # recipe -> layers, most sensitive first
         self.example_inputs = next(iter(builders.values())).example_inputs
         static = builders.get("static")
         # calibration sample counts where statistics were snapshotted (same for every calibrated arm)
         self.checkpoints: list[int] = next((list(b.checkpoints) for b in builders.values()
                                             if getattr(b, "checkpoints", None)), [])
         self.has_relu6 = bool(static and static.has_relu6)
-        self.bf16 = any(recipe in INDUCTOR_RECIPES for recipe in builders) and bf16_supported()
+        self.bf16 = any(RECIPE_KINDS[recipe].inductor for recipe in builders) and bf16_supported()
 
     def layer_kinds(self, layer: str) -> tuple[str, ...]:
         """The kernel kind of a layer ('linear', 'conv' or 'depthwise'); every kind for a functional
@@ -74,36 +67,26 @@ class Arms:
         """The int8 model of `plan`, by its recipe's builder."""
         if plan.recipe not in self.builders:
             raise ValueError(f"recipe {plan.recipe!r} is not searched in this run (searched: {self.recipes}).")
-        return self.builders[plan.recipe].build(plan)
+        return carrying_plan(self.builders[plan.recipe].build(plan), plan)
 
 
 def builder(recipe: str, model: nn.Module, example_inputs: tuple, batches: Sequence[tuple],
             non_traceable_modules: Sequence[str] = (), progress: Callable[[int], None] | None = None,
             training: Training | None = None) -> Builder:
     """The builder of `recipe` for `model` (captures, and for calibrated recipes calibrates, once);
-    the QAT recipes need `training`."""
-    if recipe in QAT_TWINS:
-        if training is None:
-            raise ValueError(_NO_TRAINING.format(recipe))
-        twin = builder(QAT_TWINS[recipe], model, example_inputs, batches, non_traceable_modules, progress)
-        return fine_tuning(recipe, model, twin, training)
-    if recipe == "static":
-        return StaticBuilder(model, example_inputs, batches, non_traceable_modules=non_traceable_modules,
-                             progress=progress)
-    if recipe == "dynamic":
-        return DynamicBuilder(model, example_inputs)
-    return Pt2eBuilder(model, example_inputs, batches, recipe=recipe, progress=progress)
-
-
-def fine_tuning(recipe: str, model: nn.Module, twin: StaticBuilder | Pt2eBuilder,
-                training: Training) -> QatBuilder | Pt2eQatBuilder:
-    """The builder of QAT `recipe`, sharing its post-training twin's capture and layers."""
-    return QatBuilder(model, twin, training) if recipe == "qat" else Pt2eQatBuilder(model, twin, training)
+    the fine-tuning recipes need `training`."""
+    kind, capture = recipe_kind(recipe), Capture(model, example_inputs, batches, non_traceable_modules, progress, training)
+    reason = RECIPES[recipe].unavailable(capture, {}, {}, auto=False)
+    if reason:
+        raise ValueError(reason)
+    twin = builder(kind.fine_tunes, model, example_inputs, batches, non_traceable_modules, progress) \
+        if kind.fine_tunes else None
+    return RECIPES[recipe].builder(capture, twin)
 
 
 def calibrated(recipes: Sequence[str]) -> int:
     """How many of `recipes` calibrate (two passes over the calibration batches each)."""
-    return sum(recipe in CALIBRATED_RECIPES for recipe in (RECIPES if tuple(recipes) == (AUTO,) else recipes))
+    return sum(RECIPE_KINDS[recipe].calibrated for recipe in (RECIPES if tuple(recipes) == (AUTO,) else recipes))
 
 
 def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[tuple], recipes: Sequence[str],
@@ -112,54 +95,32 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
     """The arms `recipes` asks for (('auto',): those that apply, see the module docstring).
 
     A recipe asked for by name that cannot apply is an error; under 'auto' it is skipped, with the
-    reason in `Arms.skipped`.
+    reason in `Arms.skipped`. The twin of a fine-tuning recipe asked for by name is built for its
+    capture and layers but not searched.
     """
     auto = tuple(recipes) == (AUTO,)
+    capture = Capture(model, example_inputs, batches, non_traceable_modules, progress, training)
+    wanted = [name for name in RECIPES if auto or name in recipes]
+    twins = {RECIPE_KINDS[name].fine_tunes for name in wanted if training is not None} - {None}
     builders: dict[str, Builder] = {}
     skipped: dict[str, str] = {}
-    twins_of_pinned_qat = {twin for recipe, twin in QAT_TWINS.items() if recipe in recipes and training is not None}
-    for recipe in QAT_TWINS.values():  # static and pt2e-static: searched, or the twins of pinned QAT recipes
-        if auto or recipe in recipes or recipe in twins_of_pinned_qat:
-            try:
-                builders[recipe] = builder(recipe, model, example_inputs, batches, non_traceable_modules, progress)
-            except TraceError as error:
-                if not auto:
-                    raise
-                skipped[recipe] = str(error)
-    for recipe, twin in QAT_TWINS.items():
-        if not (auto or recipe in recipes):
+    for name, recipe in RECIPES.items():  # a fine-tune's twin comes before it
+        if name not in wanted and name not in twins:
             continue
-        if training is None:
+        reason = recipe.unavailable(capture, builders, skipped, auto)
+        if reason:
             if not auto:
-                raise ValueError(_NO_TRAINING.format(recipe))
-            skipped[recipe] = "no training data (pass train_data and loss_fn, or train_fn)"
-        elif twin in builders:
-            try:
-                builders[recipe] = fine_tuning(recipe, model, builders[twin], training)
-            except TraceError as error:  # export in training mode can fail where export in eval mode did not
-                if not auto:
-                    raise
-                skipped[recipe] = str(error)
-        elif auto:
-            skipped[recipe] = skipped[twin]
-    for twin in QAT_TWINS.values():
-        if twin in builders and not (auto or twin in recipes):
-            del builders[twin]  # built only for its QAT recipe's layers
-    modules = list(model.modules())
-    for recipe, twin in (("dynamic", "static"), ("pt2e-dynamic", "pt2e-static")):
-        if not auto:
-            if recipe in recipes:
-                builders[recipe] = builder(recipe, model, example_inputs, batches)
+                raise ValueError(reason)
+            skipped[name] = reason
             continue
-        if twin in skipped and recipe == "pt2e-dynamic":
-            skipped[recipe] = skipped[twin]
-        elif not dynamic_layers(model):
-            skipped[recipe] = "no Linear, LSTM or GRU modules"
-        elif not ("static" not in builders or any(isinstance(m, _RECURRENT) for m in modules)
-                  or not any(isinstance(m, _CONVS) for m in modules)):
-            skipped[recipe] = "a conv net: dynamic quantization would only cover its Linear layers"
-        else:
-            builders[recipe] = builder(recipe, model, example_inputs, batches)
+        try:
+            builders[name] = recipe.builder(capture, builders.get(RECIPE_KINDS[name].fine_tunes))
+        except TraceError as error:  # (a fine-tune exports in training mode, which can fail where eval mode did not)
+            if not auto:
+                raise
+            skipped[name] = str(error)
+    for twin in twins - set(wanted):
+        del builders[twin]  # built only for its fine-tuning recipe's capture and layers
     if not builders:
         raise ValueError(f"no quantization recipe applies to this model: {skipped}")
     return Arms(builders, skipped, module_kinds(model))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
@@ -18,9 +19,20 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 from autoq.capture import use_base_layer_classes
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
-from autoq.plan import QuantPlan
+from autoq.plan import INDUCTOR, RECIPE_KINDS, QuantPlan
+from autoq.recipes.dimensions import closest
+from autoq.recipes.recipe import Builder, Capture, Recipe
+from autoq.recipes.sensitivity import single_layer_sensitivity
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoq.recipes.arms import Arms
+    from autoq.recipes.dimensions import Dimensions
 
 DYNAMIC_LAYER_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RECURRENT = (nn.LSTM, nn.GRU)
 _QCONFIGS = {"per_channel": per_channel_dynamic_qconfig, "per_tensor": default_dynamic_qconfig}
 
 
@@ -59,5 +71,52 @@ class DynamicBuilder:
             warnings.simplefilter("ignore")
             model = quantize_dynamic(self._model, qconfig_spec=self.qconfig_spec(plan, layers), inplace=False)
         set_layer_engines(model, plan.layer_engines)
-        model.meta = {"autoq": {"plan": plan.to_dict(), "summary": {}}}
         return model
+
+
+def auto_skip_reason(model: nn.Module, built: Mapping[str, Builder]) -> str | None:
+    """Why recipes=['auto'] leaves a dynamic recipe out for `model`: dynamic quantization is searched
+    when the model has Linear/LSTM/GRU layers and either no convolutions (transformers, MLPs),
+    recurrent layers (which static leaves in FP32), or no FX static capture ('static' not built).
+    In a conv net it would quantize a head and nothing else."""
+    modules = list(model.modules())
+    if not dynamic_layers(model):
+        return "no Linear, LSTM or GRU modules"
+    if ("static" in built and not any(isinstance(m, _RECURRENT) for m in modules)
+            and any(isinstance(m, _CONVS) for m in modules)):
+        return "a conv net: dynamic quantization would only cover its Linear layers"
+    return None
+
+
+class DynamicRecipe(Recipe):
+    """'dynamic': `quantize_dynamic`; searches fallbacks, kernels and weight granularity."""
+
+    kind = RECIPE_KINDS["dynamic"]
+
+    def unavailable(self, capture: Capture, built: Mapping[str, Builder], skipped: Mapping[str, str],
+                    auto: bool) -> str | None:
+        return auto_skip_reason(capture.model, built) if auto else None
+
+    def builder(self, capture: Capture, twin: Builder | None = None) -> DynamicBuilder:
+        return DynamicBuilder(capture.model, capture.example_inputs)
+
+    def sensitivity(self, builder: DynamicBuilder, fp32_model: nn.Module, batches: Sequence[tuple],
+                    arms: Arms) -> dict[str, float]:
+        """Each layer alone on real int8 kernels (7-bit activations where the Inductor recipes need them)."""
+        plan = QuantPlan(recipe="dynamic", reduce_range=not arms.full_range_safe(INDUCTOR))
+        return single_layer_sensitivity(lambda layer: builder.build(plan, layers=[layer]), builder.layers,
+                                        fp32_model, batches)
+
+    def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
+        return QuantPlan(**dims.fallbacks_kernels_weights(trial, "dynamic"))
+
+    def seeds(self, dims: Dimensions) -> list[dict]:
+        """`quantize_dynamic`'s default (per-tensor weights) on each allowed kernel choice."""
+        granularity = closest("per_tensor", dims.space.weight_granularities)
+        return [{**dims.recipe_param("dynamic"), "dynamic:n_fallback": 0, "engine": engine,
+                 "dynamic:weight_granularity": granularity} for engine in dims.seed_engines()]
+
+    def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
+        """The seed's other weight granularities."""
+        return [{**seed, "dynamic:weight_granularity": granularity} for granularity in dims.space.weight_granularities
+                if granularity != seed["dynamic:weight_granularity"]]

@@ -19,7 +19,8 @@ import copy
 import dataclasses
 import io
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,7 +35,17 @@ from autoq.calibrate.observers import WEIGHT_RANGES, Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import TraceError, drop_dead_code
-from autoq.plan import PT2E_POST_TRAINING, QuantPlan
+from autoq.plan import INDUCTOR, RECIPE_KINDS, QuantPlan
+from autoq.recipes.dimensions import unique
+from autoq.recipes.dynamic import auto_skip_reason
+from autoq.recipes.recipe import Builder, Capture, Recipe
+from autoq.recipes.sensitivity import single_layer_sensitivity
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoq.recipes.arms import Arms
+    from autoq.recipes.dimensions import Dimensions
 
 QAT_EPS = 2**-12  # X86InductorQuantizer's eps for QAT fake-quants
 _LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
@@ -173,7 +184,7 @@ class Lowered(nn.Module):
         self.graph, self.example_inputs = graph, example_inputs
         self.compiled = torch.compile(graph, dynamic=False)
         self.mixed_bf16, self.settings = mixed_bf16, {"freezing": True, "cpp_wrapper": cpp_wrapper}
-        self.meta: dict = {}  # model.meta['autoq'] holds the plan, as on every model autoq builds
+        self.meta: dict = {}  # model.meta['autoq'] holds the plan (autoq.dispatch.apply.carrying_plan)
 
     def to_bytes(self) -> bytes:
         """The int8 graph as a saved torch.export program (compiled code does not pickle)."""
@@ -201,8 +212,8 @@ class Pt2eBuilder:
     def __init__(self, model: nn.Module, example_inputs: tuple, calib_batches: Sequence[tuple], *,
                  recipe: str = "pt2e-static", progress: Callable[[int], None] | None = None) -> None:
         """progress: called with 1 after each calibration batch (two passes; static only)."""
-        if recipe not in PT2E_POST_TRAINING:
-            raise ValueError(f"Pt2eBuilder builds {list(PT2E_POST_TRAINING)}, not {recipe!r}.")
+        if recipe not in ("pt2e-static", "pt2e-dynamic"):
+            raise ValueError(f"Pt2eBuilder builds 'pt2e-static' and 'pt2e-dynamic', not {recipe!r}.")
         self.recipe, self.example_inputs = recipe, example_inputs
         self.dynamic = recipe == "pt2e-dynamic"
         self._graph = export_graph(copy.deepcopy(model).eval(), example_inputs)
@@ -283,10 +294,9 @@ class Pt2eBuilder:
 
 def lower(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan) -> Lowered:
     """A converted PT2E graph compiled by Inductor with the plan's options (the first call compiles it
-    here), carrying the plan in `meta['autoq']`."""
+    here)."""
     model = Lowered(graph, example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
     model(*example_inputs)
-    model.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
     return model
 
 
@@ -295,3 +305,77 @@ def _observed(prepared: torch.fx.GraphModule, kind: type) -> Iterator[tuple[torc
     for node in prepared.graph.nodes:
         if node.op == "call_module" and isinstance(module := prepared.get_submodule(node.target), kind):
             yield node.args[0], module
+
+
+def lowered_rebuild(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan,
+                    fill: Callable[[nn.Module], None]) -> Lowered:
+    """A converted graph with its numbers put in by `fill`, then lowered (autoq.recipes.recipe.Recipe.rebuilt)."""
+    fill(graph)
+    return lower(graph, example_inputs, plan)
+
+
+class _PostTraining(Recipe):
+    """The post-training PT2E recipes: prepared, converted and lowered by Inductor per plan."""
+
+    def builder(self, capture: Capture, twin: Builder | None = None) -> Pt2eBuilder:
+        return Pt2eBuilder(capture.model, capture.example_inputs, capture.batches, recipe=self.kind.name,
+                           progress=capture.progress)
+
+    def sensitivity(self, builder: Pt2eBuilder, fp32_model: nn.Module, batches: Sequence[tuple],
+                    arms: Arms) -> dict[str, float]:
+        """Each layer alone in the quantize/dequantize reference graph (not compiled)."""
+        plan = QuantPlan(recipe=self.kind.name, reduce_range=not arms.full_range_safe(INDUCTOR))
+        return single_layer_sensitivity(lambda layer: builder.reference(plan, layers=[layer]), builder.layers,
+                                        fp32_model, batches)
+
+    def rebuilt(self, builder: Pt2eBuilder, plan: QuantPlan, fill: Callable[[nn.Module], None]) -> Lowered:
+        return lowered_rebuild(builder.reference(plan), builder.example_inputs, plan, fill)
+
+
+class Pt2eStaticRecipe(_PostTraining):
+    """'pt2e-static': X86InductorQuantizer with calibrated activation ranges, lowered by Inductor."""
+
+    kind = RECIPE_KINDS["pt2e-static"]
+
+    def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
+        name = self.kind.name
+        prefix, lowering = f"{name}:", dims.inductor_lowering(trial, name)
+        ranges, uses_percentile = dims.ranges(trial, name, prefix)
+        return QuantPlan(recipe=name, **ranges, calib_samples=dims.calib_samples(trial, prefix),
+                         percentile=dims.percentile(trial, prefix, uses_percentile), **lowering)
+
+    def seeds(self, dims: Dimensions) -> list[dict]:
+        """X86InductorQuantizer's defaults: histogram observer, Python wrapper, no bf16."""
+        name = self.kind.name
+        return [{**dims.recipe_param(name), **dims.inductor_lowering_seed(name), **dims.ranges_seed(name, f"{name}:"),
+                 f"{name}:calib_samples": dims.arms.checkpoints[-1], f"{name}:n_fallback": 0}]
+
+    def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
+        """The other lowering options and int8 ranges, then the other observers."""
+        name = self.kind.name
+        variants = dims.inductor_lowering_variants(seed, name) + dims.observer_variants(seed, f"{name}:")
+        return [params for params in unique(variants) if params != seed]
+
+
+class Pt2eDynamicRecipe(_PostTraining):
+    """'pt2e-dynamic': X86InductorQuantizer's dynamic config (activation ranges per call), lowered by Inductor."""
+
+    kind = RECIPE_KINDS["pt2e-dynamic"]
+
+    def unavailable(self, capture: Capture, built: Mapping[str, Builder], skipped: Mapping[str, str],
+                    auto: bool) -> str | None:
+        if not auto:
+            return None
+        return skipped.get("pt2e-static") or auto_skip_reason(capture.model, built)
+
+    def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
+        name = self.kind.name
+        lowering = dims.inductor_lowering(trial, name)
+        return QuantPlan(recipe=name, fp32_layers=dims.fallbacks(trial, name, f"{name}:"), **lowering)
+
+    def seeds(self, dims: Dimensions) -> list[dict]:
+        name = self.kind.name
+        return [{**dims.recipe_param(name), **dims.inductor_lowering_seed(name), f"{name}:n_fallback": 0}]
+
+    def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
+        return [params for params in unique(dims.inductor_lowering_variants(seed, self.kind.name)) if params != seed]

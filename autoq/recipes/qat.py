@@ -33,8 +33,9 @@ import abc
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -56,9 +57,19 @@ from autoq.calibrate.stats import StatsCollector, collect_stats, snapshot_at
 from autoq.capture import Layer, as_input_tuple, use_base_layer_classes
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
-from autoq.plan import QuantPlan
-from autoq.recipes.pt2e import QAT_EPS, Pt2eBuilder, export_graph, inductor_quantizer, lower
-from autoq.recipes.static import StaticBuilder, with_global_qconfig
+from autoq.plan import RECIPE_KINDS, QuantPlan
+from autoq.recipes.dimensions import closest, kernels_of
+from autoq.recipes.pt2e import (
+    QAT_EPS, Pt2eBuilder, Pt2eStaticRecipe, export_graph, inductor_quantizer, lower, lowered_rebuild,
+)
+from autoq.recipes.recipe import Builder, Capture, Recipe
+from autoq.recipes.static import StaticBuilder, StaticRecipe, with_global_qconfig
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoq.recipes.arms import Arms
+    from autoq.recipes.dimensions import Dimensions
 
 FREEZE_AT = 0.5  # fraction of the fine-tune after which observers and BatchNorm statistics are frozen
 
@@ -129,9 +140,7 @@ class _FineTunes(abc.ABC):
         if unknown:
             raise ValueError(f"fp32_layers or layer_weight_bits name {sorted(unknown)}, which are not quantizable "
                              f"layers of this model. Known layers: {self.layers}")
-        quantized = self._int8(self.converted(plan), plan)
-        quantized.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
-        return quantized
+        return self._int8(self.converted(plan), plan)
 
     def converted(self, plan: QuantPlan) -> nn.Module:
         """A copy of the plan's fine-tuned model converted to int8, before kernels are chosen or it is
@@ -300,3 +309,68 @@ def _split(batch: object) -> tuple[tuple, torch.Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError("train_data must yield (inputs, target) pairs (inputs: a tensor or a tuple of tensors).")
     return as_input_tuple(batch[0], "train_data"), batch[1]
+
+
+class _FineTuning(Recipe):
+    """A quantization-aware fine-tune from its post-training twin's capture: its layers, their names and
+    their sensitivity ranking are the twin's. Needs training data."""
+
+    twin: Recipe
+
+    def unavailable(self, capture: Capture, built: Mapping[str, Builder], skipped: Mapping[str, str],
+                    auto: bool) -> str | None:
+        if capture.training is None:
+            return f"no training data: the '{self.kind.name}' recipe fine-tunes the model, pass train_data and " \
+                   f"loss_fn, or train_fn"
+        return skipped.get(self.kind.fine_tunes)
+
+    def sensitivity(self, builder: _FineTunes, fp32_model: nn.Module, batches: Sequence[tuple],
+                    arms: Arms) -> dict[str, float]:
+        return self.twin.sensitivity(builder.twin, fp32_model, batches, arms)
+
+
+class QatRecipe(_FineTuning):
+    """'qat': FX QAT on eager int8 kernels, per-layer dispatch like static plans."""
+
+    kind, twin = RECIPE_KINDS["qat"], StaticRecipe()
+
+    def builder(self, capture: Capture, twin: Builder | None = None) -> QatBuilder:
+        return QatBuilder(capture.model, twin, capture.training)
+
+    def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
+        fields = dims.fallbacks_kernels_weights(trial, "qat")
+        return QuantPlan(**fields, **dims.int8_ranges(trial, kernels_of(fields), "qat:", "qat"),
+                         **dims.fine_tune(trial, "qat:"))
+
+    def seeds(self, dims: Dimensions) -> list[dict]:
+        """PyTorch's default x86 QAT but at full 8-bit activation range (the default's 7-bit range guards
+        CPUs without VNNI; the measured accuracy catches any overflow), no fallbacks."""
+        space = dims.space
+        return [{**dims.recipe_param("qat"), "qat:n_fallback": 0, "engine": closest("x86", space.engines),
+                 "qat:weight_granularity": closest("per_channel", space.weight_granularities),
+                 "qat:reduce_range": closest(False, space.reduce_range),
+                 **{f"qat:{name}": value for name, value in dims.fine_tune_seed().items()}}]
+
+
+class Pt2eQatRecipe(_FineTuning):
+    """'pt2e-qat': X86InductorQuantizer's QAT config on the model exported in training mode, lowered by Inductor."""
+
+    kind, twin = RECIPE_KINDS["pt2e-qat"], Pt2eStaticRecipe()
+
+    def builder(self, capture: Capture, twin: Builder | None = None) -> Pt2eQatBuilder:
+        return Pt2eQatBuilder(capture.model, twin, capture.training)
+
+    def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
+        name = self.kind.name
+        lowering = dims.inductor_lowering(trial, name)
+        fp32_layers = dims.fallbacks(trial, name, f"{name}:")
+        return QuantPlan(recipe=name, fp32_layers=fp32_layers, **lowering, **dims.fine_tune(trial, f"{name}:"))
+
+    def seeds(self, dims: Dimensions) -> list[dict]:
+        """X86InductorQuantizer's QAT config with the Python wrapper and no bf16, no fallbacks."""
+        name = self.kind.name
+        return [{**dims.recipe_param(name), **dims.inductor_lowering_seed(name), f"{name}:n_fallback": 0,
+                 **{f"{name}:{key}": value for key, value in dims.fine_tune_seed().items()}}]
+
+    def rebuilt(self, builder: Pt2eQatBuilder, plan: QuantPlan, fill: Callable[[nn.Module], None]) -> nn.Module:
+        return lowered_rebuild(builder.converted(plan), builder.example_inputs, plan, fill)

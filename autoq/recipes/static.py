@@ -12,6 +12,7 @@ import copy
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,8 +29,17 @@ from autoq.capture import (
 )
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.layers import set_layer_engines
-from autoq.plan import QuantPlan
+from autoq.plan import MEASURED, RECIPE_KINDS, QuantPlan, default_plan
+from autoq.recipes.dimensions import closest, kernel_choice
 from autoq.recipes.fusion import fold_relu6, is_relu6
+from autoq.recipes.recipe import Builder, Capture, Recipe
+from autoq.recipes.sensitivity import layer_sensitivity
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoq.recipes.arms import Arms
+    from autoq.recipes.dimensions import Dimensions
 
 _WEIGHT_OBSERVERS = {"per_channel": (PerChannelMinMaxObserver, torch.per_channel_symmetric),
                      "per_tensor": (MinMaxObserver, torch.per_tensor_symmetric)}
@@ -162,7 +172,6 @@ class StaticBuilder:
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
         set_layer_engines(quantized, plan.layer_engines)
-        quantized.meta["autoq"] = {"plan": plan.to_dict(), "summary": {}}
         return quantized
 
 
@@ -218,3 +227,64 @@ def to_channels_last(graph_module: torch.fx.GraphModule, example_inputs: tuple) 
                     "contiguous", (node,), {"memory_format": torch.channels_last})
             node.replace_all_uses_with(converted, delete_user_cb=lambda user: user is not converted)
     graph_module.recompile()
+
+
+class StaticRecipe(Recipe):
+    """'static': FX post-training quantization with calibrated activations. Its trial parameters are
+    unprefixed ('activation_observer', 'n_fallback', ...), as studies since autoq 0.1 stored them."""
+
+    kind = RECIPE_KINDS["static"]
+
+    def builder(self, capture: Capture, twin: Builder | None = None) -> StaticBuilder:
+        return StaticBuilder(capture.model, capture.example_inputs, capture.batches,
+                             non_traceable_modules=capture.non_traceable_modules, progress=capture.progress)
+
+    def sensitivity(self, builder: StaticBuilder, fp32_model: nn.Module, batches: Sequence[tuple],
+                    arms: Arms) -> dict[str, float]:
+        return layer_sensitivity(builder, fp32_model, batches, default_plan("x86"))
+
+    def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
+        space, arms = dims.space, dims.arms
+        ranges, uses_percentile = dims.ranges(trial, "static", "")
+        kernels = trial.suggest_categorical("engine", space.engines)
+        int8 = dims.int8_ranges(trial, kernels, "", "static")
+        # a folded conv's output uses the full 8-bit range whatever reduce_range says
+        may_fold = arms.has_relu6 and (int8["weight_bits"] == 7 or arms.full_range_safe(kernels))
+        return QuantPlan(
+            **kernel_choice(kernels), **ranges,
+            weight_granularity=trial.suggest_categorical("weight_granularity", space.weight_granularities),
+            activation_symmetric=trial.suggest_categorical("activation_symmetric", space.activation_symmetric),
+            **int8,
+            calib_samples=dims.calib_samples(trial, ""),
+            percentile=dims.percentile(trial, "", uses_percentile),
+            channels_last=trial.suggest_categorical("channels_last", space.channels_last),
+            fold_relu6=may_fold and trial.suggest_categorical("fold_relu6", space.fold_relu6),
+        )
+
+    def seeds(self, dims: Dimensions) -> list[dict]:
+        """PyTorch's default FX PTQ (get_default_qconfig_mapping) on each allowed kernel choice ('measured'
+        with x86's recipe); a default the space excludes becomes the space's first allowed value."""
+        space, seeds = dims.space, []
+        for engine in dims.seed_engines():
+            plan = default_plan("x86" if engine == MEASURED else engine)
+            seeds.append({
+                **dims.recipe_param("static"), **dims.ranges_seed("static", ""), "n_fallback": 0, "engine": engine,
+                "weight_granularity": closest(plan.weight_granularity, space.weight_granularities),
+                "activation_symmetric": closest(plan.activation_symmetric, space.activation_symmetric),
+                "reduce_range": closest(plan.reduce_range, space.reduce_range),  # on AVX2 onednn's full
+                # range comes with 7-bit weights (Dimensions.int8_ranges)
+                "calib_samples": dims.arms.checkpoints[-1],
+                "channels_last": closest(plan.channels_last, space.channels_last),
+                **({"fold_relu6": closest(False, space.fold_relu6)} if dims.arms.has_relu6 else {}),
+            })
+        return seeds
+
+    def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
+        """Every other observer method at full 8-bit range if allowed, with ReLU6 folded (a finer grid for
+        its conv outputs) if the model has any; where the kernels saturate, full 8-bit activations come
+        with 7-bit weights, and folding only with them."""
+        space = dims.space
+        preferred = {"reduce_range": False if False in space.reduce_range else seed["reduce_range"]}
+        if dims.arms.has_relu6 and True in space.fold_relu6:
+            preferred["fold_relu6"] = True
+        return [params for params in dims.observer_variants({**seed, **preferred}, "") if params != seed]

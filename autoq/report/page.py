@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from autoq.files import write_atomic
-from autoq.plan import CALIBRATED_RECIPES, RECIPE_FIELDS, QuantPlan
+from autoq.plan import QuantPlan, recipe_kind
 from autoq.report.content import ReportContent, gather
 from autoq.report.plots import history_png, pareto_png
 
@@ -121,8 +121,8 @@ def _outcome_facts(content: ReportContent) -> list[tuple[str, str]]:
         ("activation observer", _observer(plan)),
         ("weights", f"{plan.weight_granularity}, reduce_range={plan.reduce_range}"),
         ("FP32 fallback layers", ", ".join(plan.fp32_layers) or "none"),
-        ("recipe", ", ".join([plan.recipe] + [f"{name}={getattr(plan, name)}" for name in RECIPE_FIELDS[plan.recipe]]
-                             + [f"calib_samples={plan.calib_samples}"] * (plan.recipe in CALIBRATED_RECIPES))),
+        ("recipe", ", ".join([plan.recipe] + [f"{name}={getattr(plan, name)}" for name in recipe_kind(plan.recipe).fields]
+                             + [f"calib_samples={plan.calib_samples}"] * recipe_kind(plan.recipe).calibrated)),
     ]
 
 

@@ -15,7 +15,7 @@ from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.measured import LayerTimer
 from autoq.measure.latency import measure_latency, speedup
 from autoq.measure.lock import measurement_lock
-from autoq.plan import CALIBRATED_RECIPES, RECIPE_FIELDS, QuantPlan, default_plan
+from autoq.plan import QuantPlan, default_plan, recipe_kind
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms
 from autoq.search.ctrl_c import CTRL_C
@@ -39,6 +39,7 @@ class Objective:
     def __init__(
         self,
         arms: Arms,
+        proposer: PlanProposer,
         fp32_model: torch.nn.Module,
         eval_fn: Callable[[torch.nn.Module], float],
         baseline: float,
@@ -49,7 +50,7 @@ class Objective:
         self.arms, self.fp32_model, self.eval_fn = arms, fp32_model, eval_fn
         self.baseline, self.config, self.timer = baseline, config, timer
         self.reporter = reporter
-        self.proposer = PlanProposer(config.space)
+        self.proposer = proposer
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.pruned: dict[str, dict] = {}  # plan key -> timings of plans pruned as too slow
         self.best_feasible_speedup = 0.0
@@ -91,7 +92,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
-        plan = self.proposer.suggest(trial, self.arms)
+        plan = self.proposer.suggest(trial)
         dropped = trial.study.user_attrs.get(DROPPED_RECIPES_ATTR) or {}
         if plan.recipe in dropped:  # not counted: the sampler learns to avoid the recipe
             trial.set_user_attr(DROPPED_ATTR, plan.recipe)
@@ -211,7 +212,7 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
     changes: dict[str, object] = {}
     if plan.kernels() != default.kernels():
         changes["kernels"] = plan.kernels().replace(" ", ":")
-    for name in ("recipe", *RECIPE_FIELDS[plan.recipe]):
+    for name in ("recipe", *recipe_kind(plan.recipe).fields):
         if getattr(plan, name) != getattr(default, name):
             changes[name] = getattr(plan, name)
     if "percentile" in (plan.activation_observer, *plan.layer_observers.values()):
@@ -222,6 +223,6 @@ def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:
         changes["fp32_layers"] = len(plan.fp32_layers)
     if plan.layer_weight_bits:
         changes["8bit_weight_layers"] = sum(bits == 8 for bits in plan.layer_weight_bits.values())
-    if plan.recipe in CALIBRATED_RECIPES and plan.calib_samples != default.calib_samples:
+    if recipe_kind(plan.recipe).calibrated and plan.calib_samples != default.calib_samples:
         changes["calib_samples"] = plan.calib_samples
     return changes

@@ -9,35 +9,18 @@ conversion per layer; the int8 kernels compute the same arithmetic.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
+from autoq.measure.outputs import float_outputs, sqnr_db
 from autoq.plan import QuantPlan
-from autoq.recipes.static import StaticBuilder
 
-
-def output_tensors(output: object) -> list[torch.Tensor]:
-    """Floating-point tensors of a (nested) model output, in a fixed order."""
-    if isinstance(output, torch.Tensor):
-        return [output.detach().float()] if output.is_floating_point() else []
-    if isinstance(output, dict):
-        return [t for key in sorted(output, key=str) for t in output_tensors(output[key])]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in output_tensors(item)]
-    return []
-
-
-def sqnr_db(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> float:
-    """Signal-to-quantization-noise ratio in dB over all tensors (inf when identical)."""
-    signal = sum(float(r.pow(2).sum()) for r in reference)
-    noise = sum(float((r - c).pow(2).sum()) for r, c in zip(reference, candidate))
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+if TYPE_CHECKING:
+    from autoq.recipes.static import StaticBuilder
 
 
 class _FakeQuant(nn.Module):
@@ -78,7 +61,7 @@ def layer_sensitivity(
     builder: StaticBuilder, fp32_model: nn.Module, batches: Sequence[tuple], plan: QuantPlan
 ) -> dict[str, float]:
     """{layer: output SQNR in dB with only that layer in (simulated) int8}; lower is more sensitive."""
-    reference = [t for batch in batches for t in output_tensors(fp32_model(*batch))]
+    reference = [t for batch in batches for t in float_outputs(fp32_model(*batch))]
     model = copy.deepcopy(builder.prepared())
     switches = {}
     for name, aliases in builder.observer_names.items():
@@ -99,7 +82,7 @@ def layer_sensitivity(
         owner, attribute = _weight_owner(model, node)
         weight = getattr(owner, attribute)
         setattr(owner, attribute, nn.Parameter(_fake_quantized_weight(weight), requires_grad=False))
-        candidate = [t for batch in batches for t in output_tensors(model(*batch))]
+        candidate = [t for batch in batches for t in float_outputs(model(*batch))]
         setattr(owner, attribute, weight)
         for name in observed:
             switches[name].qparams = None
@@ -115,14 +98,9 @@ def single_layer_sensitivity(build: Callable[[str], nn.Module], layers: Sequence
     For the recipes without a cheaper simulation: dynamic (real int8 kernels) and PT2E (its
     quantize/dequantize reference graph).
     """
-    reference = [t for batch in batches for t in output_tensors(fp32_model(*batch))]
+    reference = [t for batch in batches for t in float_outputs(fp32_model(*batch))]
     scores = {}
     for layer in layers:
         model = build(layer)
-        scores[layer] = sqnr_db(reference, [t for batch in batches for t in output_tensors(model(*batch))])
+        scores[layer] = sqnr_db(reference, [t for batch in batches for t in float_outputs(model(*batch))])
     return scores
-
-
-def rank_layers(scores: dict[str, float]) -> list[str]:
-    """Layers ordered most sensitive (lowest SQNR) first."""
-    return sorted(scores, key=lambda layer: scores[layer])
