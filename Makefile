@@ -37,7 +37,7 @@ demo: setup data
 	$(PY) examples/tune_mobilenet_fashion.py
 
 # The suite, then its int8-path tests again with the kernel libraries capped at AVX2 (no VNNI): on a
-# VNNI/AMX machine that leg runs the AVX2 code paths (tests/test_isa.py checks that the caps take effect).
+# VNNI/AMX machine that leg runs the AVX2 code paths (tests/dispatch/test_isa.py checks that the caps take effect).
 AVX2_CAPS := ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
 
 test: setup data postgres

@@ -31,9 +31,9 @@ from autoq.config import load_strategy, strategies
 from autoq.deploy import MANIFEST, export
 from autoq.dispatch.apply import apply_dispatch
 from autoq.dispatch.measured import LayerTimer
-from autoq.dispatch.rule import DEPTH
+from autoq.dispatch.rule import DEPTH, Measurement
 from autoq.dispatch.suite import PASSES, SECONDS_PER_SHAPE, bench_table, load_suite
-from autoq.dispatch.table import DispatchTable, Entry
+from autoq.dispatch.table import DispatchTable
 from autoq.files import write_atomic
 from autoq.measure.latency import measure_latency, speedup
 from autoq.model_file import synthetic_inputs
@@ -240,14 +240,14 @@ def _dispatch(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> DispatchTable:
     shapes = load_suite(args.suite)[: args.limit]
 
-    def progress(done: int, total: int, entry: Entry | None) -> None:
+    def progress(done: int, total: int, entry: Measurement | None) -> None:
         if args.quiet:
             return
         if entry is None:  # an earlier pass: no final timing yet
             print(f"\r[{done:4d}/{total}] timing the suite", end="", file=sys.stderr)
         else:
             timings = "  ".join(f"{lib} {us:8.1f} us" for lib, us in entry.micros.items())
-            print(f"\r[{done:4d}/{total}] {entry.shape.key():60s} {timings}  -> {entry.library}", file=sys.stderr)
+            print(f"\r[{done:4d}/{total}] {entry.shape.key():60s} {timings}  -> {entry.fastest}", file=sys.stderr)
 
     table = bench_table(shapes, threads=args.threads, max_depth=args.max_depth, seconds=args.seconds,
                         passes=args.passes, progress=progress)
@@ -285,7 +285,7 @@ def _apply(args: argparse.Namespace) -> None:
 
 def describe(table: DispatchTable) -> str:
     """A dispatch table in a few lines: CPU, size, learned rule, held-out accuracy."""
-    wins = sum(entry.library == "onednn" for entry in table.entries.values())
+    wins = sum(entry.fastest == "onednn" for entry in table.entries.values())
     lines = [
         f"dispatch table for {table.cpu.describe()}",
         f"  torch {table.torch_version}, {table.threads} threads, created {table.created or '?'}",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -55,7 +56,9 @@ class SearchSpace:
     """What the search may vary. Every field is a tuple of allowed values or a bound."""
 
     recipes: tuple[str, ...] = (AUTO,)
-    engines: tuple[str, ...] = KERNEL_CHOICES
+    # the kernel choice of eager-kernel plans: a whole-model engine ('x86' lets PyTorch pick per layer,
+    # 'fbgemm', 'onednn') or 'measured' (each layer timed in place under both libraries)
+    kernels: tuple[str, ...] = KERNEL_CHOICES
     observers: tuple[str, ...] = OBSERVERS
     weight_granularities: tuple[str, ...] = WEIGHT_GRANULARITIES
     activation_symmetric: tuple[bool, ...] = (False, True)
@@ -68,9 +71,16 @@ class SearchSpace:
     qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
     max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
     layer_observer_slots: int = 3  # most sensitive layers that get their own observer choice
+    engines: InitVar[tuple[str, ...] | None] = None  # the name of `kernels` before autoq 0.3 (deprecated)
 
-    def __post_init__(self) -> None:
-        for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("engines", KERNEL_CHOICES), ("observers", OBSERVERS),
+    def __post_init__(self, engines: tuple[str, ...] | None) -> None:
+        if engines is not None:
+            warnings.warn("SearchSpace's 'engines' is called 'kernels' since autoq 0.3 (it also holds 'measured'); "
+                          "rename it.", DeprecationWarning, stacklevel=3)
+            if tuple(self.kernels) != KERNEL_CHOICES:
+                raise ValueError("SearchSpace got both 'kernels' and its old name 'engines': keep 'kernels'.")
+            self.kernels = engines
+        for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("kernels", KERNEL_CHOICES), ("observers", OBSERVERS),
                               ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
             values = getattr(self, name)
             if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):
@@ -164,13 +174,17 @@ class TuneConfig:
         check_keys(settings, names, f"strategy {strategy!r}")
         space = data.get("space", {})
         if isinstance(space, Mapping):
+            if "engines" in space and "kernels" not in space:  # its old name overrides the preset's kernels
+                space = {("kernels" if key == "engines" else key): value for key, value in space.items()}
+                warnings.warn(f"'engines' in {where}'s space is called 'kernels' since autoq 0.3: rename it.",
+                              DeprecationWarning, stacklevel=2)
             data["space"] = {**settings.get("space", {}), **space}
         settings.update(data)
         return cls(**settings)
 
     def __post_init__(self) -> None:
         if isinstance(self.space, Mapping):
-            check_keys(self.space, [f.name for f in dataclasses.fields(SearchSpace)], "the search space")
+            check_keys(self.space, [f.name for f in dataclasses.fields(SearchSpace)] + ["engines"], "the search space")
             self.space = SearchSpace(**self.space)
         if not isinstance(self.max_loss, (int, float)) or not math.isfinite(self.max_loss) or self.max_loss <= 0:
             raise _invalid("max_loss", "a positive finite number (e.g. 0.01 for 1% relative loss)", self.max_loss)

@@ -132,7 +132,8 @@ class _Run:
         config, line = self.config, self.reporter.line
         started = time.perf_counter()
         baseline = self._baseline()
-        line(f"FP32 baseline metric {baseline:.4f}; {sum(int(b[0].shape[0]) for b in self.batches)} calibration samples")
+        samples = sum(int(batch[0].shape[0]) for batch in self.batches)
+        line(f"FP32 baseline metric {baseline:.4f}; {samples} calibration samples")
         arms = self._arms()
         study, created = self._study(baseline)
         line(f"study '{study.study_name}' in {redacted(storage_url(config.storage))}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from autoq.dispatch.layers import LIBRARIES, LayerShape, layer_shapes, set_layer_engines, weighted_layers
 from autoq.dispatch.microbench import time_layers_in_model
-from autoq.dispatch.table import Entry
+from autoq.dispatch.rule import Measurement
 
 
 class LayerTimer:
@@ -50,7 +50,7 @@ class LayerTimer:
         return [{"layer": layer, "module": module, "shape": shape.to_dict(), "micros": micros}
                 for (layer, module, _), (shape, micros) in sorted(self._timings.items())]
 
-    def entries(self) -> list[Entry]:
+    def entries(self) -> list[Measurement]:
         """One table entry per shape: geometric mean over the layers of that shape, source 'tuning'."""
         by_shape: dict[str, list[tuple[LayerShape, dict[str, float]]]] = {}
         for (_, _, key), timing in self._timings.items():
@@ -59,7 +59,7 @@ class LayerTimer:
         for timings in by_shape.values():
             micros = {library: math.exp(sum(math.log(t[library]) for _, t in timings) / len(timings))
                       for library in LIBRARIES}
-            entries.append(Entry(timings[0][0], micros, "tuning"))
+            entries.append(Measurement(timings[0][0], micros, "tuning"))
         return entries
 
 

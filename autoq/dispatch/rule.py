@@ -43,10 +43,12 @@ def shape_features(shape: LayerShape) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Time per call in microseconds of one layer shape under each library."""
+    """Time per call in microseconds of one layer shape under each library, and where it was measured
+    ('microbench', 'tuning'; empty when it does not matter)."""
 
     shape: LayerShape
     micros: Mapping[str, float]
+    source: str = ""
 
     @property
     def fastest(self) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from autoq.dispatch.layers import LayerShape
 from autoq.dispatch.microbench import synthetic_layer, time_libraries
-from autoq.dispatch.rule import DEPTH
-from autoq.dispatch.table import DispatchTable, Entry
+from autoq.dispatch.rule import DEPTH, Measurement
+from autoq.dispatch.table import DispatchTable
 
 _CONV_KEYS = ("in_channels", "kernel", "stride", "spatial", "batch", "groups", "channels_last")
 _LINEAR_KEYS = ("rows", "in_features", "out_features")
@@ -75,7 +75,8 @@ def _draw(family: dict, rng: random.Random) -> LayerShape:
 
 
 def bench_shapes(shapes: Sequence[LayerShape], *, threads: int | None = None, seconds: float = SECONDS_PER_SHAPE,
-                 passes: int = PASSES, progress: Callable[[int, int, Entry | None], None] | None = None) -> list[Entry]:
+                 passes: int = PASSES, progress: Callable[[int, int, Measurement | None], None] | None = None,
+                 ) -> list[Measurement]:
     """Time every shape under both libraries (synthetic weights and inputs); microseconds per call.
 
     The suite is timed `passes` times over and each shape keeps the geometric mean of its passes,
@@ -84,14 +85,14 @@ def bench_shapes(shapes: Sequence[LayerShape], *, threads: int | None = None, se
     """
     layers = [synthetic_layer(shape, seed=index) for index, shape in enumerate(shapes)]
     log_sums: list[dict[str, float]] = [{} for _ in shapes]
-    entries: list[Entry] = []
+    entries: list[Measurement] = []
     for done in range(passes):
         for index, (shape, (module, x)) in enumerate(zip(shapes, layers)):
             for library, micros in time_libraries(module, x, threads=threads, seconds=seconds).items():
                 log_sums[index][library] = log_sums[index].get(library, 0.0) + math.log(micros)
             if done == passes - 1:
                 micros = {library: math.exp(total / passes) for library, total in log_sums[index].items()}
-                entries.append(Entry(shape, micros, "microbench"))
+                entries.append(Measurement(shape, micros, "microbench"))
             if progress is not None:
                 progress(done * len(shapes) + index + 1, passes * len(shapes),
                          entries[-1] if done == passes - 1 else None)
@@ -100,7 +101,7 @@ def bench_shapes(shapes: Sequence[LayerShape], *, threads: int | None = None, se
 
 def bench_table(shapes: Sequence[LayerShape], *, threads: int | None = None, max_depth: int = DEPTH,
                 seconds: float = SECONDS_PER_SHAPE, passes: int = PASSES,
-                progress: Callable[[int, int, Entry | None], None] | None = None) -> DispatchTable:
+                progress: Callable[[int, int, Measurement | None], None] | None = None) -> DispatchTable:
     """A dispatch table for this CPU: the suite's measurements and the rule learned from them."""
     entries = bench_shapes(shapes, threads=threads, seconds=seconds, passes=passes, progress=progress)
     table = DispatchTable.for_this_machine(entries)

@@ -60,22 +60,6 @@ def current_cpu() -> CpuIdentity:
     )
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One measured shape: microseconds per call under each library, and where it was measured."""
-
-    shape: LayerShape
-    micros: Mapping[str, float]
-    source: str  # 'microbench' or 'tuning'
-
-    def measurement(self) -> Measurement:
-        return Measurement(self.shape, self.micros)
-
-    @property
-    def library(self) -> str:
-        return self.measurement().fastest
-
-
 @dataclass
 class DispatchTable:
     """Per-signature library choices for one CPU, plus a learned rule for unseen shapes."""
@@ -83,26 +67,26 @@ class DispatchTable:
     cpu: CpuIdentity
     torch_version: str
     threads: int
-    entries: dict[str, Entry] = field(default_factory=dict)
+    entries: dict[str, Measurement] = field(default_factory=dict)
     rule: DispatchRule | None = None
     created: str = ""
 
     @classmethod
-    def for_this_machine(cls, entries: Iterable[Entry] = ()) -> DispatchTable:
+    def for_this_machine(cls, entries: Iterable[Measurement] = ()) -> DispatchTable:
         """An empty (or pre-filled) table stamped with this CPU, torch version and thread count."""
         table = cls(current_cpu(), str(torch.__version__), torch.get_num_threads(),
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         table.add(entries)
         return table
 
-    def add(self, entries: Iterable[Entry]) -> None:
+    def add(self, entries: Iterable[Measurement]) -> None:
         """Add or replace entries by signature."""
         for entry in entries:
             self.entries[entry.shape.key()] = entry
 
     def refit(self, max_depth: int = DEPTH) -> DispatchRule:
         """Learn the rule from all entries (with a held-out report) and keep it."""
-        self.rule = fit_with_holdout([entry.measurement() for entry in self.entries.values()], max_depth=max_depth)
+        self.rule = fit_with_holdout(list(self.entries.values()), max_depth=max_depth)
         return self.rule
 
     def matches_this_machine(self) -> bool:
@@ -112,7 +96,7 @@ class DispatchTable:
         """(library, why) for `shape`: the exact measured entry, else the rule, else PyTorch's x86 rule."""
         entry = self.entries.get(shape.key()) if exact else None
         if entry is not None:
-            return entry.library, "measured"
+            return entry.fastest, "measured"
         if self.rule is not None:
             return self.rule.choose(shape), "rule"
         return x86_rule(shape), "x86 default"
@@ -146,7 +130,7 @@ class DispatchTable:
             "libraries": list(LIBRARIES),
             "rule": self.rule.to_dict() if self.rule else None,
             "entries": [
-                {"key": key, "library": entry.library, "micros": dict(entry.micros), "source": entry.source,
+                {"key": key, "library": entry.fastest, "micros": dict(entry.micros), "source": entry.source,
                  "shape": entry.shape.to_dict()}
                 for key, entry in sorted(self.entries.items())
             ],
@@ -167,7 +151,8 @@ class DispatchTable:
             int(data["threads"]), rule=DispatchRule.from_dict(data["rule"]) if data.get("rule") else None,
             created=data.get("created", ""),
         )
-        table.add(Entry(LayerShape.from_dict(e["shape"]), dict(e["micros"]), e["source"]) for e in data["entries"])
+        table.add(Measurement(LayerShape.from_dict(e["shape"]), dict(e["micros"]), e["source"])
+                  for e in data["entries"])
         return table
 
     @classmethod

@@ -75,7 +75,8 @@ def builder(recipe: str, model: nn.Module, example_inputs: tuple, batches: Seque
             training: Training | None = None) -> Builder:
     """The builder of `recipe` for `model` (captures, and for calibrated recipes calibrates, once);
     the fine-tuning recipes need `training`."""
-    kind, capture = recipe_kind(recipe), Capture(model, example_inputs, batches, non_traceable_modules, progress, training)
+    kind = recipe_kind(recipe)
+    capture = Capture(model, example_inputs, batches, non_traceable_modules, progress, training)
     reason = RECIPES[recipe].unavailable(capture, {}, {}, auto=False)
     if reason:
         raise ValueError(reason)

@@ -34,9 +34,9 @@ class Dimensions:
         """The 'recipe' parameter of a seed of `recipe` (none when only one recipe is searched)."""
         return {"recipe": recipe} if self.several else {}
 
-    def seed_engines(self) -> list[str]:
+    def seed_kernels(self) -> list[str]:
         """The kernel choices seeds are made for, x86 first and 'measured' last."""
-        return sorted(self.space.engines, key=lambda engine: (engine != "x86", engine == MEASURED))
+        return sorted(self.space.kernels, key=lambda kernels: (kernels != "x86", kernels == MEASURED))
 
     def int8_ranges(self, trial: optuna.Trial, kernels: str, prefix: str, recipe: str) -> dict:
         """reduce_range and weight bits: where the kernels cannot saturate (VNNI/AMX), 8-bit weights and
@@ -64,7 +64,7 @@ class Dimensions:
         """QuantPlan fields of a dynamic or QAT plan: its recipe, fallbacks, kernels and weight granularity
         (parameters prefixed with the recipe, but for the shared 'engine')."""
         fp32_layers = self.fallbacks(trial, recipe, f"{recipe}:")
-        kernels = trial.suggest_categorical("engine", self.space.engines)
+        kernels = trial.suggest_categorical("engine", self.space.kernels)
         return {"recipe": recipe, **kernel_choice(kernels), "fp32_layers": fp32_layers,
                 "weight_granularity": trial.suggest_categorical(f"{recipe}:weight_granularity",
                                                                 self.space.weight_granularities)}
@@ -114,7 +114,8 @@ class Dimensions:
         """An Inductor plan's lowering options (cpp_wrapper, mixed_bf16 where the CPU has bf16) and int8 ranges."""
         prefix = f"{recipe}:"
         return {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.space.cpp_wrapper),
-                "mixed_bf16": self.arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16", self.space.mixed_bf16),
+                "mixed_bf16": self.arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16",
+                                                                           self.space.mixed_bf16),
                 **self.int8_ranges(trial, INDUCTOR, prefix, recipe)}
 
     def inductor_lowering_seed(self, recipe: str) -> dict:

@@ -114,7 +114,7 @@ class DynamicRecipe(Recipe):
         """`quantize_dynamic`'s default (per-tensor weights) on each allowed kernel choice."""
         granularity = closest("per_tensor", dims.space.weight_granularities)
         return [{**dims.recipe_param("dynamic"), "dynamic:n_fallback": 0, "engine": engine,
-                 "dynamic:weight_granularity": granularity} for engine in dims.seed_engines()]
+                 "dynamic:weight_granularity": granularity} for engine in dims.seed_kernels()]
 
     def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
         """The seed's other weight granularities."""

@@ -346,7 +346,7 @@ class QatRecipe(_FineTuning):
         """PyTorch's default x86 QAT but at full 8-bit activation range (the default's 7-bit range guards
         CPUs without VNNI; the measured accuracy catches any overflow), no fallbacks."""
         space = dims.space
-        return [{**dims.recipe_param("qat"), "qat:n_fallback": 0, "engine": closest("x86", space.engines),
+        return [{**dims.recipe_param("qat"), "qat:n_fallback": 0, "engine": closest("x86", space.kernels),
                  "qat:weight_granularity": closest("per_channel", space.weight_granularities),
                  "qat:reduce_range": closest(False, space.reduce_range),
                  **{f"qat:{name}": value for name, value in dims.fine_tune_seed().items()}}]

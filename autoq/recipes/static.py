@@ -246,7 +246,7 @@ class StaticRecipe(Recipe):
     def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
         space, arms = dims.space, dims.arms
         ranges, uses_percentile = dims.ranges(trial, "static", "")
-        kernels = trial.suggest_categorical("engine", space.engines)
+        kernels = trial.suggest_categorical("engine", space.kernels)
         int8 = dims.int8_ranges(trial, kernels, "", "static")
         # a folded conv's output uses the full 8-bit range whatever reduce_range says
         may_fold = arms.has_relu6 and (int8["weight_bits"] == 7 or arms.full_range_safe(kernels))
@@ -265,7 +265,7 @@ class StaticRecipe(Recipe):
         """PyTorch's default FX PTQ (get_default_qconfig_mapping) on each allowed kernel choice ('measured'
         with x86's recipe); a default the space excludes becomes the space's first allowed value."""
         space, seeds = dims.space, []
-        for engine in dims.seed_engines():
+        for engine in dims.seed_kernels():
             plan = default_plan("x86" if engine == MEASURED else engine)
             seeds.append({
                 **dims.recipe_param("static"), **dims.ranges_seed("static", ""), "n_fallback": 0, "engine": engine,

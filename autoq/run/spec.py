@@ -20,7 +20,7 @@
     [tune]                              # autoq.TuneConfig fields (strategy = "NAME" applies a preset)
     max_loss = 0.01
     [tune.space]
-    engines = ["x86", "measured"]
+    kernels = ["x86", "measured"]
 
 Relative paths of files (weights, data files, factory .py files) are relative to the run file;
 `output` and sqlite storage URLs are relative to the working directory.

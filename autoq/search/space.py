@@ -36,7 +36,7 @@ class PlanProposer:
         post-training recipe searched, in the arms' order, grouped by kernel choice ('measured' last);
         then the Inductor recipes' (which have no kernel choice)."""
         seeds = [seed for recipe in self.recipes(fine_tuning=False) for seed in RECIPES[recipe].seeds(self.dims)]
-        engines = self.dims.seed_engines()
+        engines = self.dims.seed_kernels()
         return sorted(seeds, key=lambda seed: engines.index(seed["engine"]) if "engine" in seed else len(engines))
 
     def qat_seeds(self) -> list[dict]:
@@ -52,4 +52,5 @@ class PlanProposer:
 
     def recipes(self, fine_tuning: bool) -> list[str]:
         """The searched recipes that fine-tune (the recovery arms), or those that do not, in the arms' order."""
-        return [recipe for recipe in self.dims.arms.recipes if (RECIPE_KINDS[recipe].fine_tunes is not None) == fine_tuning]
+        return [recipe for recipe in self.dims.arms.recipes
+                if (RECIPE_KINDS[recipe].fine_tunes is not None) == fine_tuning]

@@ -218,7 +218,10 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
     for value in example_inputs:
         digest.update(str((getattr(value, "shape", None), getattr(value, "dtype", type(value)))).encode())
     digest.update(f"{baseline:.8e}".encode())
-    digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode())
+    fields = dataclasses.asdict(settings)
+    if "kernels" in fields:  # hashed under its name before autoq 0.3, so existing studies keep their names
+        fields["engines"] = fields.pop("kernels")
+    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 
 

@@ -11,7 +11,7 @@ import autoq.cli
 from autoq.cli import main
 from autoq.search.study import RUN_ATTR, redacted
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist_cnn.toml"
 PASSWORD = "s3cret-pw"
 
 

@@ -13,51 +13,9 @@ from torch import nn
 import autoq
 from autoq.cli import main
 from autoq.plan import QuantPlan
-from autoq.recipes.qat import Training
 
-
-class Net(nn.Module):
-    """Conv-BN-ReLU6, a depthwise conv, a residual add and a linear head, times `gain` if given: a
-    non-persistent buffer, so it comes from the code, not from a saved model."""
-
-    def __init__(self, gain: float | None = None) -> None:
-        super().__init__()
-        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()
-        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.head = nn.Linear(8, 4)
-        self.register_buffer("gain", None if gain is None else torch.tensor(gain), persistent=False)
-
-    def forward(self, x):
-        y = self.act(self.bn(self.conv(x)))
-        y = y + self.depthwise(y)
-        y = self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
-        return y if self.gain is None else y * self.gain
-
-
-class Recurrent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm, self.head = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0][:, -1])
-
-
-def fresh(cls=Net, seed=1, **kwargs):
-    """An untrained FP32 model of the same class with other weights: only its structure can be reused."""
-    torch.manual_seed(seed)
-    return cls(**kwargs).eval()
-
-
-def tuned_model(recipe="static", cls=Net, dispatch=None, gain=None, **plan):
-    model = fresh(cls, seed=0) if gain is None else fresh(cls, seed=0, gain=gain)
-    x = torch.randn(4, 5, 6) if cls is Recurrent else torch.randn(4, 3, 16, 16)
-    calib = [torch.randn_like(x) for _ in range(3)]
-    training = None
-    if recipe in ("qat", "pt2e-qat"):
-        training = Training(train_data=[(c, torch.randn(4, 4)) for c in calib], loss_fn=nn.functional.mse_loss)
-        plan.setdefault("qat_epochs", 1)
-    return autoq.quantize(model, QuantPlan(recipe=recipe, **plan), x, calib, training=training, dispatch=dispatch), x
+import nets
+from nets import Net, Recurrent, fresh, tuned_model
 
 
 @pytest.mark.parametrize("recipe, cls, plan, dispatch", [
@@ -97,7 +55,7 @@ def test_a_pickled_model_file_is_refused_without_running_it(tmp_path, capsys):
         autoq.load(path, fresh())
     assert "runs code stored in the file" in str(error.value)
     run = tmp_path / "run.toml"
-    run.write_text(f'[model]\nfactory = "{os.path.abspath(__file__)}:fresh"\n[calib]\nbuiltin = "digits"\n'
+    run.write_text(f'[model]\nfactory = "{os.path.abspath(nets.__file__)}:fresh"\n[calib]\nbuiltin = "digits"\n'
                    f'[eval]\nbuiltin = "digits"\n')
     for command in (["bench", str(path), "--run", str(run)], ["export", str(path), "--run", str(run), "--out",
                     str(tmp_path / "out")], ["dispatch", "apply", str(path), "shipped", "--run", str(run),

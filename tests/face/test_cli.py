@@ -11,7 +11,7 @@ from autoq.cli import main
 from autoq.config import strategies
 from autoq.search.study import FINISHED
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist_cnn.toml"
 
 
 @pytest.fixture(scope="module")

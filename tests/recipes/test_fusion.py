@@ -3,32 +3,13 @@
 import pytest
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
-import torch.nn.functional as F
 from torch import nn
 
 import autoq
 from autoq.dispatch.isa import int8_path
 from autoq.plan import QuantPlan
 
-
-class Block(nn.Module):
-    """conv->ReLU6 three ways (module, F.relu6, Hardtanh(0, 6)) and one conv whose output is reused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.ReLU6()
-        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.c = nn.Conv2d(8, 8, 1)
-        self.clamp = nn.Hardtanh(0.0, 6.0)
-        self.d = nn.Conv2d(8, 8, 1)
-
-    def forward(self, x):
-        x = self.act(self.a(x))
-        x = F.relu6(self.b(x))
-        x = self.clamp(self.c(x))
-        y = self.d(x)
-        return F.relu6(y) + y  # d's output has two users: it must not be folded
+from nets import Block
 
 
 @pytest.fixture(scope="module")

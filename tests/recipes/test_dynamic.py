@@ -13,6 +13,7 @@ from autoq.recipes.dynamic import DynamicBuilder
 from autoq.recipes.sensitivity import single_layer_sensitivity
 
 from conftest import fast_settings, state_of
+from nets import MLP
 
 
 class MyLinear(nn.Linear):
@@ -32,16 +33,6 @@ class RowLSTM(nn.Module):
         rows = x.view(x.shape[0], 8, 8)
         output, _ = self.lstm(torch.relu(self.embed(rows)))
         return self.head(output[:, -1])
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from autoq.search.study import DROPPED_ATTR, DROPPED_RECIPES_ATTR
 from autoq.search.policy import dominated_recipes
 
 from conftest import fast_settings, state_of
-from test_dynamic import MLP
+from nets import MLP
 
 DEQUANTIZE_WEIGHT = torch.ops.quantized_decomposed.dequantize_per_channel.default
 QUANTIZE_ACTIVATION = torch.ops.quantized_decomposed.quantize_per_tensor.default

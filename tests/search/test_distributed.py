@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from autoq.search import study as study_module
 from autoq.search.study import FINISHED, SURPLUS_ATTR, WORKER_ATTR, counted_trials, open_study
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist_cnn.toml"
 TRIALS = 10
 
 

@@ -21,8 +21,7 @@ from autoq.recipes.arms import applicable_arms
 from autoq.config import SearchSpace
 from autoq.search.space import PlanProposer
 from autoq.tuner import isa_note
-from test_dispatch import X, saturation_net
-from test_fusion import Block
+from nets import X, Block, saturation_net
 
 pytestmark = pytest.mark.isa
 CAPPED_TO_AVX2 = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
@@ -79,7 +78,8 @@ def plans_of(space: SearchSpace, arms, n_random: int = 60) -> tuple[list[QuantPl
     """The plans of the space's seeds and sweeps, and of n_random trials of a random sampler."""
     space = proposer(space, arms)
     seeds = space.seed_params()
-    proposed = [*seeds, *(variant for seed in seeds for variant in space.sweep_params(seed.get("recipe", arms.recipes[0]), seed))]
+    proposed = [*seeds, *(variant for seed in seeds
+                          for variant in space.sweep_params(seed.get("recipe", arms.recipes[0]), seed))]
     planned = [space.suggest(optuna.trial.FixedTrial(params)) for params in proposed]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     sampled = []

@@ -13,36 +13,21 @@ import autoq
 from autoq.cli import main
 from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines, weighted_layers
 from autoq.dispatch.microbench import time_layers_in_model
-from autoq.dispatch.rule import Measurement, fit_rule, fit_with_holdout, x86_rule
+from autoq.dispatch.rule import Measurement, fit_with_holdout, x86_rule
 from autoq.dispatch.suite import bench_shapes, load_suite
-from autoq.dispatch.table import CpuIdentity, DispatchTable, Entry, current_cpu, shipped_tables
+from autoq.dispatch.table import CpuIdentity, DispatchTable, current_cpu, shipped_tables
 from autoq.plan import QuantPlan
 
-
-def saturation_net() -> nn.Module:
-    """A depthwise 3x3 conv of ones on inputs at the top of the 8-bit range, then a pointwise conv.
-
-    FBGEMM's depthwise kernel adds u8*s8 products pairwise in saturating int16 on every CPU (~56% of
-    the true sum here); oneDNN's is exact with or without VNNI (autoq.dispatch.isa probes both). So
-    the depthwise layer's output says which library ran it.
-    """
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.Conv2d(8, 4, 1))
-    with torch.no_grad():
-        model[0].weight.fill_(1.0)
-    return model.eval()
-
-
-X = torch.ones(1, 8, 6, 6)
+import nets
+from nets import FBGEMM_PLAN, X, saturation_net, two_entry_table
 
 
 def saturation_run_file(folder: Path) -> Path:
     """A run file whose model is saturation_net (its data sections are required, not read by model commands)."""
     run = folder / "saturation.toml"
-    run.write_text(f'[model]\nfactory = "{Path(__file__).resolve()}:saturation_net"\n'
+    run.write_text(f'[model]\nfactory = "{Path(nets.__file__).resolve()}:saturation_net"\n'
                    f'[calib]\nbuiltin = "digits"\n[eval]\nbuiltin = "digits"\n')
     return run
-FBGEMM_PLAN = QuantPlan(engine="fbgemm", reduce_range=False, activation_observer="minmax")
 
 
 def depthwise_output(model: nn.Module) -> torch.Tensor:
@@ -87,17 +72,6 @@ def test_layer_shapes_describe_what_each_kernel_sees():
     linear = nnq.Linear(16, 4)
     x = torch.quantize_per_tensor(torch.rand(2, 5, 16), 0.01, 0, torch.quint8)
     assert layer_shapes(nn.Sequential(linear), (x,))["0"] == LayerShape("linear", 10, 16, 4)
-
-
-def two_entry_table(cpu: CpuIdentity, depthwise_library: str) -> DispatchTable:
-    """Exact entries for saturation_net's layers; a rule that says FBGEMM for everything."""
-    shapes = layer_shapes(autoq.quantize(saturation_net(), FBGEMM_PLAN, X, [X]), (X,))
-    slow = {"fbgemm": 10.0, "onednn": 20.0}
-    fast = {"fbgemm": 20.0, "onednn": 10.0} if depthwise_library == "onednn" else slow
-    table = DispatchTable(cpu, torch.__version__, torch.get_num_threads())
-    table.add([Entry(shapes["0"], fast, "tuning"), Entry(shapes["1"], slow, "tuning")])
-    table.rule = fit_rule([Measurement(shapes["1"], slow)])
-    return table
 
 
 @pytest.mark.isa
@@ -246,7 +220,7 @@ def test_quantize_rejects_a_bad_dispatch_argument():
 def test_tuning_times_layers_in_place_stores_them_and_resume_reuses_them(mnist_task, tmp_path, monkeypatch):
     from conftest import fast_settings
 
-    settings = fast_settings(tmp_path, space=autoq.SearchSpace(recipes=("static",), engines=("measured",)))
+    settings = fast_settings(tmp_path, space=autoq.SearchSpace(recipes=("static",), kernels=("measured",)))
     args = (mnist_task.model, mnist_task.example_inputs, mnist_task.calib, mnist_task.eval_fn())
     result = autoq.tune(*args, n_trials=3, **settings)
     plan = QuantPlan.from_dict(result.plan)

@@ -10,8 +10,7 @@ import torch
 import autoq
 from autoq.dispatch.table import current_cpu
 from autoq.plan import QuantPlan
-from test_dispatch import FBGEMM_PLAN, X, saturation_net, two_entry_table
-from test_model_file import Recurrent, fresh, tuned_model
+from nets import FBGEMM_PLAN, X, Recurrent, fresh, saturation_net, tuned_model, two_entry_table
 
 # run.py in an isolated interpreter (-I: no PYTHONPATH, no working directory) where importing autoq fails
 CHILD = ("import runpy, sys; sys.modules['autoq'] = None; sys.argv = ['run.py', {inputs!r}, {outputs!r}]; "

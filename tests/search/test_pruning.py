@@ -12,7 +12,7 @@ from autoq.progress import Reporter
 from autoq.recipes.arms import applicable_arms
 from autoq.search.objective import Objective
 from autoq.search.space import PlanProposer
-from test_dynamic import MLP
+from nets import MLP
 
 
 class Delayed(nn.Module):
@@ -47,7 +47,8 @@ def test_a_lucky_best_measurement_prunes_only_candidates_slower_side_by_side(dig
     model = digits.train(MLP())
     arms = applicable_arms(model, (digits.x[:1],), [(batch,) for batch in digits.calib], ["static"])
     proposer = PlanProposer(SearchSpace(), arms, {"static": arms.layers("static")})
-    objective = Objective(arms, proposer, model, digits.accuracy, digits.accuracy(model), TuneConfig(latency_seconds=0.3),
+    objective = Objective(arms, proposer, model, digits.accuracy, digits.accuracy(model),
+                          TuneConfig(latency_seconds=0.3),
                           LayerTimer(), Reporter(verbose=False))
     best = QuantPlan(recipe="static")
     # the best plan's trial was measured at an implausible 50x: every later trial looks >5% slower

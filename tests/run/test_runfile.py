@@ -16,8 +16,9 @@ from autoq.measure import metrics
 from autoq.run import load_run, prepare
 from autoq.run.sources import batches, load_model
 from autoq.search.space import PlanProposer
+from autoq.search.study import fingerprint
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 MINIMAL = """
 [model]
@@ -52,7 +53,7 @@ def test_example_run_files_load_and_name_their_strategy():
     assert spec.tune.n_trials == 20  # the run file's own setting beats the preset's 40
     mnist = load_run(EXAMPLES / "mnist_cnn.toml", n_trials=3, storage="sqlite:///x.db")
     assert mnist.tune.n_trials == 3 and mnist.tune.storage == "sqlite:///x.db"
-    assert mnist.tune.space.engines == ("x86", "fbgemm", "onednn")
+    assert mnist.tune.space.kernels == ("x86", "fbgemm", "onednn")
 
 
 def test_cli_strategy_replaces_the_files_and_the_files_settings_still_win(tmp_path):
@@ -67,7 +68,7 @@ def test_cli_strategy_replaces_the_files_and_the_files_settings_still_win(tmp_pa
 @pytest.mark.parametrize("name", strategies())
 def test_every_shipped_strategy_is_a_valid_config(name):
     config = TuneConfig.from_dict({"strategy": name})
-    assert config.n_trials >= 1 and config.space.engines
+    assert config.n_trials >= 1 and config.space.kernels
 
 
 def test_strategies_include_the_presets_the_readme_lists():
@@ -239,7 +240,7 @@ def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_
     space = TuneConfig.from_dict({"strategy": name}).space
     arms = SimpleNamespace(recipes=["static"], checkpoints=[32, 64], has_relu6=True)
     seeds = PlanProposer(space, arms, {"static": ["conv1", "conv2"]}).seed_params()
-    assert [seed["engine"] for seed in seeds] == sorted(space.engines, key=lambda e: (e != "x86", e == "measured"))
+    assert [seed["engine"] for seed in seeds] == sorted(space.kernels, key=lambda e: (e != "x86", e == "measured"))
     default = autoq.QuantPlan()
     for seed in seeds:
         for field, allowed in (("activation_observer", space.observers), ("channels_last", space.channels_last),
@@ -248,3 +249,19 @@ def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_
             wanted = False if field == "fold_relu6" else getattr(default, field)
             assert seed[field] == (wanted if wanted in allowed else allowed[0])
         assert seed["n_fallback"] == 0 and seed["calib_samples"] == 64
+
+
+def test_the_old_name_engines_still_sets_the_kernel_choice_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="'kernels'"):
+        config = TuneConfig.from_dict({"strategy": "transformer", "space": {"engines": ["fbgemm"]}})
+    assert config.space.kernels == ("fbgemm",)  # overrides the preset's kernels, as 'kernels' would
+    with pytest.warns(DeprecationWarning, match="'kernels'"):
+        assert autoq.SearchSpace(engines=("onednn",)).kernels == ("onednn",)
+    with pytest.raises(ValueError, match="both 'kernels' and its old name"), pytest.warns(DeprecationWarning):
+        autoq.SearchSpace(kernels=("x86",), engines=("onednn",))
+    # study names hash the field under its old name: a study started by autoq 0.2 is resumed (its names, as
+    # autoq 0.2 computed them for this model)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    assert [fingerprint(model, (torch.ones(1, 2),), 1.0, space) for space in (
+        autoq.SearchSpace(), autoq.SearchSpace(kernels=("fbgemm",)))] == ["c6adb1e284d0", "7bf0e1d4cd9b"]

@@ -18,7 +18,7 @@ from autoq.search.study import (
     reclaim_interrupted, trial_rows,
 )
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "mnist_cnn.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist_cnn.toml"
 TRIALS = 12
 
 

@@ -10,7 +10,7 @@ from matplotlib.image import imread
 
 from autoq.plan import QuantPlan
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from core import Row, Tuning, peers_ahead, table  # noqa: E402
 from plot import speed_vs_loss_png  # noqa: E402
 from qat_recovery import best_all_int8_mse, fine_tune_fp32  # noqa: E402
