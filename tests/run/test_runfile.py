@@ -79,7 +79,7 @@ def test_strategies_include_the_presets_the_readme_lists():
     (MINIMAL + "n_trials = 3\n", "Unknown key ['n_trials'] in [eval]"),
     (MINIMAL + "[tune]\nn_trial = 3\n", "Unknown key ['n_trial'] in [tune]. Allowed keys: ['calib_max_samples'"),
     (MINIMAL + "[tune.space]\nengine = ['x86']\n", "Unknown key ['engine'] in the search space"),
-    (MINIMAL + "[tune.space]\nengines = ['mkl']\n", "'engines' parameter of SearchSpace must be a non-empty subset"),
+    (MINIMAL + "[tune.space]\nkernels = ['mkl']\n", "'kernels' parameter of SearchSpace must be a non-empty subset"),
     (MINIMAL + "[tune]\nstrategy = 'quick'\n", "Unknown strategy 'quick'. Shipped strategies: ['cnn-static'"),
     (MINIMAL + "[tune]\nmax_loss = -1\n", "'max_loss' setting of autoq.tune must be a positive finite number"),
     (MINIMAL + "[tune]\nhigher_is_better = false\n", "[tune] higher_is_better: contradicts metric 'top1'"),
