@@ -107,8 +107,8 @@ def _tune(args: argparse.Namespace) -> None:
                     resume=True if args.command == "resume" else None)
     output = Path(args.out) if args.out else spec.output
     job = prepare(spec)
-    result = autoq.tune(job.model, job.example_inputs, job.calib, job.eval_fn, config=spec.tune,
-                        train_data=job.train, loss_fn=job.loss_fn)
+    result = autoq.tune(job.model, job.example_inputs, job.calib, eval_data=job.eval_data, metric=job.metric,
+                        config=spec.tune, train_data=job.train, loss_fn=job.loss_fn)
     output.mkdir(parents=True, exist_ok=True)
     result.save(output / "model.autoq", model_source=f"the run file {spec.path}")
     if result.dispatch_table is not None and result.dispatch_table.entries:
@@ -185,7 +185,7 @@ def _bench_model(args: argparse.Namespace) -> None:
     for name, stats in timing.items():
         line = f"{name:6s} {stats.median_ms:10.3f} {stats.p10_ms:8.3f} {stats.p90_ms:8.3f}"
         if job:
-            line += f" {job.eval_fn(models[name]):8.4f} {speedup(timing['fp32'], stats):7.2f}x"
+            line += f" {job.score(models[name]):8.4f} {speedup(timing['fp32'], stats):7.2f}x"
         print(line)
 
 

@@ -118,8 +118,14 @@ class SearchSpace:
 class TuneConfig:
     """Everything about a run except the model, data and metric (which are Python objects).
 
+    higher_is_better: the metric's direction (None: not given, assumed higher-is-better, and autoq warns
+      when the evidence says otherwise).
     max_loss: accuracy budget; a fraction of the baseline metric (loss_type='relative') or metric
       units (loss_type='absolute').
+    confidence: with per-sample scores, a plan is within budget only if the one-sided upper confidence
+      bound of its loss at this level is <= max_loss (None: the point estimate decides).
+    confirm_fraction: with per-sample scores, the fraction of evaluation samples held back from the
+      search (seeded split) on which the finalists are confirmed (0: no confirmation part).
     n_trials: total trials in the study (a resumed study counts its finished trials);
       timeout: seconds of search in this call. Neither given: 40 trials.
     storage: Optuna storage URL; None: sqlite file autoq-runs/autoq.db under the working directory.
@@ -138,9 +144,11 @@ class TuneConfig:
       an error if there is none. Without it, an existing study is continued and a new one started.
     """
 
-    higher_is_better: bool = True
+    higher_is_better: bool | None = None
     max_loss: float = 0.01
     loss_type: str = "relative"
+    confidence: float | None = 0.9
+    confirm_fraction: float = 0.5
     n_trials: int | None = None
     timeout: float | None = None
     storage: str | None = None
@@ -210,7 +218,14 @@ class TuneConfig:
             raise _invalid("latency_seconds", "a positive number of seconds", self.latency_seconds)
         if not isinstance(self.space, SearchSpace):
             raise _invalid("space", "an autoq.SearchSpace (or a dict of its fields)", self.space)
-        for name in ("higher_is_better", "compile_fp32", "prune_slower", "verbose", "measure_lock", "resume"):
+        if self.higher_is_better is not None and not isinstance(self.higher_is_better, bool):
+            raise _invalid("higher_is_better", "true, false or None (not given: assumed true)", self.higher_is_better)
+        if self.confidence is not None and not (isinstance(self.confidence, float) and 0.5 < self.confidence < 1):
+            raise _invalid("confidence", "a float in (0.5, 1), e.g. 0.9, or None (point estimates)", self.confidence)
+        if not (isinstance(self.confirm_fraction, (int, float)) and 0 <= self.confirm_fraction < 1):
+            raise _invalid("confirm_fraction", "a fraction in [0, 1), e.g. 0.5 (0: no confirmation)",
+                           self.confirm_fraction)
+        for name in ("compile_fp32", "prune_slower", "verbose", "measure_lock", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, "true or false", getattr(self, name))
         for name in ("storage", "study_name"):
@@ -222,5 +237,5 @@ class TuneConfig:
 
     def loss(self, baseline: float, metric: float) -> float:
         """Accuracy loss of `metric` against `baseline` (positive = worse), in this config's units."""
-        drop = baseline - metric if self.higher_is_better else metric - baseline
+        drop = baseline - metric if self.higher_is_better is not False else metric - baseline
         return drop / abs(baseline) if self.loss_type == "relative" else drop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from autoq.dispatch.table import DispatchTable
+from autoq.measure.latency import speed_verdict
 from autoq.deploy import Export, export
 from autoq.model_file import load_model, save_model
 from autoq.model_file.legacy import rebuild_module
@@ -20,9 +22,16 @@ from autoq.plan import QuantPlan, recipe_kind
 class TuneResult:
     """The tuned model and the evidence for it.
 
-    accuracy / baseline_accuracy: the user's metric for the int8 / FP32 model.
-    loss: accuracy loss as a fraction of the baseline (relative) or in metric units (absolute).
-    speedup: FP32-eager latency / int8 latency, measured side by side at the end of the run.
+    accuracy / baseline_accuracy: the user's metric for the int8 / FP32 model, on the confirmation
+      samples the search never saw (per-sample scores), else on all evaluation samples.
+    loss: accuracy loss there, as a fraction of the baseline (relative) or in metric units (absolute).
+    verdict: the evidence for `feasible`: part ('confirm', 'search' or 'all'), samples, loss, upper (the
+      one-sided upper confidence bound, None without per-sample scores), confidence, method,
+      search_loss (the plan's loss on the search part), tried (finalists confirmed, fastest first) and
+      guarantee (what is promised, in words).
+    speedup: FP32-eager latency / int8 latency (median of per-round ratios), measured side by side at
+      the end of the run; speedup_interval: its interval; vs_best_fp32: (ratio, low, high) against
+      the best FP32. "Faster" only when an interval excludes 1.
     latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8.
     plan: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
     trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error, seconds,
@@ -49,6 +58,9 @@ class TuneResult:
     storage: str = ""  # the Optuna storage URL, password hidden
     notes: list[str] = field(default_factory=list)
     dispatch_table: DispatchTable | None = None
+    verdict: dict[str, Any] = field(default_factory=dict)
+    speedup_interval: tuple[float, float] = (math.nan, math.nan)
+    vs_best_fp32: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -72,21 +84,35 @@ class TuneResult:
 
     def stored(self) -> dict[str, Any]:
         """What the study keeps of the final choice (the report reads it)."""
-        return {"plan": self.plan, "accuracy": self.accuracy, "loss": self.loss, "speedup": self.speedup,
-                "latency_ms": self.latency_ms, "feasible": self.feasible, "layers": self.layers, "notes": self.notes}
+        return {"plan": self.plan, "accuracy": self.accuracy, "baseline_accuracy": self.baseline_accuracy,
+                "loss": self.loss, "speedup": self.speedup,
+                "latency_ms": self.latency_ms, "feasible": self.feasible, "layers": self.layers, "notes": self.notes,
+                "verdict": self.verdict, "speedup_interval": list(self.speedup_interval),
+                "vs_best_fp32": list(self.vs_best_fp32)}
 
     def summary(self) -> str:
         """A short human-readable table of the outcome."""
-        lat = self.latency_ms
+        lat, verdict = self.latency_ms, self.verdict
         status = "meets the budget" if self.feasible else "DOES NOT meet the budget (best effort)"
+        where = {"confirm": f"{verdict.get('samples')} held-back samples the search never saw",
+                 "search": f"the search's {verdict.get('samples')} samples"}.get(verdict.get("part"), "all evaluation data")
+        bound = (f" ({verdict['confidence']:.0%} upper bound {verdict['upper']:+.4f})"
+                 if verdict.get("upper") is not None else "")
+        low, high = self.speedup_interval
+        best, best_low, best_high = self.vs_best_fp32
         lines = [
             f"autoq result: {status}",
-            f"  metric    FP32 {self.baseline_accuracy:.4f}   int8 {self.accuracy:.4f}   loss {self.loss:+.4f}",
+            f"  metric    FP32 {self.baseline_accuracy:.4f}   int8 {self.accuracy:.4f}   on {where}",
+            f"  loss      {self.loss:+.4f}{bound}" + (f"   (search part {verdict['search_loss']:+.4f})"
+                                                      if verdict.get("search_loss") is not None else ""),
             f"  latency   FP32 eager {lat['fp32_eager']:.3f} ms   FP32 best {lat['fp32_best']:.3f} ms   "
             f"int8 {lat['int8']:.3f} ms",
-            f"  speedup   {self.speedup:.2f}x vs FP32 eager   {lat['fp32_best'] / lat['int8']:.2f}x vs best FP32",
+            f"  speedup   {self.speedup:.2f}x [{low:.2f}-{high:.2f}] vs FP32 eager   {best:.2f}x [{best_low:.2f}-"
+            f"{best_high:.2f}] vs best FP32 ({speed_verdict(best_low, best_high)})",
             f"  trials    {len(self.trials)} in study '{self.study_name}'",
         ]
+        if verdict.get("guarantee"):
+            lines.append(f"  promise   {verdict['guarantee']}")
         plan = QuantPlan.from_dict(self.plan)
         lines.append(
             f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -18,6 +17,9 @@ from autoq.config import TuneConfig
 from autoq.dispatch.apply import apply_dispatch, carrying_plan, record_layer_shapes, set_model_dispatch
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.table import DispatchTable, current_cpu, shipped_table
+from autoq.measure.evaluation import (
+    CONFIRM, PER_SAMPLE_METRICS, SEARCH, DataEvaluation, Evaluation, FunctionEvaluation, Scorer,
+)
 from autoq.measure.fp32 import against_fp32
 from autoq.plan import ENGINES, INDUCTOR, QuantPlan, recipe_kind
 from autoq.progress import Reporter
@@ -26,11 +28,11 @@ from autoq.recipes.qat import Training
 from autoq.result import TuneResult
 from autoq.search.ctrl_c import CTRL_C
 from autoq.search.objective import CandidateFailed, Objective
-from autoq.search.policy import after_seeds, fastest_finalist
+from autoq.search.policy import DIRECTION_ATTR, Pick, after_seeds, confirmed_pick
 from autoq.search.rankings import layer_scores, rank_layers
 from autoq.search.space import PlanProposer
 from autoq.search.study import (
-    DROPPED_ATTR, RESULT_ATTR, RUN_ATTR, best_row, counted_trials, fingerprint, layer_timings, open_study,
+    DROPPED_ATTR, RESULT_ATTR, RUN_ATTR, claim_for_model, counted_trials, fingerprint, layer_timings, open_study,
     optuna_quiet, pareto_front, reclaim_interrupted, redacted, register_worker, storage_url, trial_rows,
 )
 
@@ -39,8 +41,10 @@ def tune(
     model: torch.nn.Module,
     example_inputs: Any,
     calib_data: Iterable,
-    eval_fn: Callable[[torch.nn.Module], float],
+    eval_fn: Callable[[torch.nn.Module], Any] | None = None,
     *,
+    eval_data: Iterable | None = None,
+    metric: str | Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     train_data: Iterable | None = None,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     train_fn: Callable[[torch.nn.Module, int, float], None] | None = None,
@@ -51,7 +55,12 @@ def tune(
 
     example_inputs: inputs for capture and latency measurement (a tensor or a tuple).
     calib_data: iterable of batches: inputs, or (inputs, target) pairs.
-    eval_fn: eval_fn(model) -> metric (float; higher is better unless higher_is_better=False).
+    eval_fn: eval_fn(model) -> the metric (higher is better unless higher_is_better=False): a float, or
+      better a 1-D array/tensor of per-sample scores whose mean is the metric. Per-sample scores let
+      autoq hold back confirmation samples the search never sees (confirm_fraction) and bound the loss
+      (confidence): the returned plan then meets the budget on them at that confidence.
+    eval_data + metric: instead of eval_fn, batches of (inputs, target) and 'top1', 'mse' or
+      metric(outputs, targets) -> per-sample scores; autoq runs the model on each part's samples only.
     train_data + loss_fn(output, target), or train_fn(model, epochs, lr): enable the QAT recovery
       arm (a short quantization-aware fine-tune, tried when post-training plans miss the budget);
       train_data yields (inputs, target) batches.
@@ -64,14 +73,33 @@ def tune(
     config = config if config is not None else TuneConfig.from_dict(settings, "autoq.tune's settings")
     check_model(model)
     example_inputs = as_input_tuple(example_inputs)
-    if not callable(eval_fn):
-        raise TypeError(f"`eval_fn` must be callable as eval_fn(model) -> float. Got {type(eval_fn).__name__}.")
+    evaluation, config = _evaluation(eval_fn, eval_data, metric, config)
     batches = calibration_batches(calib_data, len(example_inputs), config.calib_max_samples)
     training = None
     if train_data is not None or loss_fn is not None or train_fn is not None:
         training = Training(train_data, loss_fn, train_fn, max_seconds=config.qat_seconds)
     with optuna_quiet():  # autoq prints its own line per trial
-        return _Run(model, example_inputs, batches, eval_fn, config, training).execute()
+        return _Run(model, example_inputs, batches, evaluation, config, training).execute()
+
+
+def _evaluation(eval_fn, eval_data, metric, config: TuneConfig) -> tuple[Evaluation, TuneConfig]:
+    """The evaluation the user asked for, and the config with the direction of a named metric."""
+    if (eval_fn is None) == (eval_data is None):
+        raise TypeError("Pass either eval_fn(model) -> metric, or eval_data (batches of (inputs, target)) and "
+                        "metric ('top1', 'mse' or a callable), not both or neither.")
+    if eval_fn is not None:
+        if metric is not None:
+            raise TypeError("`metric` goes with eval_data; eval_fn computes its metric itself.")
+        return FunctionEvaluation(eval_fn), config
+    if metric is None:
+        raise TypeError(f"eval_data needs a metric: one of {sorted(PER_SAMPLE_METRICS)} or metric(outputs, targets).")
+    if isinstance(metric, str) and metric in PER_SAMPLE_METRICS:
+        higher = PER_SAMPLE_METRICS[metric][1]
+        if config.higher_is_better not in (None, higher):
+            raise ValueError(f"higher_is_better={config.higher_is_better} contradicts metric {metric!r} "
+                             f"({'higher' if higher else 'lower'} is better): drop the setting.")
+        config = dataclasses.replace(config, higher_is_better=higher)
+    return DataEvaluation(eval_data, metric), config
 
 
 def isa_note(arms: Arms) -> str:
@@ -118,9 +146,10 @@ def quantize(model: torch.nn.Module, plan: dict | QuantPlan, example_inputs: Any
 class _Run:
     """One call of `tune`: set-up (baseline, arms, study, layer rankings, seeds), trials, final choice."""
 
-    def __init__(self, model, example_inputs, batches, eval_fn, config: TuneConfig,
+    def __init__(self, model, example_inputs, batches, evaluation: Evaluation, config: TuneConfig,
                  training: Training | None) -> None:
-        self.example_inputs, self.batches, self.eval_fn, self.config = example_inputs, batches, eval_fn, config
+        self.example_inputs, self.batches, self.config = example_inputs, batches, config
+        self.scorer = Scorer(evaluation, config)
         self.training = training
         self.reporter = Reporter.shared(config.verbose)
         try:
@@ -134,8 +163,10 @@ class _Run:
         baseline = self._baseline()
         samples = sum(int(batch[0].shape[0]) for batch in self.batches)
         line(f"FP32 baseline metric {baseline:.4f}; {samples} calibration samples")
+        self._announce_guarantee()
         arms = self._arms()
         study, created = self._study(baseline)
+        claim_for_model(study, fingerprint(self.fp32, self.example_inputs, baseline))
         line(f"study '{study.study_name}' in {redacted(storage_url(config.storage))}")
         study.set_user_attr(RESULT_ATTR, None)  # running again: the last final choice is stale until the end
         stored_config = {**dataclasses.asdict(config), "storage": config.storage and redacted(config.storage)}
@@ -151,9 +182,21 @@ class _Run:
         if kept := counted_trials(study):
             line(f"resuming study '{study.study_name}': {kept} finished trials kept")
         timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds, threads=config.threads)
-        objective = Objective(arms, proposer, self.fp32, self.eval_fn, baseline, config, timer, self.reporter)
-        self._optimize(study, objective, lambda: after_seeds(study, len(seeds), proposer, config.max_loss, line))
+        objective = Objective(arms, proposer, self.fp32, self.scorer, baseline, config, timer, self.reporter)
+        self._optimize(study, objective, lambda: after_seeds(study, len(seeds), proposer, config, line))
         return self._result(study, arms, baseline, scores, started, self._dispatch_table(timer))
+
+    def _announce_guarantee(self) -> None:
+        """Say up front what the evaluation data can certify (and what more would)."""
+        scorer, line = self.scorer, self.reporter.line
+        if not scorer.per_sample:
+            line("eval_fn returns one number: no held-back confirmation and no confidence bound; return per-sample "
+                 "scores (a 1-D array whose mean is the metric) or pass eval_data and metric for both")
+            return
+        line(f"evaluation: {scorer.size(SEARCH)} search samples, {scorer.size(CONFIRM)} held back to confirm the pick")
+        if reason := scorer.certifiable():
+            line(reason)
+            warnings.warn(f"autoq: {reason}", stacklevel=4)
 
     def _arms(self) -> Arms:
         """The recipes that apply, captured and calibrated once."""
@@ -205,14 +248,14 @@ class _Run:
         return table
 
     def _baseline(self) -> float:
+        """The FP32 metric on the search part (every sample scored once, then split)."""
         try:
-            with torch.no_grad():
-                baseline = float(self.eval_fn(copy.deepcopy(self.fp32)))
+            baseline = self.scorer.baseline(copy.deepcopy(self.fp32))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"on the FP32 model: {error}") from error
         except Exception as error:
-            raise RuntimeError(f"eval_fn failed on the FP32 model, so there is no baseline: "
+            raise RuntimeError(f"evaluating the FP32 model failed, so there is no baseline: "
                                f"{type(error).__name__}: {error}") from error
-        if not math.isfinite(baseline):
-            raise ValueError(f"eval_fn returned {baseline} for the FP32 model; it must return a finite number.")
         if self.config.loss_type == "relative" and baseline == 0:
             raise ValueError("The FP32 metric is 0, so a relative loss is undefined: use loss_type='absolute'.")
         return baseline
@@ -227,43 +270,65 @@ class _Run:
             return open_study(storage_url(config.storage), name, sampler, must_exist=config.resume)
 
     def _result(self, study, arms: Arms, baseline, scores, started, table: DispatchTable) -> TuneResult:
-        """The fastest feasible finalist (else the lowest-loss plan), evaluated and timed against FP32."""
-        config, rows = self.config, trial_rows(study)
-        best, feasible = best_row(rows)
-        if best is None:
+        """The fastest finalist confirmed within budget on held-back samples (`confirmed_pick`), timed
+        against FP32; every stored trial judged by this run's settings."""
+        config = self.config
+        rows = trial_rows(study, lambda metric: config.loss(baseline, metric), config.max_loss)
+        pick = confirmed_pick(arms, rows, config, self.scorer)
+        if pick is None:
             raise RuntimeError(
                 f"No trial of study '{study.study_name}' produced an evaluated model; see the errors in "
                 f"its trials: {[r['error'] for r in rows if r['error']][:3]}"
             )
-        if feasible:
-            plan, model = fastest_finalist(arms, rows, config)
-        else:
-            plan = QuantPlan.from_dict(best["plan"])
-            model = arms.build(plan)
-        record_layer_shapes(model, self.example_inputs, config.non_traceable_modules)
-        with torch.no_grad():
-            accuracy = float(self.eval_fn(model))
-        loss = config.loss(baseline, accuracy)
-        timed = against_fp32(model, self.fp32, self.example_inputs, compile_fp32=config.compile_fp32,
-                             threads=config.threads, seconds=4 * config.latency_seconds, lock=config.measure_lock)
+        record_layer_shapes(pick.model, self.example_inputs, config.non_traceable_modules)
+        timed = against_fp32(pick.model, self.fp32, self.example_inputs, compile_fp32=config.compile_fp32,
+                             threads=config.threads, seconds=4 * config.latency_seconds, lock=config.measure_lock,
+                             confidence=config.confidence or 0.9)
+        verdict = self._verdict(pick, rows)
         notes = [isa_note(arms), *(f"recipe {recipe} skipped: {why}" for recipe, why in arms.skipped.items()),
                  *timed.notes, f"tuning took {time.perf_counter() - started:.0f} s"]
-        feasible = loss <= config.max_loss
-        if not feasible:
-            warnings.warn(
-                f"autoq: no candidate met the accuracy budget (max_loss={config.max_loss}, {config.loss_type}); "
-                f"returning the lowest-loss model (loss {loss:.4f}). See result.pareto_front for the trade-offs.",
-                stacklevel=3,
-            )
+        if (direction := study.user_attrs.get(DIRECTION_ATTR)) and config.higher_is_better is None:
+            warnings.warn(f"autoq: {direction}", stacklevel=3)
+            notes.append(direction)
+        if not pick.confirmed:
+            warnings.warn(f"autoq: no plan met the accuracy budget (max_loss={config.max_loss}, {config.loss_type}) "
+                          f"{verdict['guarantee']}; returning the closest (loss {pick.judgement.loss:+.4f}). See "
+                          f"result.verdict and result.pareto_front.", stacklevel=3)
         if table.entries:
             table.refit()
         result = TuneResult(
-            model=model, accuracy=accuracy, baseline_accuracy=baseline, loss=loss, speedup=timed.speedup,
-            latency_ms=timed.latency_ms, plan=plan.to_dict(), trials=rows, pareto_front=pareto_front(rows),
-            feasible=feasible, layers=plan.layer_table(arms.layers(plan.recipe), scores[plan.recipe]),
+            model=pick.model, accuracy=pick.judgement.metric, baseline_accuracy=self.scorer.metric(pick.part),
+            loss=pick.judgement.loss, speedup=timed.speedup, latency_ms=timed.latency_ms, plan=pick.plan.to_dict(),
+            trials=rows, pareto_front=pareto_front(rows), feasible=pick.confirmed,
+            layers=pick.plan.layer_table(arms.layers(pick.plan.recipe), scores[pick.plan.recipe]),
             study_name=study.study_name, storage=redacted(storage_url(config.storage)), notes=notes,
-            dispatch_table=table,
+            dispatch_table=table, verdict=verdict, speedup_interval=timed.speedup_interval,
+            vs_best_fp32=timed.vs_best,
         )
         study.set_user_attr(RESULT_ATTR, result.stored())
         self.reporter.line("\n" + result.summary())
         return result
+
+    def _verdict(self, pick: Pick, rows: list[dict]) -> dict:
+        """The evidence for the pick and what it promises, in words (TuneResult.verdict)."""
+        config, estimate = self.config, pick.judgement.estimate
+        part = pick.part if self.scorer.per_sample else "all"
+        search_loss = next(r["loss"] for r in rows if r["plan"] and QuantPlan.from_dict(r["plan"]).key()
+                           == pick.plan.key())
+        if not self.scorer.per_sample:
+            promise = ("none beyond the point estimate: eval_fn returns one number (return per-sample scores, or "
+                       "pass eval_data and metric, for held-back confirmation and a confidence bound)")
+        elif estimate is None or config.confidence is None:
+            promise = f"point estimate on {self.scorer.size(part)} {part} samples, no confidence bound (confidence=None)"
+        else:
+            where = ("held-back samples the search never saw" if part == CONFIRM else
+                     "the samples the search chose on (optimistic: confirm_fraction=0)")
+            verb = "is at most" if pick.confirmed else "is NOT certified at"
+            promise = (f"the loss {verb} max_loss={config.max_loss} with {config.confidence:.0%} confidence "
+                       f"(one-sided {estimate.method} bound {estimate.upper:+.4f}) on {estimate.n} {where}, "
+                       f"assuming they are independent draws from the data the model will see")
+        bounded = estimate is not None and config.confidence is not None
+        return {"part": part, "samples": self.scorer.size(part) or None, "loss": pick.judgement.loss,
+                "upper": estimate.upper if bounded else None, "confidence": config.confidence if bounded else None,
+                "method": estimate.method if bounded else None, "search_loss": search_loss,
+                "tried": pick.tried, "guarantee": promise}

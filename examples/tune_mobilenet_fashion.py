@@ -31,13 +31,16 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    task = zoo.mobilenet_fashion_task()
+    # 3000 validation images: the search judges plans on 1000 of them, autoq confirms its pick on the other
+    # 2000 (confirm_fraction), enough to certify a 1% budget at 90% confidence for a plan that flips few of them
+    task = zoo.mobilenet_fashion_task(n_val=3000, n_test=2000)
     print(f"task ready in {time.perf_counter() - started:.0f} s: {task.name}, "
           f"{sum(len(b) for b in task.calib)} calibration images, threads={torch.get_num_threads()}")
 
     result = autoq.tune(
         task.model, task.example_inputs, task.calib, task.eval_fn(),
         max_loss=args.max_loss, n_trials=args.trials, storage=args.storage, sensitivity_samples=16,
+        confirm_fraction=2 / 3,
     )
 
     default_x86 = default_fx_ptq(task.model, task.example_inputs, [(batch,) for batch in task.calib])
@@ -48,7 +51,7 @@ def main() -> None:
         ("FP32 eager", task.accuracy(task.model, "val"), fp32_test, "fp32"),
         ("PyTorch default FX PTQ (x86)", task.accuracy(default_x86, "val"), task.accuracy(default_x86, "test"),
          "default"),
-        ("autoq", result.accuracy, task.accuracy(result.model, "test"), "autoq"),
+        ("autoq", task.accuracy(result.model, "val"), task.accuracy(result.model, "test"), "autoq"),
     ]
     print(f"\n{'model':30s} {'val acc':>8s} {'test acc':>9s} {'test loss':>10s} {'ms':>8s} {'speedup':>8s}")
     for name, val, test, key in rows:
@@ -57,6 +60,12 @@ def main() -> None:
               f"{speedup(timing['fp32'], timing[key]):7.2f}x")
     print("(batch 1; latencies measured side by side in one interleaved run, speedup = median of per-round "
           "ratios; loss relative to FP32)")
+    print(f"\nautoq's promise: {result.verdict['guarantee']}")
+    speed = {row["number"]: row["speedup"] for row in result.trials}
+    for tried in result.verdict["tried"]:  # fastest first: what a point estimate alone would have returned first
+        bound = "" if tried["upper"] is None else f", upper bound {tried['upper']:+.2%}"
+        print(f"  finalist trial {tried['trial']} ({speed[tried['trial']]:.2f}x in its trial): held-back loss "
+              f"{tried['loss']:+.2%}{bound} -> {'picked' if tried['within'] else 'not certified'}")
     fallback = [layer["name"] for layer in result.layers if not layer["quantized"]]
     libraries = [layer["engine"] for layer in result.layers if layer["quantized"]]
     print(f"\nFP32 fallback layers: {fallback or 'none'}; int8 layers on oneDNN: {libraries.count('onednn')}, "

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from autoq.measure.latency import measure_latency
+from autoq.measure.confidence import DEFAULT_CONFIDENCE
+from autoq.measure.latency import measure_latency, speed_verdict, speedup_interval
 from autoq.measure.lock import measurement_lock
 
 _RTOL = 1e-3
@@ -183,11 +184,14 @@ class AgainstFP32:
 
     latency_ms: dict[str, float]  # median ms: fp32_eager, fp32_best, int8
     speedup: float  # FP32 eager / int8, median of per-round ratios
+    speedup_interval: tuple[float, float]  # its interval (`autoq.measure.latency.speedup_interval`)
+    vs_best: tuple[float, float, float]  # best FP32 / int8: median per-round ratio and its interval
     notes: list[str]  # which FP32 is best, steps skipped, whether int8 pays
 
 
 def against_fp32(int8_model: Callable[..., object], fp32_model: nn.Module, example_inputs: tuple, *,
-                 compile_fp32: bool, threads: int | None, seconds: float, lock: bool) -> AgainstFP32:
+                 compile_fp32: bool, threads: int | None, seconds: float, lock: bool,
+                 confidence: float = DEFAULT_CONFIDENCE) -> AgainstFP32:
     """Time `int8_model` against FP32 eager, folded/channels_last FP32 and (compile_fp32) frozen
     torch.compile, interleaved for `seconds` (at least 20 rounds) under the measurement lock."""
     reference = best_fp32(fp32_model, example_inputs, compile=False)
@@ -204,6 +208,10 @@ def against_fp32(int8_model: Callable[..., object], fp32_model: nn.Module, examp
                "int8": timing["int8"].median_ms}
     notes.append(f"best FP32 is {best} ({', '.join(reference.steps) or 'no rewrite'}"
                  f"{' + torch.compile' if best == 'fp32_compiled' else ''})")
-    if latency["int8"] >= latency["fp32_best"]:
-        notes.append("int8 does not beat the best FP32 on this CPU for these inputs")
-    return AgainstFP32(latency, latency["fp32_eager"] / latency["int8"], notes)
+    eager = speedup_interval(timing["fp32_eager"], timing["int8"], confidence)
+    vs_best = speedup_interval(timing[best], timing["int8"], confidence)
+    if speed_verdict(*vs_best[1:]) != "faster":
+        notes.append(f"int8 is not measurably faster than the best FP32 on this CPU for these inputs "
+                     f"({vs_best[0]:.2f}x, {confidence:.0%} interval {vs_best[1]:.2f}-{vs_best[2]:.2f}x): "
+                     f"consider keeping FP32")
+    return AgainstFP32(latency, eager[0], eager[1:], vs_best, notes)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from autoq.measure.confidence import DEFAULT_CONFIDENCE, median_interval
+
 _DENORMAL_PROBE = 1e-39  # a float32 subnormal: reads back as 0.0 only while flush-denormal is on
 
 
@@ -142,10 +144,35 @@ def speedup(reference: LatencyStats, candidate: LatencyStats) -> float:
     """
     if candidate.median_ms <= 0:
         raise ValueError(f"candidate.median_ms must be > 0 ms to form a ratio, got {candidate.median_ms}.")
+    ratios = _round_ratios(reference, candidate)
+    return _percentile(ratios, 0.5) if ratios else reference.median_ms / candidate.median_ms
+
+
+def _round_ratios(reference: LatencyStats, candidate: LatencyStats) -> list[float]:
+    """reference / candidate time round by round, ascending; empty unless measured in the same rounds."""
     if reference.samples_ms and len(reference.samples_ms) == len(candidate.samples_ms):
-        ratios = sorted(r / c for r, c in zip(reference.samples_ms, candidate.samples_ms))
-        return _percentile(ratios, 0.5)
-    return reference.median_ms / candidate.median_ms
+        return sorted(r / c for r, c in zip(reference.samples_ms, candidate.samples_ms))
+    return []
+
+
+def speedup_interval(reference: LatencyStats, candidate: LatencyStats,
+                     confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float, float]:
+    """`speedup` (the median per-round ratio, >1 = faster) and its two-sided interval at `confidence`.
+
+    The interval is distribution-free (order statistics of the per-round ratios, rounds assumed
+    independent); with too few rounds for `confidence` (fewer than 5 at 0.9) it is (-inf, inf).
+    """
+    ratios = _round_ratios(reference, candidate)
+    if not ratios:
+        raise ValueError(f"reference and candidate were not timed in the same rounds ({len(reference.samples_ms)} "
+                         f"and {len(candidate.samples_ms)} per-round samples): measure both in one measure_latency "
+                         "call.")
+    return (_percentile(ratios, 0.5), *median_interval(ratios, confidence))
+
+
+def speed_verdict(low: float, high: float) -> str:
+    """'faster' when a speedup interval lies above 1, 'slower' when below 1, else 'tie'."""
+    return "faster" if low > 1 else "slower" if high < 1 else "tie"
 
 
 def fastest(stats: Mapping[str, LatencyStats]) -> str:

@@ -88,6 +88,8 @@ def gather(study: optuna.Study) -> ReportContent:
     if result is not None:
         chosen = _row_of_plan(rows, result["plan"]) or best
         outcome = {key: result[key] for key in ("accuracy", "loss", "speedup", "latency_ms", "feasible", "plan")}
+        # (results of autoq 0.2 have neither)
+        outcome.update(guarantee=result.get("verdict", {}).get("guarantee"), fp32=result.get("baseline_accuracy"))
         layers, notes = result["layers"], list(result["notes"])
     else:
         chosen = best

@@ -108,7 +108,8 @@ def _outcome_facts(content: ReportContent) -> list[tuple[str, str]]:
     latency = outcome["latency_ms"]
     where = "final side-by-side measurement" if content.finished else f"trial {content.chosen['number']}"
     facts = [
-        ("int8 metric", f"{outcome['accuracy']:.4f}"),
+        ("int8 metric", f"{outcome['accuracy']:.4f}" + (f" (FP32 {outcome['fp32']:.4f} on the same samples)"
+                                                        if outcome.get("fp32") is not None else "")),
         ("accuracy loss", f"{content.format_loss(outcome['loss'])} "
                           f"({'within' if outcome['feasible'] else 'OVER'} budget)"),
         ("speedup vs FP32 eager", f"{outcome['speedup']:.2f}x ({where})"),
@@ -116,6 +117,8 @@ def _outcome_facts(content: ReportContent) -> list[tuple[str, str]]:
     ]
     if "fp32_best" in latency:
         facts.append(("speedup vs best FP32", f"{latency['fp32_best'] / latency['int8']:.2f}x"))
+    if outcome.get("guarantee"):
+        facts.append(("what is promised", outcome["guarantee"]))
     return facts + [
         ("kernels", plan.kernels()),
         ("activation observer", _observer(plan)),
@@ -139,13 +142,15 @@ def _trials_table(content: ReportContent) -> str:
             len(plan.fp32_layers) if plan else "–",
             _number(row["metric"], "{:.4f}"),
             content.format_loss(row["loss"]),
-            _number(row["speedup"], "{:.2f}x"),
+            _number(row["speedup"], "{:.2f}x") + (" [{:.2f}-{:.2f}]".format(*row["speedup_interval"])
+                                                   if row.get("speedup_interval") else ""),
             ("yes" if row["feasible"] else "no") if evaluated else "–",
             row["error"] or "",
         ])
         classes.append(" ".join(name for name, on in (("chosen", row is content.chosen),
                                                       ("front", row["number"] in front)) if on))
-    headers = ["trial", "state", "kernels", "observer", "FP32 layers", "metric", "loss", "speedup", "feasible", "error"]
+    headers = ["trial", "state", "kernels", "observer", "FP32 layers", "metric", "loss", "speedup [90% interval]",
+               "feasible", "error"]
     return _table("trials", headers, body, classes, numeric={0, 4, 5, 6, 7}, error_column=9)
 
 

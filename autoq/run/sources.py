@@ -1,4 +1,4 @@
-"""Turn a run file's specs into Python objects: the FP32 model, data batches and the eval function."""
+"""Turn a run file's specs into Python objects: the FP32 model and its data batches (calibration, evaluation, training)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from autoq.measure.evaluation import PER_SAMPLE_METRICS, DataEvaluation
 from autoq.measure.metrics import BUILTIN, LOSSES, Metric
-from autoq.progress import Reporter
 from autoq.run import datasets as builtin_datasets  # not Hugging Face's `datasets` (_file_batches)
 from autoq.run.spec import DataSpec, ModelSpec, RunSpec
 
@@ -28,9 +28,15 @@ class Job:
     model: nn.Module
     example_inputs: tuple[Tensor, ...]
     calib: list[Tensor]
-    eval_fn: Callable[[nn.Module], float]
+    eval_data: list[Batch]  # (inputs, targets) batches the metric is computed on
+    metric: str | Metric  # a name autoq computes per sample (PER_SAMPLE_METRICS), or a whole-set metric
     train: list[Batch] | None = None  # QAT fine-tuning batches of (inputs, targets)
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    def score(self, model: nn.Module) -> float:
+        """The metric of `model` over the whole eval data."""
+        scores = DataEvaluation(self.eval_data, self.metric).run(model)
+        return scores if isinstance(scores, float) else float(scores.mean())
 
 
 def prepare(spec: RunSpec) -> Job:
@@ -43,8 +49,14 @@ def prepare(spec: RunSpec) -> Job:
     if example_inputs[0].shape[0] < spec.model.example_batch:
         raise ValueError(f"{spec.path} [model] example_batch={spec.model.example_batch} is larger than the "
                          f"first calibration batch ({example_inputs[0].shape[0]} samples); raise [calib] batch_size.")
-    metric = BUILTIN[spec.metric][0] if spec.metric in BUILTIN else resolve(spec.metric, spec.base, "metric")
-    job = Job(model, example_inputs, calib, evaluator(spec.eval, spec.base, metric, spec.tune.verbose))
+    if spec.metric in PER_SAMPLE_METRICS:
+        metric = spec.metric
+    else:
+        metric = BUILTIN[spec.metric][0] if spec.metric in BUILTIN else resolve(spec.metric, spec.base, "metric")
+    eval_data = list(batches(spec.eval, spec.base))
+    if not eval_data:
+        raise ValueError(f"{spec.eval.where}: the data source yielded no batch.")
+    job = Job(model, example_inputs, calib, eval_data, metric)
     if spec.train is not None:
         job.train = list(batches(spec.train, spec.base))
         if not job.train:
@@ -128,25 +140,6 @@ def batches(spec: DataSpec, base: Path) -> Iterator[Batch]:
             inputs, targets = inputs[:remaining], targets[:remaining]
             remaining -= len(inputs)
         yield inputs, targets
-
-
-def evaluator(spec: DataSpec, base: Path, metric: Metric, verbose: bool) -> Callable[[nn.Module], float]:
-    """eval_fn(model) -> metric over the whole eval data (the model's first output if it returns several)."""
-    count = sum(1 for _ in batches(spec, base))
-    if count == 0:
-        raise ValueError(f"{spec.where}: the data source yielded no batch.")
-
-    def evaluate(model: nn.Module) -> float:
-        outputs, targets = [], []
-        with torch.no_grad(), Reporter.shared(verbose).bar("evaluate", count) as advance:
-            for inputs, target in batches(spec, base):
-                output = model(inputs)
-                outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
-                targets.append(target)
-                advance(1)
-        return float(metric(torch.cat(outputs), torch.cat(targets)))
-
-    return evaluate
 
 
 def _preprocess(spec: DataSpec, images: Tensor) -> Tensor:

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 from autoq.config import TuneConfig
 from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.measured import LayerTimer
-from autoq.measure.latency import measure_latency, speedup
+from autoq.measure.evaluation import Scorer
+from autoq.measure.latency import measure_latency, speedup, speedup_interval
 from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan, default_plan, recipe_kind
 from autoq.progress import Reporter
@@ -41,13 +42,13 @@ class Objective:
         arms: Arms,
         proposer: PlanProposer,
         fp32_model: torch.nn.Module,
-        eval_fn: Callable[[torch.nn.Module], float],
+        scorer: Scorer,
         baseline: float,
         config: TuneConfig,
         timer: LayerTimer,
         reporter: Reporter,
     ) -> None:
-        self.arms, self.fp32_model, self.eval_fn = arms, fp32_model, eval_fn
+        self.arms, self.fp32_model, self.scorer = arms, fp32_model, scorer
         self.baseline, self.config, self.timer = baseline, config, timer
         self.reporter = reporter
         self.proposer = proposer
@@ -60,18 +61,23 @@ class Objective:
         self.default.calib_samples = arms.checkpoints[-1] if arms.checkpoints else None
 
     def _remember(self, key: str, outcome: dict, plan: dict) -> None:
-        self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "speedup", "int8_ms", "fp32_ms")}
+        self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "loss_upper", "speedup", "speedup_interval",
+                                                      "int8_ms", "fp32_ms") if outcome.get(k) is not None}
         if outcome["loss"] <= self.config.max_loss and outcome["speedup"] > self.best_feasible_speedup:
             self.best_feasible_speedup, self.best_feasible_plan = outcome["speedup"], plan
 
     def _sync(self, study: optuna.Study) -> None:
         """Learn the outcomes of plans measured so far, by this worker or any other on the storage."""
-        for row in trial_rows(study):
+        for row in trial_rows(study, self._loss_of, self.config.max_loss):
             key = row["plan_key"] or (row["plan"] and QuantPlan.from_dict(row["plan"]).key())
             if row["state"] == "COMPLETE" and key and key not in self.outcomes and row["loss"] is not None:
                 self._remember(key, row, row["plan"])
             elif row["state"] == "PRUNED" and key and row["speedup"] is not None:
                 self.pruned[key] = {k: row[k] for k in ("speedup", "int8_ms", "fp32_ms")}
+
+    def _loss_of(self, metric: float) -> float:
+        """The loss of a stored trial's metric by this run's settings (a resumed study may have others)."""
+        return self.config.loss(self.baseline, metric)
 
     def _wait_for_twin(self, trial: optuna.Trial, key: str) -> None:
         """Wait while an earlier running trial (of another worker) measures the same plan, then learn its outcome."""
@@ -148,6 +154,7 @@ class Objective:
             self._fail(trial, plan, f"building or running the candidate failed: {type(error).__name__}: {error}")
         measured = {
             "speedup": speedup(timing["fp32"], timing["int8"]),
+            "speedup_interval": list(speedup_interval(timing["fp32"], timing["int8"])[1:]),
             "int8_ms": timing["int8"].median_ms,
             "fp32_ms": timing["fp32"].median_ms,
             "build_s": build_seconds,  # building (for Inductor recipes: compiling) the candidate
@@ -159,13 +166,12 @@ class Objective:
                 self.pruned[key] = measured
                 self._prune(trial, plan, measured)
         try:
-            with torch.no_grad(), CTRL_C.work():
-                metric = float(self.eval_fn(model))
+            with CTRL_C.work():
+                judged = self.scorer.judge(model)
         except Exception as error:
-            self._fail(trial, plan, f"eval_fn raised {type(error).__name__}: {error}")
-        if not math.isfinite(metric):
-            self._fail(trial, plan, f"eval_fn returned {metric}, not a finite number")
-        return {"metric": metric, "loss": self.config.loss(self.baseline, metric), **measured}
+            self._fail(trial, plan, f"evaluating the candidate failed: {type(error).__name__}: {error}")
+        bound = {} if judged.estimate is None else {"loss_upper": judged.estimate.upper}
+        return {"metric": judged.metric, "loss": judged.loss, **bound, **measured}
 
     def _slower_than_best(self, model: torch.nn.Module) -> bool:
         """Whether `model` is PRUNE_MARGIN slower than the best feasible plan's model, timed side by side.
@@ -201,9 +207,11 @@ class Objective:
         changes = " ".join(f"{name}={value}" for name, value in plan_changes(plan, self.default).items())
         parts = [f"trial {trial.number:3d}", changes or "PyTorch default recipe"]
         if "metric" in outcome:
-            parts += [f"metric {outcome['metric']:.4f}", f"loss {outcome['loss']:+.4f}"]
+            parts += [f"metric {outcome['metric']:.4f}", f"loss {outcome['loss']:+.4f}"
+                      + (f" (bound {outcome['loss_upper']:+.4f})" if "loss_upper" in outcome else "")]
         if "speedup" in outcome:
-            parts.append(f"speedup {outcome['speedup']:.2f}x")
+            low, high = outcome.get("speedup_interval") or (math.nan, math.nan)
+            parts.append(f"speedup {outcome['speedup']:.2f}x [{low:.2f}-{high:.2f}]")
         self.reporter.line("  ".join(parts) + f"  {verdict}")
 
 

@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import optuna
 import torch
 
 from autoq.config import TuneConfig
-from autoq.measure.latency import fastest, measure_latency, speedup
+from autoq.measure.evaluation import CONFIRM, SEARCH, Judgement, Scorer
+from autoq.measure.latency import measure_latency, speed_verdict, speedup_interval
 from autoq.measure.lock import measurement_lock
 from autoq.plan import QuantPlan
 from autoq.recipes.arms import Arms
 from autoq.search.space import PlanProposer
-from autoq.search.study import DROPPED_RECIPES_ATTR, FINISHED, SPEED_TIE
+from autoq.search.study import DROPPED_RECIPES_ATTR, FINISHED
 
 SWEEP_ATTR = "sweep_enqueued"  # study user attr: the observer sweep around the best seed is queued
-FINALISTS = 3  # fastest feasible plans re-measured side by side before choosing
+DIRECTION_ATTR = "direction_warning"  # study user attr: why the metric's direction looks wrong
+CANDIDATES = 6  # fastest feasible plans timed side by side and confirmed in speed order before choosing
 DROP_MARGIN = 0.25  # a recipe whose best seed is this much slower than another's (as accurate) is dropped
 HOPELESS_RATIO = 10  # ... or whose best seed loses this many times more than another's (and than the budget)
+DIRECTION_RATIO = 5  # every seed 'improving' by this many budgets: the metric's direction is probably wrong
 
 
 def dominated_recipes(best: dict[str, dict], max_loss: float) -> dict[str, str]:
@@ -50,6 +54,19 @@ def dominated_recipes(best: dict[str, dict], max_loss: float) -> dict[str, str]:
     return dropped
 
 
+def wrong_direction(seeds: list[optuna.trial.FrozenTrial], max_loss: float) -> str | None:
+    """Why the metric looks lower-is-better although it was assumed higher-is-better: every evaluated
+    seed 'improves' on FP32 by more than DIRECTION_RATIO times the budget (int8 rounding makes a
+    model a little worse or, by luck, a little better; never far better on every plan). None if not."""
+    losses = [t.user_attrs["loss"] for t in seeds if t.state == optuna.trial.TrialState.COMPLETE
+              and t.user_attrs.get("loss") is not None]
+    if len(losses) < 2 or max(losses) >= -DIRECTION_RATIO * max_loss:
+        return None
+    return (f"every int8 seed 'improves' the metric by at least {-max(losses):.4f} ({DIRECTION_RATIO}x the budget "
+            f"or more): if lower is better (a loss, an error rate), pass higher_is_better=False, else "
+            f"higher_is_better=True to silence this.")
+
+
 def best_seeds(seeds: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:
     """Per recipe, its seed trial with the lowest accuracy loss (fastest on ties)."""
     best: dict[str, optuna.trial.FrozenTrial] = {}
@@ -63,17 +80,21 @@ def best_seeds(seeds: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.
     return best
 
 
-def after_seeds(study: optuna.Study, n_seeds: int, proposer: PlanProposer, max_loss: float,
+def after_seeds(study: optuna.Study, n_seeds: int, proposer: PlanProposer, config: TuneConfig,
                 report: Callable[[str], None]) -> None:
-    """Once every seed trial has finished (once per study): drop the recipes that measured clearly
-    worse, queue the fine-tuning recipes' seeds if no all-int8 post-training seed met the budget,
-    then queue each remaining recipe's sweep around its best seed."""
+    """Once every seed trial has finished (once per study): warn if the metric's direction looks wrong,
+    drop the recipes that measured clearly worse, queue the fine-tuning recipes' seeds if no all-int8
+    post-training seed met the budget, then queue each remaining recipe's sweep around its best seed."""
+    max_loss = config.max_loss
     if study.user_attrs.get(SWEEP_ATTR):
         return
     seeds = study.get_trials(deepcopy=False)[:n_seeds]
     if any(trial.state not in FINISHED for trial in seeds):
         return
     study.set_user_attr(SWEEP_ATTR, True)
+    if config.higher_is_better is None and (reason := wrong_direction(seeds, max_loss)):
+        study.set_user_attr(DIRECTION_ATTR, reason)  # the tuner warns once the trials end (they run muted)
+        report(reason)
     best = best_seeds(seeds)
     dropped = dominated_recipes({recipe: trial.user_attrs for recipe, trial in best.items()}, max_loss)
     fine_tuning = proposer.recipes(fine_tuning=True)
@@ -98,29 +119,81 @@ def after_seeds(study: optuna.Study, n_seeds: int, proposer: PlanProposer, max_l
                 study.enqueue_trial(params, skip_if_exists=True)
 
 
-def finalists(rows: list[dict]) -> list[tuple[dict, QuantPlan]]:
-    """The FINALISTS fastest feasible plans (distinct), fastest first, with their trial rows."""
+def finalists(rows: list[dict], count: int = CANDIDATES) -> list[tuple[dict, QuantPlan]]:
+    """The `count` fastest feasible plans (distinct), fastest first, with their trial rows."""
     chosen: dict[str, tuple[dict, QuantPlan]] = {}
     for row in sorted((r for r in rows if r["feasible"] and r["state"] == "COMPLETE"), key=lambda r: -r["speedup"]):
         plan = QuantPlan.from_dict(row["plan"])
         chosen.setdefault(plan.key(), (row, plan))
-        if len(chosen) == FINALISTS:
+        if len(chosen) == count:
             break
     return list(chosen.values())
 
 
-def fastest_finalist(arms: Arms, rows: list[dict], config: TuneConfig) -> tuple[QuantPlan, torch.nn.Module]:
-    """Re-measure the fastest feasible plans side by side and keep the truly fastest.
+@dataclass
+class Pick:
+    """The plan autoq returns, its model, and the evidence.
 
-    Each trial is timed on its own, so the top of the ranking is partly measurement luck; the
-    finalists are timed together, interleaved, and within SPEED_TIE the lowest loss wins.
+    judgement: its metric and loss on the confirmation part (the search part when there is none).
+    confirmed: whether that judgement is within the budget (at the configured confidence).
+    tried: every finalist confirmed, fastest first: plan key, loss, upper bound, within budget.
     """
-    candidates = {plan.key(): (row, plan) for row, plan in finalists(rows)}
-    models = {key: arms.build(plan) for key, (_, plan) in candidates.items()}
+
+    plan: QuantPlan
+    model: torch.nn.Module
+    judgement: Judgement
+    confirmed: bool
+    part: str
+    tried: list[dict] = field(default_factory=list)
+
+
+def speed_order(models: dict[str, torch.nn.Module], losses: dict[str, float], arms: Arms,
+                config: TuneConfig) -> list[str]:
+    """`models` timed side by side, fastest first; neighbours whose speed interval includes 1 (a tie)
+    are ordered by their search loss."""
+    if len(models) == 1:
+        return list(models)
     with measurement_lock(config.measure_lock):
         timing = measure_latency(models, arms.example_inputs, threads=config.threads,
                                  target_seconds=2 * config.latency_seconds)
-    winner = timing[fastest(timing)]
-    tied = [key for key in models if speedup(timing[key], winner) <= 1 + SPEED_TIE]
-    key = min(tied, key=lambda k: candidates[k][0]["loss"])
-    return candidates[key][1], models[key]
+    order = sorted(models, key=lambda key: timing[key].median_ms)
+    for i in range(len(order) - 1):
+        faster, slower = order[i], order[i + 1]
+        tied = speed_verdict(*speedup_interval(timing[slower], timing[faster], config.confidence or 0.9)[1:]) == "tie"
+        if tied and losses[slower] < losses[faster]:
+            order[i], order[i + 1] = slower, faster
+    return order
+
+
+def confirmed_pick(arms: Arms, rows: list[dict], config: TuneConfig, scorer: Scorer) -> Pick | None:
+    """The fastest finalist that meets the budget on the samples the search never saw.
+
+    The CANDIDATES fastest feasible plans (search part) are timed side by side, then confirmed in
+    speed order on the confirmation part; the first within budget (its upper confidence bound, when
+    scores are per sample) is the pick. None feasible or none confirmed: the finalist (or, without
+    finalists, the lowest-loss plan) with the lowest confirmed bound, `confirmed` False. None when no
+    trial was evaluated.
+    """
+    part = CONFIRM if scorer.size(CONFIRM) else SEARCH
+    candidates = finalists(rows, CANDIDATES)
+    if not candidates:
+        evaluated = [r for r in rows if r["state"] == "COMPLETE" and r["loss"] is not None]
+        if not evaluated:
+            return None
+        lowest = min(evaluated, key=lambda r: (r["loss"], -r["speedup"]))
+        candidates = [(lowest, QuantPlan.from_dict(lowest["plan"]))]
+    plans = {plan.key(): (row, plan) for row, plan in candidates}
+    models = {key: arms.build(plan) for key, (_, plan) in plans.items()}
+    tried, best = [], None
+    for key in speed_order(models, {key: row["loss"] for key, (row, _) in plans.items()}, arms, config):
+        judgement = scorer.judge(models[key], part)
+        within = judgement.within(config.max_loss, config.confidence) and plans[key][0]["feasible"]
+        bound = judgement.estimate.upper if judgement.estimate else judgement.loss
+        tried.append({"plan_key": key, "trial": plans[key][0]["number"], "loss": judgement.loss,
+                      "upper": judgement.estimate and judgement.estimate.upper, "within": within})
+        if within:
+            return Pick(plans[key][1], models[key], judgement, True, part, tried)
+        if best is None or bound < best[0]:
+            best = (bound, key, judgement)
+    _, key, judgement = best
+    return Pick(plans[key][1], models[key], judgement, False, part, tried)

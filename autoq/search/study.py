@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ LAYER_TIMINGS_ATTR = "layer_timings"  # study user attr: in-model per-layer kern
 SENSITIVITY_ATTR = "sensitivity_sqnr_db"  # study user attr: {recipe: {layer: output SQNR dB quantized alone}}
 RUN_ATTR = "autoq_run"  # study user attr: {baseline, config (TuneConfig as a dict), layers: {recipe: [layer]}}
 RESULT_ATTR = "autoq_result"  # study user attr: the final choice {plan, accuracy, loss, speedup, latency_ms, ...}
+MODEL_ATTR = "model"  # study user attr: fingerprint of the FP32 model (and eval data) its trials measured
 SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer the lower loss
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
@@ -208,8 +209,9 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     return [trial.number for trial in started].index(number) >= n_trials
 
 
-def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, settings: Any) -> str:
-    """A short hash of what makes trials comparable: weights, input shapes, baseline metric, settings."""
+def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, settings: Any = None) -> str:
+    """A short hash of what makes trials comparable: weights, input shapes, baseline metric, settings
+    (None: the model alone, as `check_same_model` compares it)."""
     digest = hashlib.sha1()
     digest.update(type(model).__qualname__.encode())
     for name, tensor in model.state_dict().items():
@@ -218,17 +220,33 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
     for value in example_inputs:
         digest.update(str((getattr(value, "shape", None), getattr(value, "dtype", type(value)))).encode())
     digest.update(f"{baseline:.8e}".encode())
-    fields = dataclasses.asdict(settings)
+    fields = dataclasses.asdict(settings) if settings is not None else {}
     if "kernels" in fields:  # hashed under its name before autoq 0.3, so existing studies keep their names
         fields["engines"] = fields.pop("kernels")
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One plain dict per finished trial: number, state, params, metric, loss, speedup, feasible, error,
-    worker ("host:pid"), seconds (its duration) and finished (Unix time it ended). Queued (not yet
-    run), running and surplus trials are left out.
+def claim_for_model(study: optuna.Study, model_id: str) -> None:
+    """Mark `study` as measuring the model `model_id` (`fingerprint(model, inputs, baseline)`); refuse a
+    study whose trials measured another one: a fixed study_name reused for another model, other
+    example inputs or other evaluation data (its outcomes would be judged as this model's)."""
+    stored = study.user_attrs.get(MODEL_ATTR)
+    if stored is not None and stored != model_id:
+        raise ValueError(f"study '{study.study_name}' holds trials of another model (or other example inputs, "
+                         f"evaluation data or confirmation split): their outcomes do not apply to this one. "
+                         f"Pass another study_name (or none: autoq names studies after the model), or delete it.")
+    study.set_user_attr(MODEL_ATTR, model_id)
+
+
+def trial_rows(study: optuna.Study, judge: Callable[[float], float] | None = None,
+               max_loss: float | None = None) -> list[dict[str, Any]]:
+    """One plain dict per finished trial: number, state, params, metric, loss, loss_upper, speedup,
+    speedup_interval, feasible, error, worker ("host:pid"), seconds (its duration) and finished (Unix
+    time it ended). Queued (not yet run), running and surplus trials are left out.
+
+    judge(metric) -> loss and max_loss: re-judge every trial by the current settings (a study resumed
+    with another budget, loss type or direction); without them, the feasibility stored at trial time.
     """
     rows = []
     interrupted = interrupted_trials(study)
@@ -240,16 +258,22 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         if trial.number in interrupted:
             error = f"interrupted (worker died or stopped); re-run as trial {interrupted[trial.number]}"
         constraint = trial.system_attrs.get("constraints:accuracy_loss")
+        loss, feasible = attrs.get("loss"), constraint is not None and constraint <= 0
+        if judge is not None and attrs.get("metric") is not None:
+            loss = judge(attrs["metric"])
+            feasible = trial.state == optuna.trial.TrialState.COMPLETE and loss <= max_loss
         rows.append({
             "number": trial.number,
             "state": trial.state.name,
             "params": dict(trial.params),
             "metric": attrs.get("metric"),
-            "loss": attrs.get("loss"),
+            "loss": loss,
+            "loss_upper": attrs.get("loss_upper") if loss == attrs.get("loss") else None,
             "speedup": attrs.get("speedup"),
+            "speedup_interval": attrs.get("speedup_interval"),
             "int8_ms": attrs.get("int8_ms"),
             "fp32_ms": attrs.get("fp32_ms"),
-            "feasible": constraint is not None and constraint <= 0,
+            "feasible": feasible,
             "plan": attrs.get("plan"),
             "plan_key": attrs.get("plan_key"),
             "error": error,

@@ -11,13 +11,14 @@ from matplotlib.image import imread
 from autoq.plan import QuantPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from core import Row, Tuning, peers_ahead, table  # noqa: E402
+from core import Row, Tuning, coverage, peers_ahead, table  # noqa: E402
 from plot import speed_vs_loss_png  # noqa: E402
 from qat_recovery import best_all_int8_mse, fine_tune_fp32  # noqa: E402
 
 ROWS = [
     Row("cnn", "FP32 eager", 0.9, 0.9, 0.0, 2.0, 1.0, 0.5),
-    Row("cnn", "autoq", 0.9, 0.89, 0.011, 0.5, 4.0, 2.0, Tuning("static kernels=onednn", 12, 3, 41.6, 120.0)),
+    Row("cnn", "autoq", 0.9, 0.89, 0.011, 0.5, 4.0, 2.0, Tuning("static kernels=onednn", 12, 3, 41.6, 120.0,
+                                                                 (0.004, 0.009)), (1.9, 2.1)),
     Row("cnn", "INC 3.10 autotune (PT2E static)", 0.5, 0.5, 0.44, 1.0, 2.0, 1.0, Tuning("act uint8", 4, None, None, 9.0)),
     Row("lstm", "FP32 eager", 0.8, 0.8, 0.0, 1.0, 1.0, 1.0),
     Row("lstm", "autoq", 0.8, 0.8, 0.0, 1.0, 1.0, 1.0, Tuning("dynamic", 8, 0, 2.4, 30.0)),
@@ -27,12 +28,18 @@ ROWS = [
 def test_table_reports_time_to_first_in_budget_model_and_geomeans():
     lines = table(ROWS)
     cells = {(r[0], r[1]): r for r in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
-    assert cells["cnn", "**autoq**"][10:] == ["#3, 42 s", "120"]
-    assert cells["cnn", "INC 3.10 autotune (PT2E static)"][10] == "-"  # never within budget
-    assert cells["cnn", "**autoq**"][5] == "+1.10%"
+    assert cells["cnn", "**autoq**"][11:] == ["#3, 42 s", "120"]
+    assert cells["cnn", "INC 3.10 autotune (PT2E static)"][11] == "-"  # never within budget
+    assert cells["cnn", "**autoq**"][5:7] == ["+1.10%", "+0.40% (+0.90%)"]  # test loss; confirmed loss (bound)
+    assert cells["cnn", "**autoq**"][9] == "2.00x [1.90-2.10]"
     autoq_geomean = cells["geomean (2 models)", "autoq"]
-    assert autoq_geomean[7:9] == ["2.00x", "1.41x"]  # sqrt(4 * 1), sqrt(2 * 1)
-    assert cells["geomean (1 models)", "INC 3.10 autotune (PT2E static)"][7] == "2.00x"
+    assert autoq_geomean[8:10] == ["2.00x", "1.41x"]  # sqrt(4 * 1), sqrt(2 * 1)
+    assert cells["geomean (1 models)", "INC 3.10 autotune (PT2E static)"][8] == "2.00x"
+
+
+def test_coverage_counts_bounds_that_held_on_the_test_split():
+    assert coverage(ROWS) == ["- autoq's 90% upper bound covered the test-split loss in 0 of 1 tuned runs; autoq's "
+                              "pick stayed within the 1% budget on the test split on 1 of 2 models."]
 
 
 def test_figure_has_a_panel_per_model(tmp_path):

@@ -145,7 +145,7 @@ def test_a_prepared_run_has_batches_example_inputs_and_a_metric(tmp_path):
     eval_batches = list(batches(spec.eval, spec.base))
     assert sum(len(labels) for _, labels in eval_batches) == 1797 - 1500
     assert spec.tune.higher_is_better is False
-    error_rate = job.eval_fn(job.model)
+    error_rate = job.score(job.model)
     accuracy = metrics.top1(torch.cat([job.model(x) for x, _ in eval_batches]), torch.cat([y for _, y in eval_batches]))
     assert error_rate == pytest.approx(1 - accuracy)
 

@@ -59,16 +59,21 @@ class Task:
 
         ``model`` must already be in eval mode; it is called under ``torch.no_grad()``.
         """
-        correct = 0
+        return float(self.correct(model, split, batch_size).mean())
+
+    def correct(self, model: nn.Module, split: str = "val", batch_size: int | None = None) -> Tensor:
+        """Per sample of ``split``, in order: 1.0 where ``model``'s top-1 class is the label, else 0.0."""
+        scores = []
         with torch.no_grad():
             for inputs, labels in self.batches(split, batch_size):
                 logits = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-                correct += int((logits.argmax(dim=1) == labels).sum())
-        return correct / len(self._split(split)[1])
+                scores.append((logits.argmax(dim=1) == labels).float())
+        return torch.cat(scores)
 
-    def eval_fn(self) -> Callable[[nn.Module], float]:
-        """``model -> top-1 accuracy on val`` (fraction in [0, 1]), the tuner's objective."""
-        return functools.partial(self.accuracy, split="val")
+    def eval_fn(self) -> Callable[[nn.Module], Tensor]:
+        """``model ->`` per-sample top-1 correctness on val (their mean is the accuracy), the tuner's
+        objective: per-sample scores let autoq confirm its pick on held-back samples with a bound."""
+        return functools.partial(self.correct, split="val")
 
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
         if split == "val":
