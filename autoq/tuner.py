@@ -291,7 +291,7 @@ class _Run:
             warnings.warn(f"autoq: {direction}", stacklevel=3)
             notes.append(direction)
         if not pick.confirmed:
-            warnings.warn(f"autoq: no plan met the accuracy budget (max_loss={config.max_loss}, {config.loss_type}) "
+            warnings.warn(f"autoq: no plan met the accuracy budget (max_loss={config.max_loss}, {config.loss_type}): "
                           f"{verdict['guarantee']}; returning the closest (loss {pick.judgement.loss:+.4f}). See "
                           f"result.verdict and result.pareto_front.", stacklevel=3)
         if table.entries:
