@@ -17,6 +17,7 @@ from autoq.config import TuneConfig
 from autoq.dispatch.apply import apply_dispatch, carrying_plan, record_layer_shapes, set_model_dispatch
 from autoq.dispatch.measured import LayerTimer
 from autoq.dispatch.table import DispatchTable, current_cpu, shipped_table
+from autoq.measure.confidence import DEFAULT_CONFIDENCE
 from autoq.measure.evaluation import (
     CONFIRM, PER_SAMPLE_METRICS, SEARCH, DataEvaluation, Evaluation, FunctionEvaluation, Scorer,
 )
@@ -283,7 +284,7 @@ class _Run:
         record_layer_shapes(pick.model, self.example_inputs, config.non_traceable_modules)
         timed = against_fp32(pick.model, self.fp32, self.example_inputs, compile_fp32=config.compile_fp32,
                              threads=config.threads, seconds=4 * config.latency_seconds, lock=config.measure_lock,
-                             confidence=config.confidence or 0.9)
+                             confidence=config.confidence or DEFAULT_CONFIDENCE)
         verdict = self._verdict(pick, rows)
         notes = [isa_note(arms), *(f"recipe {recipe} skipped: {why}" for recipe, why in arms.skipped.items()),
                  *timed.notes, f"tuning took {time.perf_counter() - started:.0f} s"]
@@ -318,7 +319,7 @@ class _Run:
         if not self.scorer.per_sample:
             promise = ("none beyond the point estimate: eval_fn returns one number (return per-sample scores, or "
                        "pass eval_data and metric, for held-back confirmation and a confidence bound)")
-        elif estimate is None or config.confidence is None:
+        elif estimate is None:
             promise = f"point estimate on {self.scorer.size(part)} {part} samples, no confidence bound (confidence=None)"
         else:
             where = ("held-back samples the search never saw" if part == CONFIRM else
@@ -327,8 +328,7 @@ class _Run:
             promise = (f"the loss {verb} max_loss={config.max_loss} with {config.confidence:.0%} confidence "
                        f"(one-sided {estimate.method} bound {estimate.upper:+.4f}) on {estimate.n} {where}, "
                        f"assuming they are independent draws from the data the model will see")
-        bounded = estimate is not None and config.confidence is not None
         return {"part": part, "samples": self.scorer.size(part) or None, "loss": pick.judgement.loss,
-                "upper": estimate.upper if bounded else None, "confidence": config.confidence if bounded else None,
-                "method": estimate.method if bounded else None, "search_loss": search_loss,
+                "upper": estimate.upper if estimate else None, "confidence": config.confidence if estimate else None,
+                "method": estimate.method if estimate else None, "search_loss": search_loss,
                 "tried": pick.tried, "guarantee": promise}

@@ -147,16 +147,11 @@ def paired_loss(fp32_scores: Sequence[float], int8_scores: Sequence[float], *, l
                         method=method, baseline=baseline, worse=worse, better=better)
 
 
-def within_budget(estimate: LossEstimate, max_loss: float) -> bool:
-    """Whether the loss is <= max_loss (the estimate's units) at the estimate's confidence (one-sided)."""
-    return estimate.upper <= max_loss
-
-
 def samples_needed(estimate: LossEstimate, max_loss: float) -> int | None:
     """About how many samples would certify max_loss at the estimate's confidence (None: never).
 
     Normal approximation at the observed rates: the margin upper - loss shrinks as 1/sqrt(n), so
-    the answer is n * (margin / (max_loss - loss))^2, <= n exactly when `within_budget`. None when
+    the answer is n * (margin / (max_loss - loss))^2, <= n exactly when upper <= max_loss. None when
     the observed loss is already >= max_loss.
     """
     if estimate.loss >= max_loss:

@@ -151,17 +151,17 @@ class DataEvaluation(Evaluation):
 
 @dataclass(frozen=True)
 class Judgement:
-    """A model's metric and loss against FP32 on one part; `estimate` when scores are per sample."""
+    """A model's metric and loss against FP32 on one part; `estimate` (with its upper bound) when scores are
+    per sample and a confidence is set."""
 
     metric: float
     loss: float
     estimate: LossEstimate | None
 
-    def within(self, max_loss: float, confidence: float | None) -> bool:
-        """Within budget: the upper bound at `confidence` (None or no per-sample scores: the point loss)."""
-        if confidence is None or self.estimate is None:
-            return self.loss <= max_loss
-        return self.estimate.upper <= max_loss
+    @property
+    def bound(self) -> float:
+        """The loss as judged: its upper confidence bound, or the point loss when there is none."""
+        return self.loss if self.estimate is None else self.estimate.upper
 
 
 class Scorer:
@@ -198,12 +198,12 @@ class Scorer:
     def judge(self, model: nn.Module, part: str = SEARCH) -> Judgement:
         scores = self.evaluation.run(model, self.parts[part])
         fp32 = self.fp32[part]
-        if isinstance(scores, float) or isinstance(fp32, float):
+        if isinstance(scores, float) or isinstance(fp32, float) or self.config.confidence is None:
             metric = scores if isinstance(scores, float) else float(scores.mean())
             return Judgement(metric, self.config.loss(float(np.mean(fp32)), metric), None)
         estimate = paired_loss(fp32, scores, loss_type=self.config.loss_type,
                                higher_is_better=self.config.higher_is_better is not False,
-                               confidence=self.config.confidence or 0.9, seed=self.config.seed)
+                               confidence=self.config.confidence, seed=self.config.seed)
         return Judgement(float(scores.mean()), estimate.loss, estimate)
 
     def certifiable(self) -> str | None:
@@ -236,13 +236,4 @@ def split(n: int, confirm_fraction: float, seed: int) -> dict[str, np.ndarray]:
     if held_back:
         parts[CONFIRM] = np.sort(order[:held_back])
     return parts
-
-
-def describe(judgement: Judgement, part_size: int, part: str) -> str:
-    """'+0.30% (90% upper bound +0.85%, 1000 held-back samples)' style text for summaries."""
-    if judgement.estimate is None:
-        return f"{judgement.loss:+.4f}"
-    e = judgement.estimate
-    where = "held-back" if part == CONFIRM else "search"
-    return f"{e.loss:+.4f} ({e.confidence:.0%} upper bound {e.upper:+.4f}, {part_size} {where} samples)"
 

@@ -12,6 +12,7 @@ import optuna
 import torch
 
 from autoq.config import TuneConfig
+from autoq.measure.confidence import DEFAULT_CONFIDENCE
 from autoq.measure.evaluation import CONFIRM, SEARCH, Judgement, Scorer
 from autoq.measure.latency import measure_latency, speed_verdict, speedup_interval
 from autoq.measure.lock import measurement_lock
@@ -159,7 +160,7 @@ def speed_order(models: dict[str, torch.nn.Module], losses: dict[str, float], ar
     order = sorted(models, key=lambda key: timing[key].median_ms)
     for i in range(len(order) - 1):
         faster, slower = order[i], order[i + 1]
-        tied = speed_verdict(*speedup_interval(timing[slower], timing[faster], config.confidence or 0.9)[1:]) == "tie"
+        tied = speed_verdict(*speedup_interval(timing[slower], timing[faster], config.confidence or DEFAULT_CONFIDENCE)[1:]) == "tie"
         if tied and losses[slower] < losses[faster]:
             order[i], order[i + 1] = slower, faster
     return order
@@ -187,8 +188,8 @@ def confirmed_pick(arms: Arms, rows: list[dict], config: TuneConfig, scorer: Sco
     tried, best = [], None
     for key in speed_order(models, {key: row["loss"] for key, (row, _) in plans.items()}, arms, config):
         judgement = scorer.judge(models[key], part)
-        within = judgement.within(config.max_loss, config.confidence) and plans[key][0]["feasible"]
-        bound = judgement.estimate.upper if judgement.estimate else judgement.loss
+        bound = judgement.bound  # within budget: this <= max_loss (and within it on the search part)
+        within = bound <= config.max_loss and plans[key][0]["feasible"]
         tried.append({"plan_key": key, "trial": plans[key][0]["number"], "loss": judgement.loss,
                       "upper": judgement.estimate and judgement.estimate.upper, "within": within})
         if within:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from autoq.config import TuneConfig
-from autoq.measure.confidence import median_interval, paired_loss, samples_needed, within_budget
+from autoq.measure.confidence import median_interval, paired_loss, samples_needed
 from autoq.measure.latency import LatencyStats, speed_verdict, speedup, speedup_interval
 
 
@@ -74,14 +74,12 @@ def test_a_point_estimate_within_budget_is_not_enough():
     assert (estimate.method, estimate.worse, estimate.better, estimate.baseline) == ("score", 20, 14, 0.9)
     assert estimate.loss == pytest.approx(0.006 / 0.9)
     assert estimate.loss < 0.01 < estimate.upper
-    assert not within_budget(estimate, 0.01)
 
 
 def test_enough_samples_at_the_same_rates_certify_the_budget():
     estimate = paired_loss(*_binary(100_000, 0.9, worse=2000, better=1400), loss_type="relative",
                            higher_is_better=True)
     assert estimate.loss < estimate.upper <= 0.01
-    assert within_budget(estimate, 0.01)
 
 
 def test_identical_models_get_a_positive_bound_that_shrinks_with_samples():
@@ -134,13 +132,13 @@ def test_error_indicators_lower_is_better_give_the_same_bound_as_correctness():
 # ---------------------------------------------------------------- samples needed
 
 
-def test_samples_needed_agrees_with_within_budget_and_is_monotone():
+def test_samples_needed_agrees_with_the_bound_and_is_monotone():
     estimate = paired_loss(*_binary(1000, 0.9, worse=20, better=14), loss_type="relative", higher_is_better=True)
     budgets = [0.008, 0.01, 0.015, 0.02, 0.05]
     needed = [samples_needed(estimate, budget) for budget in budgets]
     assert needed == sorted(needed, reverse=True) and len(set(needed)) == len(budgets)
     for budget, n in zip(budgets, needed):
-        assert (n <= estimate.n) == within_budget(estimate, budget)
+        assert (n <= estimate.n) == (estimate.upper <= budget)
     assert samples_needed(estimate, estimate.loss) is None
     more_confident = paired_loss(*_binary(1000, 0.9, worse=20, better=14), loss_type="relative",
                                  higher_is_better=True, confidence=0.95)
@@ -153,8 +151,8 @@ def test_samples_needed_certifies_about_half_the_time():
     n = samples_needed(pilot, 0.01)
     assert n > 1000
     rng = np.random.default_rng(0)
-    certified = [within_budget(paired_loss(*_simulated_binary(rng, n, 0.9, 0.018, 0.013), loss_type="relative",
-                                           higher_is_better=True), 0.01) for _ in range(300)]
+    certified = [paired_loss(*_simulated_binary(rng, n, 0.9, 0.018, 0.013), loss_type="relative",
+                             higher_is_better=True).upper <= 0.01 for _ in range(300)]
     assert 0.4 <= np.mean(certified) <= 0.65
 
 
