@@ -1,0 +1,1 @@
+"""Accuracy-recovery transforms applied between calibration and building: weight equalization, bias correction."""

@@ -1,0 +1,127 @@
+"""Empirical bias correction for FX-converted int8 models (Nagel et al. 2019, section 4.2).
+
+Rounding a layer's weights shifts its expected output: E[y_q - y] = (W_q - W) E[x]. With E[x] measured
+on calibration data, subtracting that shift from the int8 layer's bias removes the systematic part of
+its weight error. A builder does the expensive part once (`input_means` and `float_weights` on the
+prepared FP32 graph) and `correct_bias` on each converted candidate.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.ao.nn.quantized as nnq
+import torch.ao.nn.quantized.dynamic as nnqd
+from torch import fx, nn
+
+from autoq.dispatch.engine import quantized_engine
+
+FLOAT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+INT8_LAYERS = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear)  # ConvReLU, ConvAdd, LinearReLU are subclasses
+FloatWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]  # layer name -> FP32 (weight, bias)
+
+
+def _float_layer(model: nn.Module, name: str) -> nn.Module | None:
+    """The conv/linear module at `name`, or the first module of the fused ConvReLU/LinearReLU sequence
+    prepare_fx puts there; None if `name` is no such module (a functional layer, a typo)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    core = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+    return core if isinstance(core, FLOAT_LAYERS) else None
+
+
+def input_means(model: nn.Module, layer_names: Sequence[str], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    """Per-input-channel mean of each named conv/linear module's input over `batches` (tuples of model inputs).
+
+    The channel axis is 1 for a conv and the last for a linear; the mean runs over every other axis and
+    every sample. The batches run through a copy of `model` in eval mode that shares its tensors, without
+    autograd: neither the model nor the observers of a prepared graph change. Names that are not conv/linear
+    modules (functional layers), and layers the batches never reach, are left out of the result.
+    """
+    runner = copy.deepcopy(model, memo={id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+    runner.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def record(name: str, axis: int, inputs: tuple) -> None:
+        x = inputs[0]
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            rows = x.detach().double().movedim(axis, -1).reshape(-1, x.shape[axis])
+            sums[name] = sums.get(name, 0) + rows.sum(0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    for name in layer_names:  # hooks on the throwaway copy only
+        layer = _float_layer(runner, name)
+        if layer is not None:
+            axis = -1 if isinstance(layer, nn.Linear) else 1
+            runner.get_submodule(name).register_forward_pre_hook(
+                lambda _, inputs, name=name, axis=axis: record(name, axis, inputs))
+    with torch.no_grad():
+        for batch in batches:
+            runner(*batch)
+    return {name: (total / counts[name]).float() for name, total in sums.items()}
+
+
+def float_weights(prepared: fx.GraphModule, layer_names: Sequence[str]) -> FloatWeights:
+    """The FP32 weight and bias (detached copies) of each named conv/linear of a graph prepared by prepare_fx.
+
+    In eval mode prepare_fx has already folded BatchNorm into the layer's own weight and bias, and keeps a
+    layer followed by ReLU inside a fused ConvReLU/LinearReLU sequence at the layer's name; both are
+    handled. Names that are not conv/linear modules (functional layers) are left out.
+    """
+    weights = {}
+    for name in layer_names:
+        layer = _float_layer(prepared, name)
+        if layer is not None:
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+            weights[name] = (layer.weight.detach().clone(), bias)
+    return weights
+
+
+def correct_bias(quantized: fx.GraphModule, weights: FloatWeights, means: Mapping[str, torch.Tensor], *, engine: str,
+                 layer_engines: Mapping[str, str] | None = None) -> list[str]:
+    """Set each static int8 conv/linear's bias to b - (dequant(W_q) - W) E[x] (in place); returns the layers set.
+
+    weights: FP32 (W, b) by layer name (`float_weights`); means: E[x] per input channel (`input_means`).
+    Layers in both mappings are corrected; FP32 fallbacks and dynamic int8 linears are left alone. The FP32
+    bias b is the base, so correcting the same model twice gives the same biases. For a conv the shift of
+    output o sums the kernel against the means of o's group's input channels; zero padding lowers the true
+    mean near the borders, which is ignored.
+    engine, layer_engines: the kernel library each layer was packed for (the plan's `engine` and
+    `layer_engines`). A packed weight does not record its library and setting the bias re-packs it, so
+    it is re-packed under the same one.
+    """
+    layer_engines = layer_engines or {}
+    corrected = []
+    for name, module in quantized.named_modules():
+        if name not in weights or name not in means or not _is_static_int8(module):
+            continue
+        weight, bias = weights[name]
+        shift = _output_shift(name, module.weight().dequantize(), weight, means[name], getattr(module, "groups", 1))
+        with quantized_engine(layer_engines.get(name, engine)):
+            module.set_weight_bias(module.weight(), (torch.zeros_like(shift) if bias is None else bias) - shift)
+        corrected.append(name)
+    return corrected
+
+
+def _is_static_int8(module: nn.Module) -> bool:
+    return isinstance(module, INT8_LAYERS) and not isinstance(module, nnqd.Linear)
+
+
+def _output_shift(name: str, dequantized: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                  groups: int) -> torch.Tensor:
+    """(W_q - W) E[x] per output channel; weights are (outputs, inputs per group, *kernel)."""
+    outputs, inputs = dequantized.shape[:2]
+    if weight.shape != dequantized.shape or mean.numel() != inputs * groups:
+        raise ValueError(
+            f"Layer '{name}' has weights of shape {tuple(dequantized.shape)} ({inputs * groups} inputs), but the "
+            f"FP32 weight given has shape {tuple(weight.shape)} and its means {mean.numel()} channels: compute both "
+            "with float_weights and input_means on the prepared graph this model was converted from.")
+    per_input = (dequantized - weight).reshape(outputs, inputs, -1).sum(2)
+    group_means = mean.reshape(groups, 1, inputs).expand(groups, outputs // groups, inputs).reshape(outputs, inputs)
+    return (per_input * group_means).sum(1)
