@@ -48,7 +48,7 @@ def check_keys(data: Mapping, allowed: list[str], where: str) -> None:
 
 BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
                         ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6", "mixed_bf16",
-                         "cpp_wrapper"))
+                         "cpp_wrapper", "equalize", "bias_correction"))
 
 
 @dataclass
@@ -67,6 +67,8 @@ class SearchSpace:
     fold_relu6: tuple[bool, ...] = (False, True)
     mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
     cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
+    equalize: tuple[bool, ...] = (False, True)  # cross-layer equalization before capture ('static')
+    bias_correction: tuple[bool, ...] = (False, True)  # bias corrected for weight rounding ('static')
     qat_epochs: tuple[int, int] = (1, 3)  # QAT fine-tune length, epochs (inclusive bounds)
     qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
     max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)
@@ -127,7 +129,8 @@ class TuneConfig:
     confirm_fraction: with per-sample scores, the fraction of evaluation samples held back from the
       search (seeded split) on which the finalists are confirmed (0: no confirmation part).
     n_trials: total trials in the study (a resumed study counts its finished trials);
-      timeout: seconds of search in this call. Neither given: 40 trials.
+      timeout: seconds this call may take in all (setup, trials, final choice): it returns within
+      timeout + max(5%, 30 s), once at least one plan was measured. Neither given: 40 trials.
     storage: Optuna storage URL; None: sqlite file autoq-runs/autoq.db under the working directory.
     calib_max_samples: calibration samples used at most; eval is never run on them.
     sensitivity_samples: calibration samples used to rank layer sensitivity.

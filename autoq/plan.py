@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_TYPE = "autoq.QuantPlan"
-PLAN_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # older plans lack the dispatch (v1), lowering (v2) and weight_bits (v3) fields;
+PLAN_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # older plans lack the dispatch (v1), lowering (v2), weight_bits (v3) and
+# accuracy recovery (v4) fields;
 # their defaults apply, but for the PT2E recipes, which ignored reduce_range before v4 (8-bit activations)
 
 ENGINES = ("x86", "fbgemm", "onednn")
@@ -48,7 +49,7 @@ _INDUCTOR_FIELDS = ("mixed_bf16", "cpp_wrapper")
 # The built-in recipes (plans of every version name only these); autoq.recipes.registry.register adds more.
 RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
     RecipeKind("static", ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
-                          "weight_bits", "channels_last", "fold_relu6"), calibrated=True),
+                          "weight_bits", "channels_last", "fold_relu6", "equalize", "bias_correction"), calibrated=True),
     RecipeKind("dynamic", ("weight_granularity",), dynamic=True),
     RecipeKind("qat", ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs",
                        "qat_lr"), fine_tunes="static"),
@@ -104,6 +105,11 @@ class QuantPlan:
     mixed_bf16: (Inductor recipes) run the int8 model under bf16 autocast: int8-mixed-bf16, the
       non-quantized ops in bf16 (needs a CPU with bf16 support).
     cpp_wrapper: (Inductor recipes) compile with Inductor's C++ wrapper instead of its Python one.
+    equalize: cross-layer equalization of the FP32 model before capture (Nagel et al. 2019): BatchNorm
+      folded, then the per-channel weight ranges of consecutive conv/linear pairs equalized, a ReLU6
+      between them replaced by ReLU (`autoq.recover.equalize`).
+    bias_correction: each int8 layer's bias corrected for the mean output shift its weight rounding
+      causes, (W_int8 - W) E[x], with E[x] from the calibration data (`autoq.recover.bias`).
     qat_epochs, qat_lr: (recipes 'qat', 'pt2e-qat') length and Adam learning rate (cosine decay) of the
       quantization-aware fine-tune.
     """
@@ -126,6 +132,8 @@ class QuantPlan:
     layer_engines: dict[str, str] = field(default_factory=dict)
     mixed_bf16: bool = False
     cpp_wrapper: bool = False
+    equalize: bool = False
+    bias_correction: bool = False
     qat_epochs: int = 1
     qat_lr: float = 1e-4
 

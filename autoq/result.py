@@ -33,6 +33,8 @@ class TuneResult:
       the end of the run; speedup_interval: its interval; vs_best_fp32: (ratio, low, high) against
       the best FP32. "Faster" only when an interval excludes 1.
     latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8.
+    timing: where the call's time went: setup_s, trials_s, final_s, total_s, first_feasible_s (to the
+      first in-budget plan, None if none), timeout_s, trials_not_started (they would not have fit).
     plan: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
     trials: one dict per trial (number, state, params, metric, loss, speedup, feasible, error, seconds,
       finished: Unix time the trial ended).
@@ -61,6 +63,7 @@ class TuneResult:
     verdict: dict[str, Any] = field(default_factory=dict)
     speedup_interval: tuple[float, float] = (math.nan, math.nan)
     vs_best_fp32: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    timing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -88,7 +91,7 @@ class TuneResult:
                 "loss": self.loss, "speedup": self.speedup,
                 "latency_ms": self.latency_ms, "feasible": self.feasible, "layers": self.layers, "notes": self.notes,
                 "verdict": self.verdict, "speedup_interval": list(self.speedup_interval),
-                "vs_best_fp32": list(self.vs_best_fp32)}
+                "vs_best_fp32": list(self.vs_best_fp32), "timing": self.timing}
 
     def summary(self) -> str:
         """A short human-readable table of the outcome."""
@@ -113,6 +116,8 @@ class TuneResult:
         ]
         if verdict.get("guarantee"):
             lines.append(f"  promise   {verdict['guarantee']}")
+        if self.timing:
+            lines.append(f"  time      {describe_timing(self.timing)}")
         plan = QuantPlan.from_dict(self.plan)
         lines.append(
             f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "
@@ -121,6 +126,19 @@ class TuneResult:
         )
         lines += [f"  note      {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def describe_timing(timing: dict[str, Any]) -> str:
+    """Where a call's time went, in one line (from `TuneResult.timing`)."""
+    first = timing.get("first_feasible_s")
+    found = f"first in-budget plan after {first:.0f} s" if first is not None else "no in-budget plan in the search"
+    limit = f" of timeout {timing['timeout_s']:.0f} s" if timing.get("timeout_s") is not None else ""
+    skipped = (f"; {timing['trials_not_started']} trial(s) not started for lack of time"
+               if timing.get("trials_not_started") else "")
+    steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in (timing.get("setup_steps") or {}).items())
+    return (f"setup {timing['setup_s']:.0f} s{f' ({steps})' if steps else ''}, trials {timing['trials_s']:.0f} s, "
+            f"final {timing['final_s']:.0f} s "
+            f"(total {timing['total_s']:.0f} s{limit}); {found}{skipped}")
 
 
 _rebuild_module = rebuild_module  # the name autoq's old pickled files (loaded only when trusted) refer to

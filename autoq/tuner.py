@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,15 +23,19 @@ from autoq.measure.confidence import DEFAULT_CONFIDENCE
 from autoq.measure.evaluation import (
     CONFIRM, PER_SAMPLE_METRICS, SEARCH, DataEvaluation, Evaluation, FunctionEvaluation, Scorer,
 )
-from autoq.measure.fp32 import against_fp32
-from autoq.plan import ENGINES, INDUCTOR, QuantPlan, recipe_kind
+from autoq.measure.fp32 import against_fp32, fp32_references
+from autoq.plan import ENGINES, INDUCTOR, RECIPE_KINDS, QuantPlan, recipe_kind
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms, applicable_arms, builder, calibrated
 from autoq.recipes.qat import Training
 from autoq.result import TuneResult
 from autoq.search.ctrl_c import CTRL_C
 from autoq.search.objective import CandidateFailed, Objective
-from autoq.search.policy import DIRECTION_ATTR, Pick, after_seeds, confirmed_pick
+from autoq.search.budget import (
+    CALIBRATION_OVERHEAD, CALIBRATION_SHARE, FINAL_OVERHEAD, MIN_CALIBRATION, RANKING_OVERHEAD, RANKING_SHARE, Costs,
+    TimeBudget, slack,
+)
+from autoq.search.policy import CANDIDATES, DIRECTION_ATTR, Pick, after_seeds, confirmed_pick, finalists
 from autoq.search.rankings import layer_scores, rank_layers
 from autoq.search.space import PlanProposer
 from autoq.search.study import (
@@ -153,20 +159,41 @@ class _Run:
         self.scorer = Scorer(evaluation, config)
         self.training = training
         self.reporter = Reporter.shared(config.verbose)
+        self.budget = TimeBudget(config.timeout)
+        self._per_sample: float | None = None  # seconds of an FP32 forward per sample (`_forward_seconds`)
         try:
             self.fp32 = copy.deepcopy(model).eval()
         except Exception as error:
             raise TypeError(f"autoq works on a copy of the model, but copy.deepcopy(model) failed: {error}") from error
 
     def execute(self) -> TuneResult:
-        config, line = self.config, self.reporter.line
-        started = time.perf_counter()
-        baseline = self._baseline()
+        """Setup, trials and the final choice, each timed; with a timeout, together within it (+ slack)."""
+        with self.budget.phase("setup"):
+            baseline, arms, study, proposer, seeds, scores, timer = self._setup()
+        with self.budget.phase("trials"):
+            objective = Objective(arms, proposer, self.fp32, self.scorer, baseline, self.config, timer,
+                                  self.reporter, self.budget)
+            if self.training is not None:
+                self.training.time_left = objective.fine_tune_seconds
+            self._optimize(study, objective, lambda: after_seeds(study, len(seeds), proposer, self.config,
+                                                                 self.reporter.line))
+        with self.budget.phase("final"):
+            return self._result(study, arms, baseline, scores, objective, self._dispatch_table(timer))
+
+    def _setup(self) -> tuple:
+        """Baseline, arms (capture, calibration), study, layer rankings, seeds, FP32 references; the
+        costs later steps are planned with."""
+        config, line, step = self.config, self.reporter.line, self.budget.step
+        with step("baseline"):
+            baseline = self._baseline()
+        evaluated = self.budget.steps["baseline"]
         samples = sum(int(batch[0].shape[0]) for batch in self.batches)
         line(f"FP32 baseline metric {baseline:.4f}; {samples} calibration samples")
         self._announce_guarantee()
-        arms = self._arms()
-        study, created = self._study(baseline)
+        cut = self._cut_calibration()
+        with step("capture and calibration"):
+            arms = self._arms()
+        study, created = self._study(baseline, cut)
         claim_for_model(study, fingerprint(self.fp32, self.example_inputs, baseline))
         line(f"study '{study.study_name}' in {redacted(storage_url(config.storage))}")
         study.set_user_attr(RESULT_ATTR, None)  # running again: the last final choice is stale until the end
@@ -174,7 +201,8 @@ class _Run:
         study.set_user_attr(RUN_ATTR, {"baseline": baseline, "config": stored_config,
                                        "layers": {recipe: arms.layers(recipe) for recipe in arms.recipes}})
         self._join(study)
-        scores = layer_scores(study, arms, self.fp32, self.batches, config.sensitivity_samples, line)
+        with step("layer ranking"):
+            scores = layer_scores(study, arms, self.fp32, self.batches, self._ranking_samples(arms), line)
         proposer = PlanProposer(config.space, arms, {recipe: rank_layers(s) for recipe, s in scores.items()})
         seeds = proposer.seed_params()
         if created or not study.get_trials(deepcopy=False):
@@ -183,9 +211,59 @@ class _Run:
         if kept := counted_trials(study):
             line(f"resuming study '{study.study_name}': {kept} finished trials kept")
         timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds, threads=config.threads)
-        objective = Objective(arms, proposer, self.fp32, self.scorer, baseline, config, timer, self.reporter)
-        self._optimize(study, objective, lambda: after_seeds(study, len(seeds), proposer, config, line))
-        return self._result(study, arms, baseline, scores, started, self._dispatch_table(timer))
+        with step("best FP32"):
+            self.references = fp32_references(self.fp32, self.example_inputs, compile_fp32=config.compile_fp32)
+        self.budget.costs = Costs(evaluation=evaluated * self.scorer.cost_share(SEARCH),
+                                  confirmation=evaluated * self.scorer.cost_share(CONFIRM),
+                                  compile=self.budget.steps["best FP32"] if config.compile_fp32 else 0.0,
+                                  latency=config.latency_seconds)
+        steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.budget.steps.items())
+        limit = f" of the {config.timeout:.0f} s timeout" if config.timeout is not None else ""
+        line(f"setup took {self.budget.elapsed():.0f} s{limit} ({steps})")
+        return baseline, arms, study, proposer, seeds, scores, timer
+
+    def _forward_seconds(self) -> float:
+        """Seconds of one FP32 forward per sample, timed once on the first calibration batch."""
+        if self._per_sample is None:
+            batch = self.batches[0]
+            started = time.monotonic()
+            with torch.no_grad():
+                self.fp32(*batch)
+            self._per_sample = (time.monotonic() - started) / max(int(batch[0].shape[0]), 1)
+        return self._per_sample
+
+    def _cut_calibration(self) -> int | None:
+        """With a timeout, keep the calibration samples that CALIBRATION_SHARE of it can calibrate every
+        recipe with (at least MIN_CALIBRATION); returns how many are kept when that cuts them, else None."""
+        allowance = self.budget.share(CALIBRATION_SHARE)
+        recipes = calibrated(self.config.space.recipes)
+        if allowance == math.inf or not self.batches or not recipes:
+            return None
+        per_sample = 2 * recipes * CALIBRATION_OVERHEAD * self._forward_seconds()
+        limit = max(int(allowance / max(per_sample, 1e-9)), MIN_CALIBRATION)
+        sizes = [int(batch[0].shape[0]) for batch in self.batches]
+        if sum(sizes) <= limit:
+            return None
+        kept = max(1, sum(1 for end in itertools.accumulate(sizes) if end <= limit))
+        self.batches = self.batches[:kept]
+        samples = sum(sizes[:kept])
+        self.reporter.line(f"calibrating on {samples} of {sum(sizes)} samples: the timeout leaves {allowance:.0f} s "
+                           f"for it (a study of its own: the calib_samples choices differ)")
+        return samples
+
+    def _ranking_samples(self, arms: Arms) -> int:
+        """Calibration samples to rank layers on: sensitivity_samples, fewer when a timeout leaves
+        RANKING_SHARE of it too little time for them (one FP32 forward per layer and sample)."""
+        wanted, allowance = self.config.sensitivity_samples, self.budget.share(RANKING_SHARE)
+        if allowance == math.inf or not self.batches:
+            return wanted
+        layers = sum(len(arms.layers(recipe)) for recipe in arms.recipes if not RECIPE_KINDS[recipe].fine_tunes)
+        affordable = int(allowance / max(RANKING_OVERHEAD * layers * self._forward_seconds(), 1e-9))
+        samples = min(max(affordable, 1), wanted)
+        if samples < wanted:
+            self.reporter.line(f"ranking layers on {samples} samples instead of {wanted}: the timeout leaves "
+                               f"{allowance:.0f} s for it")
+        return samples
 
     def _announce_guarantee(self) -> None:
         """Say up front what the evaluation data can certify (and what more would)."""
@@ -235,11 +313,15 @@ class _Run:
                 after_trial_policy()
                 if config.n_trials is not None and counted_trials(study, running=True) >= config.n_trials:
                     study.stop()  # other workers' running trials complete the count
+                if not self.budget.fits(0.0, objective.reserve() if objective.outcomes else 0.0):
+                    study.stop()  # the time left is the final phase's (or none is left, after one trial at least)
 
             with warnings.catch_warnings(), CTRL_C.deferred():  # Ctrl-C never cuts a storage write in half
                 warnings.simplefilter("ignore")
-                # no n_trials here: trials of dropped recipes do not count, after_trial stops at the budget
-                study.optimize(objective, timeout=config.timeout, catch=(CandidateFailed,), callbacks=[after_trial])
+                # neither n_trials nor timeout here: trials of dropped recipes do not count and after_trial
+                # stops at the budget; Objective starts no trial that would overrun the timeout, but runs
+                # one at least when no plan was measured yet
+                study.optimize(objective, catch=(CandidateFailed,), callbacks=[after_trial])
 
     @staticmethod
     def _dispatch_table(timer: LayerTimer) -> DispatchTable:
@@ -261,33 +343,44 @@ class _Run:
             raise ValueError("The FP32 metric is 0, so a relative loss is undefined: use loss_type='absolute'.")
         return baseline
 
-    def _study(self, baseline: float) -> tuple[optuna.Study, bool]:
+    def _study(self, baseline: float, cut: int | None) -> tuple[optuna.Study, bool]:
+        """The study of this model, evaluation and search space (and calibration, when a timeout cut it)."""
         config = self.config
-        name = config.study_name or "autoq-" + fingerprint(self.fp32, self.example_inputs, baseline, config.space)
+        name = config.study_name or "autoq-" + fingerprint(self.fp32, self.example_inputs, baseline, config.space, cut)
         n_startup = max(3, min(10, (config.n_trials or 40) // 4))
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=n_startup)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return open_study(storage_url(config.storage), name, sampler, must_exist=config.resume)
 
-    def _result(self, study, arms: Arms, baseline, scores, started, table: DispatchTable) -> TuneResult:
-        """The fastest finalist confirmed within budget on held-back samples (`confirmed_pick`), timed
-        against FP32; every stored trial judged by this run's settings."""
-        config = self.config
+    def _result(self, study, arms: Arms, baseline, scores, objective: Objective, table: DispatchTable) -> TuneResult:
+        """The fastest finalist confirmed within budget on held-back samples (`confirmed_pick`; as many
+        finalists as the time left allows), timed against FP32; every stored trial judged by this run's
+        settings."""
+        config, budget = self.config, self.budget
         rows = trial_rows(study, lambda metric: config.loss(baseline, metric), config.max_loss)
-        pick = confirmed_pick(arms, rows, config, self.scorer)
+        recipes = [plan.recipe for _, plan in finalists(rows, CANDIDATES)]
+        count = len(recipes)
+        while count > 1 and not budget.fits(objective.final_seconds(recipes[:count])):
+            count -= 1
+        pick = confirmed_pick(arms, rows, config, self.scorer, max(count, 1))
         if pick is None:
             raise RuntimeError(
                 f"No trial of study '{study.study_name}' produced an evaluated model; see the errors in "
                 f"its trials: {[r['error'] for r in rows if r['error']][:3]}"
             )
         record_layer_shapes(pick.model, self.example_inputs, config.non_traceable_modules)
-        timed = against_fp32(pick.model, self.fp32, self.example_inputs, compile_fp32=config.compile_fp32,
-                             threads=config.threads, seconds=4 * config.latency_seconds, lock=config.measure_lock,
-                             confidence=config.confidence or DEFAULT_CONFIDENCE)
+        seconds = min(4 * config.latency_seconds, max(budget.remaining() - FINAL_OVERHEAD, config.latency_seconds))
+        timed = against_fp32(pick.model, self.references, self.example_inputs, threads=config.threads,
+                             seconds=seconds, lock=config.measure_lock, confidence=config.confidence or DEFAULT_CONFIDENCE)
         verdict = self._verdict(pick, rows)
         notes = [isa_note(arms), *(f"recipe {recipe} skipped: {why}" for recipe, why in arms.skipped.items()),
-                 *timed.notes, f"tuning took {time.perf_counter() - started:.0f} s"]
+                 *timed.notes]
+        if config.timeout is not None and budget.elapsed() > config.timeout + slack(config.timeout):
+            overrun = (f"timeout={config.timeout:.0f} s was too short for this model: the call took "
+                       f"{budget.elapsed():.0f} s (setup {budget.spent['setup']:.0f} s and one trial at least)")
+            warnings.warn(f"autoq: {overrun}", stacklevel=3)
+            notes.append(overrun)
         if (direction := study.user_attrs.get(DIRECTION_ATTR)) and config.higher_is_better is None:
             warnings.warn(f"autoq: {direction}", stacklevel=3)
             notes.append(direction)
@@ -304,7 +397,7 @@ class _Run:
             layers=pick.plan.layer_table(arms.layers(pick.plan.recipe), scores[pick.plan.recipe]),
             study_name=study.study_name, storage=redacted(storage_url(config.storage)), notes=notes,
             dispatch_table=table, verdict=verdict, speedup_interval=timed.speedup_interval,
-            vs_best_fp32=timed.vs_best,
+            vs_best_fp32=timed.vs_best, timing=budget.as_dict(),
         )
         study.set_user_attr(RESULT_ATTR, result.stored())
         self.reporter.line("\n" + result.summary())

@@ -115,3 +115,15 @@ def two_entry_table(cpu: CpuIdentity, depthwise_library: str) -> DispatchTable:
     table.add([Measurement(shapes["0"], fast, "tuning"), Measurement(shapes["1"], slow, "tuning")])
     table.rule = fit_rule([Measurement(shapes["1"], slow)])
     return table
+
+
+def biased_depthwise() -> nn.Module:
+    """A depthwise 3x3 conv whose weights all sit 0.4 of a step above the int8 grid (step = 1/127.5, the
+    largest weight 1.0): rounding lowers every weight, so each channel's output error has the same sign."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_((torch.randint(20, 100, (8, 1, 3, 3), generator=generator) + 0.4) / 127.5)
+        model[0].weight[:, :, 0, 0] = 1.0
+        model[0].bias.zero_()
+    return model

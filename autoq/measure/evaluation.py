@@ -78,6 +78,7 @@ class Evaluation(abc.ABC):
     """Scores of a model on (a subset of) the evaluation samples."""
 
     n: int | None = None  # samples, when scores are per sample (known after the first call of an eval_fn)
+    subsets: bool = False  # whether scoring some samples costs only their share of scoring all
 
     @abc.abstractmethod
     def run(self, model: nn.Module, indices: np.ndarray | None = None) -> np.ndarray | float:
@@ -111,6 +112,8 @@ class DataEvaluation(Evaluation):
     metric: a name in PER_SAMPLE_METRICS, or metric(outputs, targets) -> per-sample scores (a 1-D
     tensor, one per row) or one number for the whole set (then no bound can be computed).
     """
+
+    subsets = True
 
     def __init__(self, eval_data: Iterable, metric: str | Callable[[Tensor, Tensor], object]) -> None:
         if isinstance(metric, str):
@@ -194,6 +197,11 @@ class Scorer:
 
     def size(self, part: str) -> int:
         return 0 if not self.per_sample or part not in self.parts else len(self.parts[part])
+
+    def cost_share(self, part: str) -> float:
+        """What judging a model on `part` costs, as a fraction of scoring every sample."""
+        total = sum(self.size(p) for p in self.parts)
+        return self.size(part) / total if self.evaluation.subsets and total else 1.0
 
     def judge(self, model: nn.Module, part: str = SEARCH) -> Judgement:
         scores = self.evaluation.run(model, self.parts[part])

@@ -189,24 +189,41 @@ class AgainstFP32:
     notes: list[str]  # which FP32 is best, steps skipped, whether int8 pays
 
 
-def against_fp32(int8_model: Callable[..., object], fp32_model: nn.Module, example_inputs: tuple, *,
-                 compile_fp32: bool, threads: int | None, seconds: float, lock: bool,
-                 confidence: float = DEFAULT_CONFIDENCE) -> AgainstFP32:
-    """Time `int8_model` against FP32 eager, folded/channels_last FP32 and (compile_fp32) frozen
-    torch.compile, interleaved for `seconds` (at least 20 rounds) under the measurement lock."""
+@dataclass
+class FP32References:
+    """The FP32 models an int8 model is timed against: eager, folded/channels_last and (when compiled)
+    frozen torch.compile, built once (compiling can take tens of seconds) before the search."""
+
+    models: dict[str, Callable[..., object]]  # fp32_eager, fp32_folded[, fp32_compiled]
+    steps: list[str]  # the rewrite steps of fp32_folded
+    notes: list[str]  # steps skipped and why
+
+
+def fp32_references(fp32_model: nn.Module, example_inputs: tuple, *, compile_fp32: bool) -> FP32References:
+    """FP32 eager, `best_fp32` without compiling and (compile_fp32) with frozen torch.compile."""
     reference = best_fp32(fp32_model, example_inputs, compile=False)
-    candidates = {"fp32_eager": fp32_model, "fp32_folded": reference.model, "int8": int8_model}
+    models = {"fp32_eager": fp32_model, "fp32_folded": reference.model}
     notes = []
     if compile_fp32:
         compiled = best_fp32(fp32_model, example_inputs, compile=True)
-        candidates["fp32_compiled"] = compiled.model
+        models["fp32_compiled"] = compiled.model
         notes += compiled.warnings
+    return FP32References(models, reference.steps, notes)
+
+
+def against_fp32(int8_model: Callable[..., object], references: FP32References, example_inputs: tuple, *,
+                 threads: int | None, seconds: float, lock: bool,
+                 confidence: float = DEFAULT_CONFIDENCE) -> AgainstFP32:
+    """Time `int8_model` against the FP32 references, interleaved for `seconds` (at least 20 rounds)
+    under the measurement lock."""
+    candidates = {**references.models, "int8": int8_model}
+    notes = list(references.notes)
     with measurement_lock(lock):
         timing = measure_latency(candidates, example_inputs, threads=threads, target_seconds=seconds, min_repeats=20)
     best = min((name for name in timing if name.startswith("fp32_")), key=lambda name: timing[name].median_ms)
     latency = {"fp32_eager": timing["fp32_eager"].median_ms, "fp32_best": timing[best].median_ms,
                "int8": timing["int8"].median_ms}
-    notes.append(f"best FP32 is {best} ({', '.join(reference.steps) or 'no rewrite'}"
+    notes.append(f"best FP32 is {best} ({', '.join(references.steps) or 'no rewrite'}"
                  f"{' + torch.compile' if best == 'fp32_compiled' else ''})")
     eager = speedup_interval(timing["fp32_eager"], timing["int8"], confidence)
     vs_best = speedup_interval(timing[best], timing["int8"], confidence)

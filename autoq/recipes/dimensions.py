@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
 PERCENTILES = (99.9, 99.99, 99.999)
+RECOVERY = ("equalize", "bias_correction")  # plan fields of the recovery techniques (autoq.recover)
 
 
 class Dimensions:
@@ -102,6 +103,20 @@ class Dimensions:
         return {f"{prefix}activation_observer": closest("histogram", self.space.observers),
                 **{f"{prefix}observer:{layer}": GLOBAL
                    for layer in self.rankings[recipe][: self.space.layer_observer_slots]}}
+
+    def recovery(self, trial: optuna.Trial, prefix: str) -> dict:
+        """Accuracy recovery beyond ranges and fallbacks: cross-layer equalization, bias correction."""
+        return {name: trial.suggest_categorical(f"{prefix}{name}", getattr(self.space, name)) for name in RECOVERY}
+
+    def recovery_seed(self, prefix: str) -> dict:
+        """Seed values of `recovery`: none (PyTorch's defaults have none)."""
+        return {f"{prefix}{name}": closest(False, getattr(self.space, name)) for name in RECOVERY}
+
+    def recovery_variants(self, seed: dict, prefix: str) -> list[dict]:
+        """`seed` with each recovery technique the space allows, then with all of them."""
+        allowed = [name for name in RECOVERY if True in getattr(self.space, name)]
+        variants = [{**seed, f"{prefix}{name}": True} for name in allowed]
+        return variants + ([{**seed, **{f"{prefix}{name}": True for name in allowed}}] if len(allowed) > 1 else [])
 
     def percentile(self, trial: optuna.Trial, prefix: str, used: bool) -> float:
         return trial.suggest_categorical(f"{prefix}percentile", PERCENTILES) if used else 99.99

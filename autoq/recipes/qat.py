@@ -82,6 +82,11 @@ class Training:
     loss_fn: Callable[[object, torch.Tensor], torch.Tensor] | None = None
     train_fn: Callable[[nn.Module, int, float], None] | None = None
     max_seconds: float = 300.0
+    time_left: Callable[[], float] | None = None  # seconds the caller can still give a fine-tune (tune's timeout)
+
+    def seconds(self) -> float:
+        """The longest the next fine-tune may run: max_seconds, or less when time_left says so."""
+        return self.max_seconds if self.time_left is None else max(0.0, min(self.max_seconds, self.time_left()))
 
     def __post_init__(self) -> None:
         if self.train_fn is None and (self.train_data is None or self.loss_fn is None):
@@ -160,7 +165,7 @@ class _FineTunes(abc.ABC):
 
     def _train(self, prepared: torch.fx.GraphModule, plan: QuantPlan, freeze: Callable[[], None]) -> None:
         """The user's train_fn, or Adam with cosine decay over train_data for the plan's epochs (or until
-        max_seconds), calling `freeze` (observers and BatchNorm statistics) for the last part, as
+        `Training.seconds()`), calling `freeze` (observers and BatchNorm statistics) for the last part, as
         PyTorch's QAT tutorials do."""
         if self.training.train_fn is not None:
             self.training.train_fn(prepared, plan.qat_epochs, plan.qat_lr)
@@ -172,7 +177,7 @@ class _FineTunes(abc.ABC):
         steps = plan.qat_epochs * len(batches)
         freeze_at = int(FREEZE_AT * steps)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        deadline = time.monotonic() + self.training.max_seconds
+        deadline = time.monotonic() + self.training.seconds()
         for step in range(steps):
             if step == freeze_at:
                 freeze()

@@ -9,6 +9,7 @@ fallbacks under the plan's kernel library.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,8 @@ from autoq.recipes.dimensions import closest, kernel_choice
 from autoq.recipes.fusion import fold_relu6, is_relu6
 from autoq.recipes.recipe import Builder, Capture, Recipe
 from autoq.recipes.sensitivity import layer_sensitivity
+from autoq.recover.bias import correct_bias, float_weights, input_means
+from autoq.recover.equalize import Equalization, equalized
 
 if TYPE_CHECKING:
     import optuna
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
     from autoq.recipes.arms import Arms
     from autoq.recipes.dimensions import Dimensions
 
+MEAN_SAMPLES = 512  # calibration samples whose mean layer inputs correct biases
 _WEIGHT_OBSERVERS = {"per_channel": (PerChannelMinMaxObserver, torch.per_channel_symmetric),
                      "per_tensor": (MinMaxObserver, torch.per_tensor_symmetric)}
 
@@ -95,6 +99,10 @@ class StaticBuilder:
         """progress: called with 1 after each calibration batch (two passes over calib_batches)."""
         self.example_inputs = example_inputs
         self.non_traceable_modules = list(non_traceable_modules)
+        self._batches = calib_batches  # kept for the equalized model's calibration and bias correction
+        self._equalized: StaticBuilder | None = None  # the builder of plans with `equalize` (built when needed)
+        self.equalization: Equalization | None = None  # what equalization did, once done
+        self._means: dict[str, torch.Tensor] | None = None  # each layer's mean input per channel (bias correction)
         self._model = copy.deepcopy(model).eval()
         use_base_layer_classes(self._model)
         self._prepared: dict[tuple, torch.fx.GraphModule] = {}
@@ -153,6 +161,8 @@ class StaticBuilder:
 
     def build(self, plan: QuantPlan) -> torch.fx.GraphModule:
         """The int8 model for `plan` (calibration statistics are reused, never recomputed)."""
+        if plan.equalize:
+            return self._equalized_builder().build(dataclasses.replace(plan, equalize=False))
         unknown = (set(plan.fp32_layers) | set(plan.layer_weight_bits)) - set(self.layers)
         if unknown:
             raise ValueError(
@@ -167,12 +177,37 @@ class StaticBuilder:
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
             quantized = convert_fx(model, qconfig_mapping=self._mapping(plan, fp32=True))
+            if plan.bias_correction:
+                correct_bias(quantized, float_weights(self._prepare(plan), self.layers), self._input_means(),
+                             engine=plan.engine)
         if plan.fold_relu6:
             fold_relu6(quantized, plan.engine, observed_quant_max=127 if plan.reduce_range else 255)
         if plan.channels_last:
             to_channels_last(quantized, self.example_inputs)
         set_layer_engines(quantized, plan.layer_engines)
         return quantized
+
+
+    def _equalized_builder(self) -> StaticBuilder:
+        """The builder of this model after cross-layer equalization: captured and calibrated on first use."""
+        if self._equalized is None:
+            self.equalization = equalized(self._model)
+            builder = StaticBuilder(self.equalization.model, self.example_inputs, self._batches,
+                                    non_traceable_modules=self.non_traceable_modules)
+            if builder.layers != self.layers:
+                raise ValueError(f"cross-layer equalization changed the model's quantizable layers ({builder.layers} "
+                                 f"instead of {self.layers}): search with equalize=[false].")
+            self._equalized = builder
+        return self._equalized
+
+    def _input_means(self) -> dict[str, torch.Tensor]:
+        """Each layer's mean FP32 input per channel over the first MEAN_SAMPLES calibration samples, from
+        the FP32 model itself (its layers have the names of the prepared graph's; computed once)."""
+        if self._means is None:
+            ends = itertools.accumulate(int(batch[0].shape[0]) for batch in self._batches)
+            kept = next((i + 1 for i, end in enumerate(ends) if end >= MEAN_SAMPLES), len(self._batches))
+            self._means = input_means(self._model, self.layers, self._batches[:kept])
+        return self._means
 
 
 def _copy_sharing_tensors(module: nn.Module) -> nn.Module:
@@ -259,6 +294,7 @@ class StaticRecipe(Recipe):
             percentile=dims.percentile(trial, "", uses_percentile),
             channels_last=trial.suggest_categorical("channels_last", space.channels_last),
             fold_relu6=may_fold and trial.suggest_categorical("fold_relu6", space.fold_relu6),
+            **dims.recovery(trial, ""),
         )
 
     def seeds(self, dims: Dimensions) -> list[dict]:
@@ -276,15 +312,17 @@ class StaticRecipe(Recipe):
                 "calib_samples": dims.arms.checkpoints[-1],
                 "channels_last": closest(plan.channels_last, space.channels_last),
                 **({"fold_relu6": closest(False, space.fold_relu6)} if dims.arms.has_relu6 else {}),
+                **dims.recovery_seed(""),
             })
         return seeds
 
     def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
         """Every other observer method at full 8-bit range if allowed, with ReLU6 folded (a finer grid for
         its conv outputs) if the model has any; where the kernels saturate, full 8-bit activations come
-        with 7-bit weights, and folding only with them."""
+        with 7-bit weights, and folding only with them. Then that plan with each recovery technique."""
         space = dims.space
         preferred = {"reduce_range": False if False in space.reduce_range else seed["reduce_range"]}
         if dims.arms.has_relu6 and True in space.fold_relu6:
             preferred["fold_relu6"] = True
-        return [params for params in dims.observer_variants({**seed, **preferred}, "") if params != seed]
+        variants = dims.observer_variants({**seed, **preferred}, "") + dims.recovery_variants({**seed, **preferred}, "")
+        return [params for params in variants if params != seed]

@@ -16,18 +16,21 @@ from autoq.dispatch.measured import LayerTimer
 from autoq.measure.evaluation import Scorer
 from autoq.measure.latency import measure_latency, speedup, speedup_interval
 from autoq.measure.lock import measurement_lock
-from autoq.plan import QuantPlan, default_plan, recipe_kind
+from autoq.plan import MEASURED, QuantPlan, default_plan, recipe_kind
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms
+from autoq.search.budget import TimeBudget
 from autoq.search.ctrl_c import CTRL_C
+from autoq.search.policy import CANDIDATES
 from autoq.search.space import PlanProposer
 from autoq.search.study import (
-    DROPPED_ATTR, DROPPED_RECIPES_ATTR, STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, store_layer_timings,
+    DROPPED_ATTR, DROPPED_RECIPES_ATTR, NOT_STARTED_ATTR, STOPPED_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, store_layer_timings,
     trial_rows, worker_id,
 )
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
 TWIN_WAIT_SECONDS = 900  # longest wait for another worker measuring the same plan
+MIN_FINE_TUNE = 30.0  # seconds a QAT trial's fine-tune needs at least to be worth starting
 
 
 class CandidateFailed(Exception):
@@ -47,11 +50,13 @@ class Objective:
         config: TuneConfig,
         timer: LayerTimer,
         reporter: Reporter,
+        budget: TimeBudget,
     ) -> None:
         self.arms, self.fp32_model, self.scorer = arms, fp32_model, scorer
         self.baseline, self.config, self.timer = baseline, config, timer
-        self.reporter = reporter
+        self.reporter, self.budget = reporter, budget
         self.proposer = proposer
+        self.feasible: list[tuple[float, str]] = []  # (speedup, recipe) of every in-budget plan measured
         self.outcomes: dict[str, dict] = {}  # plan key -> measured attributes, to never measure a plan twice
         self.pruned: dict[str, dict] = {}  # plan key -> timings of plans pruned as too slow
         self.best_feasible_speedup = 0.0
@@ -63,7 +68,11 @@ class Objective:
     def _remember(self, key: str, outcome: dict, plan: dict) -> None:
         self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "loss_upper", "speedup", "speedup_interval",
                                                       "int8_ms", "fp32_ms") if outcome.get(k) is not None}
-        if outcome["loss"] <= self.config.max_loss and outcome["speedup"] > self.best_feasible_speedup:
+        if outcome["loss"] > self.config.max_loss:
+            return
+        self.feasible.append((outcome["speedup"], plan["_data"]["recipe"]))
+        self.budget.feasible_found()
+        if outcome["speedup"] > self.best_feasible_speedup:
             self.best_feasible_speedup, self.best_feasible_plan = outcome["speedup"], plan
 
     def _sync(self, study: optuna.Study) -> None:
@@ -121,7 +130,12 @@ class Objective:
             outcome = self.outcomes[key]
             trial.set_user_attr("duplicate_of_plan", key)
         else:
-            outcome = self._measure(trial, plan, key)
+            self._check_time(trial, plan)
+            started = time.monotonic()
+            try:
+                outcome = self._measure(trial, plan, key)
+            finally:
+                self.budget.trial_done(trial_kind(plan), time.monotonic() - started)
             self._remember(key, outcome, trial.user_attrs["plan"])
         for name, value in outcome.items():
             trial.set_user_attr(name, value)
@@ -130,12 +144,63 @@ class Objective:
         self._report(trial, plan, outcome, "feasible" if feasible else "over budget")
         return outcome["speedup"]
 
+    def reserve(self) -> float:
+        """Seconds the final phase needs for the in-budget plans found so far (at least one finalist)."""
+        top = [recipe for _, recipe in sorted(self.feasible, reverse=True)[:CANDIDATES]]
+        return self.final_seconds(top or [max(self.arms.recipes, key=self._build_seconds)])
+
+    def final_seconds(self, recipes: list[str]) -> float:
+        """The final phase for finalists of these recipes (`Costs.final`); 0 before setup measured costs."""
+        costs = self.budget.costs
+        return costs.final([self._build_seconds(recipe) for recipe in recipes]) if costs else 0.0
+
+    def _build_seconds(self, recipe: str) -> float:
+        """What building a plan of `recipe` again in the final phase costs: its slowest build so far, else
+        an estimate. A fine-tuned plan is kept, so rebuilding it costs what its twin's build does."""
+        recipe = recipe_kind(recipe).fine_tunes or recipe
+        seen, costs = self.budget.build_seconds.get(recipe), self.budget.costs
+        if seen or costs is None:
+            return max(seen or [0.0])
+        return costs.unseen_build(recipe_kind(recipe), len(self.arms.layers(recipe) if recipe in self.arms.recipes
+                                                            else []))
+
+    def fine_tune_seconds(self) -> float:
+        """What a QAT fine-tune starting now may take: the time left but the rest of its trial and the
+        final phase (`Training.time_left`)."""
+        costs = self.budget.costs
+        return self.budget.remaining() - self.reserve() - (costs.after_build() if costs else 0.0)
+
+    def _check_time(self, trial: optuna.Trial, plan: QuantPlan) -> None:
+        """Start no trial that would not end before the final phase's reserve (once a plan was measured):
+        mark it, queue it again for a later run, stop the search."""
+        costs, kind = self.budget.costs, recipe_kind(plan.recipe)
+        if costs is None or not self.outcomes:
+            return
+        if kind.fine_tunes:  # its fine-tune takes the time left (Training.time_left), at least MIN_FINE_TUNE
+            expected = self._build_seconds(plan.recipe) + MIN_FINE_TUNE + costs.after_build()
+        else:
+            unseen = costs.unseen_build(kind, len(self.arms.layers(plan.recipe))) + costs.after_build()
+            expected = self.budget.trial_estimate(trial_kind(plan), unseen)
+        reserve = self.reserve()
+        if self.budget.fits(expected, reserve):
+            return
+        self.budget.skipped_trials += 1
+        trial.set_user_attr(NOT_STARTED_ATTR, round(expected, 1))
+        trial.study.enqueue_trial(trial.params)  # a later run (or another worker with time) measures it
+        trial.study.stop()
+        self.reporter.line(f"trial {trial.number:3d} not started: it would take about {expected:.0f} s and "
+                           f"{max(self.budget.remaining() - reserve, 0):.0f} s are left before the final phase "
+                           f"({reserve:.0f} s reserved); the search stops here")
+        raise optuna.TrialPruned()
+
     def _measure(self, trial: optuna.Trial, plan: QuantPlan, key: str) -> dict:
         try:
             started = time.perf_counter()
             with CTRL_C.work():
                 model = self.arms.build(plan)
             build_seconds = time.perf_counter() - started
+            if not recipe_kind(plan.recipe).fine_tunes:  # a fine-tuned plan's build is mostly its fine-tune
+                self.budget.build_done(plan.recipe, build_seconds)
             with measurement_lock(self.config.measure_lock):
                 if plan.dispatch == "measured" and not plan.layer_engines:
                     known = len(self.timer.records())
@@ -212,7 +277,13 @@ class Objective:
         if "speedup" in outcome:
             low, high = outcome.get("speedup_interval") or (math.nan, math.nan)
             parts.append(f"speedup {outcome['speedup']:.2f}x [{low:.2f}-{high:.2f}]")
-        self.reporter.line("  ".join(parts) + f"  {verdict}")
+        clock = self.budget.progress()
+        self.reporter.line("  ".join(parts) + f"  {verdict}" + (f"  [{clock}]" if clock else ""))
+
+
+def trial_kind(plan: QuantPlan) -> str:
+    """What a trial's cost depends on: its recipe, and whether it times its layers ('measured')."""
+    return f"{plan.recipe}:{MEASURED}" if plan.dispatch == MEASURED else plan.recipe
 
 
 def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:

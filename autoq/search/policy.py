@@ -166,17 +166,18 @@ def speed_order(models: dict[str, torch.nn.Module], losses: dict[str, float], ar
     return order
 
 
-def confirmed_pick(arms: Arms, rows: list[dict], config: TuneConfig, scorer: Scorer) -> Pick | None:
+def confirmed_pick(arms: Arms, rows: list[dict], config: TuneConfig, scorer: Scorer,
+                   count: int = CANDIDATES) -> Pick | None:
     """The fastest finalist that meets the budget on the samples the search never saw.
 
-    The CANDIDATES fastest feasible plans (search part) are timed side by side, then confirmed in
+    The `count` fastest feasible plans (search part) are timed side by side, then confirmed in
     speed order on the confirmation part; the first within budget (its upper confidence bound, when
     scores are per sample) is the pick. None feasible or none confirmed: the finalist (or, without
     finalists, the lowest-loss plan) with the lowest confirmed bound, `confirmed` False. None when no
     trial was evaluated.
     """
     part = CONFIRM if scorer.size(CONFIRM) else SEARCH
-    candidates = finalists(rows, CANDIDATES)
+    candidates = finalists(rows, count)
     if not candidates:
         evaluated = [r for r in rows if r["state"] == "COMPLETE" and r["loss"] is not None]
         if not evaluated:

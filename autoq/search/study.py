@@ -33,6 +33,8 @@ SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
 DROPPED_ATTR = "dropped_recipe"  # trial user attr: drew a recipe dropped as clearly worse; ran nothing, not counted
+ADDED_IN_0_3 = {"equalize": (False, True), "bias_correction": (False, True)}  # SearchSpace fields and defaults
+NOT_STARTED_ATTR = "not_started"  # trial user attr: would not have fit the timeout (queued again); ran nothing
 DROPPED_RECIPES_ATTR = "dropped_recipes"  # study user attr: {recipe: why it was dropped}
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)
 RETRY_OF = "failed_trial"  # trial system attr of a re-run: the number of the trial it replaces (as Optuna's
@@ -187,8 +189,9 @@ def _counting(study: optuna.Study, states: tuple) -> list[optuna.trial.FrozenTri
 
 
 def _ran_nothing(trial: optuna.trial.FrozenTrial) -> bool:
-    """Surplus trials and trials of a dropped recipe: pruned at once, not counted, not listed."""
-    return bool(trial.user_attrs.get(SURPLUS_ATTR) or trial.user_attrs.get(DROPPED_ATTR))
+    """Surplus trials, trials of a dropped recipe and trials the timeout left no time for: pruned at
+    once, not counted, not listed."""
+    return any(trial.user_attrs.get(attr) for attr in (SURPLUS_ATTR, DROPPED_ATTR, NOT_STARTED_ATTR))
 
 
 def counted_trials(study: optuna.Study, running: bool = False) -> int:
@@ -209,9 +212,11 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     return [trial.number for trial in started].index(number) >= n_trials
 
 
-def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, settings: Any = None) -> str:
+def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, settings: Any = None,
+                calib_samples: int | None = None) -> str:
     """A short hash of what makes trials comparable: weights, input shapes, baseline metric, settings
-    (None: the model alone, as `check_same_model` compares it)."""
+    (None: the model alone, as `check_same_model` compares it) and the calibration samples when a
+    timeout cut them (their count sets the calib_samples choices)."""
     digest = hashlib.sha1()
     digest.update(type(model).__qualname__.encode())
     for name, tensor in model.state_dict().items():
@@ -223,7 +228,12 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
     fields = dataclasses.asdict(settings) if settings is not None else {}
     if "kernels" in fields:  # hashed under its name before autoq 0.3, so existing studies keep their names
         fields["engines"] = fields.pop("kernels")
+    for name, default in ADDED_IN_0_3.items():  # ... and at their defaults, fields added since are not hashed
+        if fields.get(name) == default:
+            fields.pop(name)
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    if calib_samples is not None:
+        digest.update(f"calibration cut to {calib_samples} samples".encode())
     return digest.hexdigest()[:12]
 
 

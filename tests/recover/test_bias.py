@@ -11,7 +11,7 @@ from autoq.recipes.static import StaticBuilder
 from autoq.recover.bias import correct_bias, float_weights, input_means
 
 from conftest import state_of
-from nets import FBGEMM_PLAN, X, Net, fresh, saturation_net
+from nets import FBGEMM_PLAN, X, Net, biased_depthwise, fresh, saturation_net
 
 
 def corrected_build(builder: StaticBuilder, batches: list[tuple], plan: QuantPlan) -> tuple[nn.Module, list[str]]:
@@ -28,18 +28,6 @@ def channel_bias(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> tor
     with torch.no_grad():
         error = model(x) - reference(x)
     return error.transpose(0, 1).reshape(error.shape[1], -1).mean(1)
-
-
-def biased_depthwise() -> nn.Module:
-    """A depthwise 3x3 conv whose weights all sit 0.4 of a step above the int8 grid (step = 1/127.5, the
-    largest weight 1.0): rounding lowers every weight, so each channel's output error has the same sign."""
-    generator = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)).eval()
-    with torch.no_grad():
-        model[0].weight.copy_((torch.randint(20, 100, (8, 1, 3, 3), generator=generator) + 0.4) / 127.5)
-        model[0].weight[:, :, 0, 0] = 1.0
-        model[0].bias.zero_()
-    return model
 
 
 @pytest.mark.parametrize("engine", ["x86", "fbgemm"])

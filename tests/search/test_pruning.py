@@ -10,6 +10,7 @@ from autoq.dispatch.measured import LayerTimer
 from autoq.plan import QuantPlan
 from autoq.progress import Reporter
 from autoq.recipes.arms import applicable_arms
+from autoq.search.budget import TimeBudget
 from autoq.search.objective import Objective
 from autoq.search.space import PlanProposer
 from nets import MLP
@@ -49,7 +50,7 @@ def test_a_lucky_best_measurement_prunes_only_candidates_slower_side_by_side(dig
     proposer = PlanProposer(SearchSpace(), arms, {"static": arms.layers("static")})
     objective = Objective(arms, proposer, model, digits.accuracy, digits.accuracy(model),
                           TuneConfig(latency_seconds=0.3),
-                          LayerTimer(), Reporter(verbose=False))
+                          LayerTimer(), Reporter(verbose=False), TimeBudget(None))
     best = QuantPlan(recipe="static")
     # the best plan's trial was measured at an implausible 50x: every later trial looks >5% slower
     objective._remember(best.key(), {"metric": 1.0, "loss": 0.0, "speedup": 50.0, "int8_ms": 0.01, "fp32_ms": 0.5},
