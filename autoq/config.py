@@ -15,7 +15,7 @@ from dataclasses import InitVar, dataclass, field
 from importlib import resources
 from typing import Any
 
-from autoq.plan import AUTO, KERNEL_CHOICES, OBSERVERS, RECIPE_KINDS, WEIGHT_GRANULARITIES
+from autoq.plan import AUTO, EQUALIZATIONS, KERNEL_CHOICES, OBSERVERS, RECIPE_KINDS, WEIGHT_GRANULARITIES
 
 LOSS_TYPES = ("relative", "absolute")
 STRATEGY_KEY = "strategy"
@@ -48,7 +48,7 @@ def check_keys(data: Mapping, allowed: list[str], where: str) -> None:
 
 BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
                         ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6", "mixed_bf16",
-                         "cpp_wrapper", "equalize", "bias_correction"))
+                         "cpp_wrapper", "bias_correction"))
 
 
 @dataclass
@@ -67,7 +67,7 @@ class SearchSpace:
     fold_relu6: tuple[bool, ...] = (False, True)
     mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
     cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
-    equalize: tuple[bool, ...] = (False, True)  # cross-layer equalization before capture ('static')
+    equalizations: tuple[str, ...] = EQUALIZATIONS  # FP32 rewrites before capture ('static')
     bias_correction: tuple[bool, ...] = (False, True)  # bias corrected for weight rounding ('static')
     qat_epochs: tuple[int, int] = (1, 3)  # QAT fine-tune length, epochs (inclusive bounds)
     qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
@@ -83,7 +83,8 @@ class SearchSpace:
                 raise ValueError("SearchSpace got both 'kernels' and its old name 'engines': keep 'kernels'.")
             self.kernels = engines
         for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("kernels", KERNEL_CHOICES), ("observers", OBSERVERS),
-                              ("weight_granularities", WEIGHT_GRANULARITIES), *BOOLEAN_CHOICES):
+                              ("weight_granularities", WEIGHT_GRANULARITIES), ("equalizations", EQUALIZATIONS),
+                              *BOOLEAN_CHOICES):
             values = getattr(self, name)
             if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):
                 raise ValueError(f"The '{name}' parameter of SearchSpace must be a list of values from "

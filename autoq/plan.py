@@ -22,6 +22,7 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5)  # older plans lack the dispatch (v1), lower
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+EQUALIZATIONS = ("none", "fold_bn", "cross_layer")  # FP32 rewrites before capture (autoq.recover.equalize)
 WEIGHT_BITS = (8, 7)  # 7: weights in [-63, 63], so u8 x s8 pair sums fit int16 (CPUs without VNNI)
 
 
@@ -49,7 +50,8 @@ _INDUCTOR_FIELDS = ("mixed_bf16", "cpp_wrapper")
 # The built-in recipes (plans of every version name only these); autoq.recipes.registry.register adds more.
 RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
     RecipeKind("static", ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
-                          "weight_bits", "channels_last", "fold_relu6", "equalize", "bias_correction"), calibrated=True),
+                          "weight_bits", "channels_last", "fold_relu6", "equalization", "bias_correction"),
+               calibrated=True),
     RecipeKind("dynamic", ("weight_granularity",), dynamic=True),
     RecipeKind("qat", ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs",
                        "qat_lr"), fine_tunes="static"),
@@ -105,9 +107,11 @@ class QuantPlan:
     mixed_bf16: (Inductor recipes) run the int8 model under bf16 autocast: int8-mixed-bf16, the
       non-quantized ops in bf16 (needs a CPU with bf16 support).
     cpp_wrapper: (Inductor recipes) compile with Inductor's C++ wrapper instead of its Python one.
-    equalize: cross-layer equalization of the FP32 model before capture (Nagel et al. 2019): BatchNorm
-      folded, then the per-channel weight ranges of consecutive conv/linear pairs equalized, a ReLU6
-      between them replaced by ReLU (`autoq.recover.equalize`).
+    equalization: a rewrite of the FP32 model before capture (`autoq.recover.equalize`): 'none';
+      'fold_bn' (BatchNorm folded into the layer before it, also where FX quantization would keep it a
+      separate int8 op: behind a conv subclass with its own forward; the same FP32 function);
+      'cross_layer' (folded, then cross-layer equalization, Nagel et al. 2019: the per-channel weight
+      ranges of consecutive conv/linear pairs equalized, a ReLU6 between them replaced by ReLU).
     bias_correction: each int8 layer's bias corrected for the mean output shift its weight rounding
       causes, (W_int8 - W) E[x], with E[x] from the calibration data (`autoq.recover.bias`).
     qat_epochs, qat_lr: (recipes 'qat', 'pt2e-qat') length and Adam learning rate (cosine decay) of the
@@ -132,7 +136,7 @@ class QuantPlan:
     layer_engines: dict[str, str] = field(default_factory=dict)
     mixed_bf16: bool = False
     cpp_wrapper: bool = False
-    equalize: bool = False
+    equalization: str = "none"
     bias_correction: bool = False
     qat_epochs: int = 1
     qat_lr: float = 1e-4
@@ -145,6 +149,7 @@ class QuantPlan:
             _check_choice(f"layer_observers[{layer!r}]", observer, OBSERVERS)
         _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
         _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        _check_choice("equalization", self.equalization, EQUALIZATIONS)
         for layer, bits in self.layer_weight_bits.items():
             _check_choice(f"layer_weight_bits[{layer!r}]", bits, WEIGHT_BITS)
         _check_choice("dispatch", self.dispatch, DISPATCH)

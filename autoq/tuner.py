@@ -216,7 +216,8 @@ class _Run:
         self.budget.costs = Costs(evaluation=evaluated * self.scorer.cost_share(SEARCH),
                                   confirmation=evaluated * self.scorer.cost_share(CONFIRM),
                                   compile=self.budget.steps["best FP32"] if config.compile_fp32 else 0.0,
-                                  latency=config.latency_seconds)
+                                  latency=config.latency_seconds,
+                                  calibration=self.budget.steps["capture and calibration"] / max(len(arms.recipes), 1))
         steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.budget.steps.items())
         limit = f" of the {config.timeout:.0f} s timeout" if config.timeout is not None else ""
         line(f"setup took {self.budget.elapsed():.0f} s{limit} ({steps})")

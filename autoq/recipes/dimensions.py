@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 GLOBAL = "global"  # a layer observer choice meaning "use the plan's activation_observer"
 PERCENTILES = (99.9, 99.99, 99.999)
-RECOVERY = ("equalize", "bias_correction")  # plan fields of the recovery techniques (autoq.recover)
 
 
 class Dimensions:
@@ -105,18 +104,22 @@ class Dimensions:
                    for layer in self.rankings[recipe][: self.space.layer_observer_slots]}}
 
     def recovery(self, trial: optuna.Trial, prefix: str) -> dict:
-        """Accuracy recovery beyond ranges and fallbacks: cross-layer equalization, bias correction."""
-        return {name: trial.suggest_categorical(f"{prefix}{name}", getattr(self.space, name)) for name in RECOVERY}
+        """Accuracy recovery beyond ranges and fallbacks: an FP32 rewrite (BatchNorm folding, cross-layer
+        equalization) and bias correction."""
+        return {"equalization": trial.suggest_categorical(f"{prefix}equalization", self.space.equalizations),
+                "bias_correction": trial.suggest_categorical(f"{prefix}bias_correction", self.space.bias_correction)}
 
     def recovery_seed(self, prefix: str) -> dict:
         """Seed values of `recovery`: none (PyTorch's defaults have none)."""
-        return {f"{prefix}{name}": closest(False, getattr(self.space, name)) for name in RECOVERY}
+        return {f"{prefix}equalization": closest("none", self.space.equalizations),
+                f"{prefix}bias_correction": closest(False, self.space.bias_correction)}
 
     def recovery_variants(self, seed: dict, prefix: str) -> list[dict]:
-        """`seed` with each recovery technique the space allows, then with all of them."""
-        allowed = [name for name in RECOVERY if True in getattr(self.space, name)]
-        variants = [{**seed, f"{prefix}{name}": True} for name in allowed]
-        return variants + ([{**seed, **{f"{prefix}{name}": True for name in allowed}}] if len(allowed) > 1 else [])
+        """`seed` with each rewrite the space allows, and each of those with bias correction too."""
+        rewrites = [seed.get(f"{prefix}equalization"), *(e for e in self.space.equalizations if e != "none")]
+        corrections = [False, True] if True in self.space.bias_correction else [False]
+        return [{**seed, f"{prefix}equalization": rewrite, f"{prefix}bias_correction": correct}
+                for rewrite in dict.fromkeys(rewrites) for correct in corrections]
 
     def percentile(self, trial: optuna.Trial, prefix: str, used: bool) -> float:
         return trial.suggest_categorical(f"{prefix}percentile", PERCENTILES) if used else 99.99

@@ -99,9 +99,9 @@ class StaticBuilder:
         """progress: called with 1 after each calibration batch (two passes over calib_batches)."""
         self.example_inputs = example_inputs
         self.non_traceable_modules = list(non_traceable_modules)
-        self._batches = calib_batches  # kept for the equalized model's calibration and bias correction
-        self._equalized: StaticBuilder | None = None  # the builder of plans with `equalize` (built when needed)
-        self.equalization: Equalization | None = None  # what equalization did, once done
+        self._batches = calib_batches  # kept for a rewritten model's calibration and for bias correction
+        self._rewritten: dict[str, StaticBuilder] = {}  # equalization -> builder of the rewritten FP32 model
+        self.equalizations: dict[str, Equalization] = {}  # equalization -> what the rewrite did
         self._means: dict[str, torch.Tensor] | None = None  # each layer's mean input per channel (bias correction)
         self._model = copy.deepcopy(model).eval()
         use_base_layer_classes(self._model)
@@ -161,8 +161,8 @@ class StaticBuilder:
 
     def build(self, plan: QuantPlan) -> torch.fx.GraphModule:
         """The int8 model for `plan` (calibration statistics are reused, never recomputed)."""
-        if plan.equalize:
-            return self._equalized_builder().build(dataclasses.replace(plan, equalize=False))
+        if plan.equalization != "none":
+            return self._rewritten_builder(plan.equalization).build(dataclasses.replace(plan, equalization="none"))
         unknown = (set(plan.fp32_layers) | set(plan.layer_weight_bits)) - set(self.layers)
         if unknown:
             raise ValueError(
@@ -188,17 +188,18 @@ class StaticBuilder:
         return quantized
 
 
-    def _equalized_builder(self) -> StaticBuilder:
-        """The builder of this model after cross-layer equalization: captured and calibrated on first use."""
-        if self._equalized is None:
-            self.equalization = equalized(self._model)
-            builder = StaticBuilder(self.equalization.model, self.example_inputs, self._batches,
+    def _rewritten_builder(self, equalization: str) -> StaticBuilder:
+        """The builder of this model rewritten by `equalization` ('fold_bn', 'cross_layer'): captured and
+        calibrated on first use."""
+        if equalization not in self._rewritten:
+            rewrite = equalized(self._model, scale_pairs=equalization == "cross_layer")
+            builder = StaticBuilder(rewrite.model, self.example_inputs, self._batches,
                                     non_traceable_modules=self.non_traceable_modules)
             if builder.layers != self.layers:
-                raise ValueError(f"cross-layer equalization changed the model's quantizable layers ({builder.layers} "
-                                 f"instead of {self.layers}): search with equalize=[false].")
-            self._equalized = builder
-        return self._equalized
+                raise ValueError(f"equalization {equalization!r} changed the model's quantizable layers "
+                                 f"({builder.layers} instead of {self.layers}): search with equalizations=['none'].")
+            self.equalizations[equalization], self._rewritten[equalization] = rewrite, builder
+        return self._rewritten[equalization]
 
     def _input_means(self) -> dict[str, torch.Tensor]:
         """Each layer's mean FP32 input per channel over the first MEAN_SAMPLES calibration samples, from

@@ -41,10 +41,11 @@ CONVERGED = 1e-3  # a round whose scales all lie within this of 1 ends the itera
 
 @dataclass
 class Equalization:
-    """What `equalized` did. model: the new FP32 model (eval mode), with the input's module names;
-    folded: BatchNorm modules folded into the preceding layer (now nn.Identity); pairs: (layer, next
-    layer) equalized; relu6_replaced: ReLU6 modules replaced by nn.ReLU; skipped: layer, BatchNorm or
-    '<model>' -> why it was left alone."""
+    """What `equalized` did. model: the new FP32 model (eval mode): a GraphModule with the input's module
+    names but without the folded BatchNorms (an unchanged copy when it cannot be traced); folded:
+    BatchNorm modules folded into the preceding layer; pairs: (layer, next layer) equalized;
+    relu6_replaced: ReLU6 modules replaced by nn.ReLU; skipped: layer, BatchNorm or '<model>' -> why it
+    was left alone."""
 
     model: nn.Module
     folded: list[str] = field(default_factory=list)
@@ -61,8 +62,14 @@ class _LayerTracer(fx.Tracer):
         return isinstance(module, LEAVES) or super().is_leaf_module(module, qualified_name)
 
 
-def equalized(model: nn.Module, *, relu6_to_relu: bool = True, rounds: int = 4) -> Equalization:
+def equalized(model: nn.Module, *, scale_pairs: bool = True, relu6_to_relu: bool = True,
+              rounds: int = 4) -> Equalization:
     """A copy of `model` with BatchNorm folded and consecutive conv/linear pairs equalized (see the module doc).
+
+    The copy is a GraphModule without the folded BatchNorms, so PyTorch's conv-ReLU fusion still applies
+    to it; its layers keep their names and classes (a conv subclass stays one). scale_pairs=False only
+    folds BatchNorm: the same function, and BatchNorms behind layers FX quantization traces into
+    (conv subclasses with their own forward) no longer run as separate int8 ops.
 
     relu6_to_relu: replace a ReLU6 module (or Hardtanh(0, 6)) between a pair by nn.ReLU, or else skip the pair.
     Functional clamps (F.relu6, torch.clamp) between layers cannot be replaced: such pairs are skipped.
@@ -84,10 +91,11 @@ def equalized(model: nn.Module, *, relu6_to_relu: bool = True, rounds: int = 4) 
         return result
     calls = Counter(id(_module(result.model, node)) for node in graph.nodes if node.op == "call_module")
     _fold_batchnorms(result, graph, calls)
-    pairs = _find_pairs(result, graph, calls, relu6_to_relu)
+    pairs = _find_pairs(result, graph, calls, relu6_to_relu) if scale_pairs else []
     for _ in range(rounds):
         if max((_equalize(first, second) for first, second in pairs), default=0.0) < CONVERGED:
             break
+    result.model = fx.GraphModule(result.model, graph, class_name=type(model).__name__).eval()
     return result
 
 
@@ -133,9 +141,10 @@ def _scales_with_weight(layer: nn.Module) -> bool:
 
 
 def _fold_batchnorms(result: Equalization, graph: fx.Graph, calls: Counter) -> None:
-    """Fold each BatchNorm that is the only user of a conv/linear output into that layer (eval statistics)."""
+    """Fold each BatchNorm that is the only user of a conv/linear output into that layer (eval statistics)
+    and take it out of the graph."""
     model = result.model
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         batchnorm = _module(model, node)
         if not isinstance(batchnorm, BATCHNORMS) or not node.args:
             continue
@@ -150,8 +159,9 @@ def _fold_batchnorms(result: Equalization, graph: fx.Graph, calls: Counter) -> N
             layer.weight, layer.bias = fuse_conv_bn_weights(
                 layer.weight, layer.bias, batchnorm.running_mean, batchnorm.running_var, batchnorm.eps,
                 batchnorm.weight, batchnorm.bias)
-        _replace(model, node.target, nn.Identity())
         result.folded.append(node.target)
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
 
 
 def _fold_blocker(layer_node: fx.Node, layer: nn.Module, batchnorm: nn.Module, calls: Counter) -> str:

@@ -38,6 +38,7 @@ class Costs:
     confirmation: float  # scoring one model on the confirmation part
     compile: float  # one torch.compile of the FP32 model (0: not compiled)
     latency: float  # TuneConfig.latency_seconds: timing effort per trial
+    calibration: float = 0.0  # capturing and calibrating one recipe (an equalized model is calibrated anew)
 
     def unseen_build(self, kind: RecipeKind, n_layers: int) -> float:
         """A first build of a recipe: an Inductor compile or an FX conversion (a fine-tune not included)."""

@@ -179,7 +179,8 @@ class Objective:
         if kind.fine_tunes:  # its fine-tune takes the time left (Training.time_left), at least MIN_FINE_TUNE
             expected = self._build_seconds(plan.recipe) + MIN_FINE_TUNE + costs.after_build()
         else:
-            unseen = costs.unseen_build(kind, len(self.arms.layers(plan.recipe))) + costs.after_build()
+            unseen = (costs.unseen_build(kind, len(self.arms.layers(plan.recipe))) + costs.after_build()
+                      + (costs.calibration if plan.equalization != "none" else 0.0))
             expected = self.budget.trial_estimate(trial_kind(plan), unseen)
         reserve = self.reserve()
         if self.budget.fits(expected, reserve):
@@ -282,8 +283,10 @@ class Objective:
 
 
 def trial_kind(plan: QuantPlan) -> str:
-    """What a trial's cost depends on: its recipe, and whether it times its layers ('measured')."""
-    return f"{plan.recipe}:{MEASURED}" if plan.dispatch == MEASURED else plan.recipe
+    """What a trial's cost depends on: its recipe, whether it times its layers ('measured') and whether
+    it rewrites the FP32 model (the first such build captures and calibrates the rewritten model)."""
+    return ":".join([plan.recipe, *([MEASURED] if plan.dispatch == MEASURED else []),
+                     *([plan.equalization] if plan.equalization != "none" else [])])
 
 
 def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:

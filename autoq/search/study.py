@@ -33,7 +33,8 @@ SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
 DROPPED_ATTR = "dropped_recipe"  # trial user attr: drew a recipe dropped as clearly worse; ran nothing, not counted
-ADDED_IN_0_3 = {"equalize": (False, True), "bias_correction": (False, True)}  # SearchSpace fields and defaults
+ADDED_IN_0_3 = {"equalizations": ("none", "fold_bn", "cross_layer"),  # SearchSpace fields and their defaults
+                "bias_correction": (False, True)}
 NOT_STARTED_ATTR = "not_started"  # trial user attr: would not have fit the timeout (queued again); ran nothing
 DROPPED_RECIPES_ATTR = "dropped_recipes"  # study user attr: {recipe: why it was dropped}
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)

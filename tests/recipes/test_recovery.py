@@ -47,10 +47,13 @@ def test_equalization_recovers_per_tensor_weights_of_a_badly_scaled_channel():
     plan = QuantPlan(weight_granularity="per_tensor", activation_observer="minmax", reduce_range=False)
     test = torch.randn(32, 3, 16, 16)
     plain = output_sqnr(builder.build(plan), model, test)
-    equalized = output_sqnr(builder.build(QuantPlan(**{**plan.__dict__, "equalize": True})), model, test)
-    assert equalized >= plain + 10, f"output SQNR {plain:.1f} dB -> {equalized:.1f} dB with equalization"
-    assert builder.equalization.pairs == [("0", "3")]
-    assert builder.equalization.folded == ["1"]
+    folded = output_sqnr(builder.build(QuantPlan(**{**plan.__dict__, "equalization": "fold_bn"})), model, test)
+    equalized = output_sqnr(builder.build(QuantPlan(**{**plan.__dict__, "equalization": "cross_layer"})), model, test)
+    assert equalized >= max(plain, folded) + 10, (f"output SQNR {plain:.1f} dB, BatchNorm folded {folded:.1f} dB, "
+                                                  f"equalized {equalized:.1f} dB")
+    assert builder.equalizations["cross_layer"].pairs == [("0", "3")]
+    assert builder.equalizations["cross_layer"].folded == builder.equalizations["fold_bn"].folded == ["1"]
+    assert builder.equalizations["fold_bn"].pairs == []
 
 
 def test_bias_correction_in_a_plan_removes_the_output_shift_of_rounded_weights():
@@ -76,16 +79,18 @@ def test_the_sweep_tries_each_recovery_technique_and_their_combination():
     arms = applicable_arms(model, (torch.randn(1, 3, 8, 8),), [(torch.randn(4, 3, 8, 8),)], ["static"])
     proposer = PlanProposer(SearchSpace(), arms, {"static": arms.layers("static")})
     seed = proposer.seed_params()[0]
-    assert seed["equalize"] is False and seed["bias_correction"] is False  # PyTorch's default recipe has neither
-    recovered = [(p["equalize"], p["bias_correction"]) for p in proposer.sweep_params("static", seed)
-                 if p["equalize"] or p["bias_correction"]]
-    assert sorted(recovered) == [(False, True), (True, False), (True, True)]
-    off = PlanProposer(SearchSpace(equalize=[False], bias_correction=[False]), arms,
+    assert seed["equalization"] == "none" and seed["bias_correction"] is False  # PyTorch's default has neither
+    recovered = [(p["equalization"], p["bias_correction"]) for p in proposer.sweep_params("static", seed)
+                 if p["equalization"] != "none" or p["bias_correction"]]
+    assert sorted(recovered) == [("cross_layer", False), ("cross_layer", True), ("fold_bn", False), ("fold_bn", True),
+                                 ("none", True)]
+    off = PlanProposer(SearchSpace(equalizations=["none"], bias_correction=[False]), arms,
                        {"static": arms.layers("static")})
-    assert not any(p["equalize"] or p["bias_correction"] for p in off.sweep_params("static", off.seed_params()[0]))
+    assert not any(p["equalization"] != "none" or p["bias_correction"]
+                   for p in off.sweep_params("static", off.seed_params()[0]))
 
 
 def test_plans_of_version_4_read_with_recovery_off():
-    fields = {k: v for k, v in QuantPlan().to_dict()["_data"].items() if k not in ("equalize", "bias_correction")}
+    fields = {k: v for k, v in QuantPlan().to_dict()["_data"].items() if k not in ("equalization", "bias_correction")}
     plan = QuantPlan.from_dict({"_type": PLAN_TYPE, "_version": 4, "_data": fields})
-    assert plan.equalize is False and plan.bias_correction is False
+    assert plan.equalization == "none" and plan.bias_correction is False

@@ -73,7 +73,7 @@ def test_equalizing_a_scaled_channel_keeps_the_function_and_makes_per_tensor_wei
     with torch.no_grad():
         reference = model(X)
     result = equalized(model)
-    assert result.folded == ["bn"] and isinstance(result.model.bn, nn.Identity)
+    assert result.folded == ["bn"] and not hasattr(result.model, "bn")
     assert result.pairs == [("conv1", "conv2")]
     with torch.no_grad():
         assert torch.allclose(result.model(X), reference, rtol=1e-4, atol=1e-4)
@@ -110,7 +110,7 @@ def test_a_pair_through_zero_padding_ends_with_equal_ranges_per_channel(groups):
         reference = model(X)
     result = equalized(model)
     assert result.pairs == [("0", "3")]
-    first_range, second_range = channel_ranges(result.model[0], result.model[3])
+    first_range, second_range = channel_ranges(result.model.get_submodule("0"), result.model.get_submodule("3"))
     assert torch.allclose(first_range, second_range, rtol=1e-5)
     with torch.no_grad():
         assert torch.allclose(result.model(X), reference, rtol=1e-4, atol=1e-5)
@@ -123,7 +123,7 @@ def test_linear_pairs_are_equalized():
     x = torch.randn(5, 6)
     result = equalized(model)
     assert result.pairs == [("0", "3")]
-    assert torch.allclose(*channel_ranges(result.model[0], result.model[3]), rtol=1e-5)
+    assert torch.allclose(*channel_ranges(result.model.get_submodule("0"), result.model.get_submodule("3")), rtol=1e-5)
     with torch.no_grad():
         assert torch.allclose(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
@@ -141,12 +141,12 @@ def test_a_separable_chain_is_equalized_with_relu6_replaced_by_relu():
     result = equalized(model)
     assert result.folded == ["1", "4"] and result.pairs == [("0", "3"), ("3", "6")]
     assert result.relu6_replaced == ["2", "5"]
-    assert all(type(result.model[i]) is nn.ReLU for i in (2, 5)) and type(model[2]) is nn.ReLU6
+    assert all(type(result.model.get_submodule(str(i))) is nn.ReLU for i in (2, 5)) and type(model[2]) is nn.ReLU6
     as_relu = copy.deepcopy(model)
     as_relu[2], as_relu[5] = nn.ReLU(), nn.ReLU()
     with torch.no_grad():
         assert torch.allclose(result.model(X), as_relu(X), rtol=1e-4, atol=1e-4)
-    depthwise_range, last_range = channel_ranges(result.model[3], result.model[6])
+    depthwise_range, last_range = channel_ranges(result.model.get_submodule("3"), result.model.get_submodule("6"))
     spread = depthwise_range / last_range
     assert float(spread.max() / spread.min()) < 1.5, "the chain should end close to equal ranges"
 
@@ -175,8 +175,8 @@ def test_a_conv_subclass_with_its_own_forward_is_a_layer_and_its_batchnorm_is_fo
     model = randomized(nn.Sequential(Conv2dSame(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
                                      Conv2dSame(16, 4, 3)))
     result = equalized(model)
-    assert result.folded == ["1"] and isinstance(result.model[1], nn.Identity)
-    assert result.pairs == [("0", "3")] and type(result.model[0]) is Conv2dSame
+    assert result.folded == ["1"] and not hasattr(result.model, "1")
+    assert result.pairs == [("0", "3")] and type(result.model.get_submodule("0")) is Conv2dSame
     with torch.no_grad():
         assert torch.allclose(result.model(X), model(X), rtol=1e-4, atol=1e-5)
 
