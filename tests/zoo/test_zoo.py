@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -90,6 +91,12 @@ def test_task_accuracy_preprocesses_raw_batches() -> None:
     inputs, labels = next(task.batches("val", batch_size=8))
     assert inputs.shape == (8, 10) and labels.shape == (8,)
     assert len(next(task.batches("val"))[1]) == task.batch_size == 64
+
+
+def test_task_scores_samples_with_its_own_score_function() -> None:
+    task = dataclasses.replace(_one_hot_task(torch.arange(10)), score=lambda outputs, labels: outputs[:, 0] / 2)
+    assert task.eval_fn()(task.model).tolist() == [0.5] + [0.0] * 9
+    assert task.accuracy(task.model, "val", batch_size=3) == pytest.approx(0.05)
 
 
 def test_task_rejects_unknown_split_and_bad_batch_size() -> None:

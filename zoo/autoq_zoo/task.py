@@ -14,19 +14,26 @@ from torch import Tensor, nn
 Inputs = Tensor | tuple[Tensor, ...]
 
 
+def top1_correct(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Per sample: 1.0 where the top-1 class of ``outputs`` ``[N, classes]`` is the label, else 0.0."""
+    return (outputs.argmax(dim=1) == labels).float()
+
+
 @dataclass
 class Task:
     """A trained FP32 model with calibration, validation and held-out test data.
 
     ``val`` and ``test`` hold compact *raw* inputs (e.g. uint8 28x28 images, or a tuple of tensors
-    such as token ids and attention mask, sliced together) and int64 labels; ``preprocess`` turns
+    such as token ids and attention mask, sliced together) and labels (int64 classes, unless
+    ``score`` reads other targets, e.g. pitches in cents); ``preprocess`` turns
     a raw batch into model inputs (``None``: raw batches already are model inputs). A tuple of
     model inputs is passed to the model as separate arguments. ``example_inputs`` (one batch) and
     ``calib`` (batches drawn from the training split, each a tensor or a tuple of input tensors)
     are already model inputs. ``batch_size`` is the default evaluation batch size (samples),
     chosen per task. ``train`` (raw, like ``val``; None where the task has no fine-tunable
     model) is the split the model was trained on, for quantization-aware training:
-    ``task.batches("train")``.
+    ``task.batches("train")``. ``score`` maps a batch's model outputs and labels to per-sample
+    scores in [0, 1] (default ``top1_correct``; a task whose labels are not classes brings its own).
     """
 
     name: str
@@ -38,6 +45,7 @@ class Task:
     preprocess: Callable[[Inputs], Inputs] | None
     batch_size: int = 64
     train: tuple[Inputs, Tensor] | None = None  # the training split (raw, like val), where fine-tuning applies
+    score: Callable[[Tensor, Tensor], Tensor] = top1_correct  # (outputs, labels) -> per-sample scores
 
     def batches(self, split: str = "val", batch_size: int | None = None) -> Iterator[tuple[Inputs, Tensor]]:
         """Yield ``(model inputs, labels)`` batches of ``split`` ("val", "test" or, if the task has
@@ -55,23 +63,25 @@ class Task:
             yield raw_batch if self.preprocess is None else self.preprocess(raw_batch), labels[rows]
 
     def accuracy(self, model: nn.Module, split: str = "val", batch_size: int | None = None) -> float:
-        """Top-1 accuracy of ``model`` on ``split`` ("val" or "test"), a fraction in [0, 1].
+        """Accuracy of ``model`` on ``split`` ("val" or "test"): the mean per-sample ``score``, in [0, 1]
+        (top-1 accuracy unless the task sets ``score``).
 
         ``model`` must already be in eval mode; it is called under ``torch.no_grad()``.
         """
         return float(self.correct(model, split, batch_size).mean())
 
     def correct(self, model: nn.Module, split: str = "val", batch_size: int | None = None) -> Tensor:
-        """Per sample of ``split``, in order: 1.0 where ``model``'s top-1 class is the label, else 0.0."""
+        """Per sample of ``split``, in order: the task's ``score`` of ``model``'s output (by default 1.0
+        where the top-1 class is the label, else 0.0)."""
         scores = []
         with torch.no_grad():
             for inputs, labels in self.batches(split, batch_size):
-                logits = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-                scores.append((logits.argmax(dim=1) == labels).float())
+                outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+                scores.append(self.score(outputs, labels))
         return torch.cat(scores)
 
     def eval_fn(self) -> Callable[[nn.Module], Tensor]:
-        """``model ->`` per-sample top-1 correctness on val (their mean is the accuracy), the tuner's
+        """``model ->`` per-sample scores on val (``correct``; their mean is the accuracy), the tuner's
         objective: per-sample scores let autoq confirm its pick on held-back samples with a bound."""
         return functools.partial(self.correct, split="val")
 
