@@ -1,15 +1,25 @@
-"""Observers that carry a precomputed activation range into torch's convert_fx and torchao's convert_pt2e."""
+"""Observers: the int8 weight observer of a plan, and those that carry a precomputed activation range into
+torch's convert_fx and torchao's convert_pt2e."""
 
 from __future__ import annotations
 
 import torch
-from torch.ao.quantization.observer import UniformQuantizationObserverBase
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver, UniformQuantizationObserverBase
 from torchao.quantization.pt2e import observer as pt2e_observer
 
 # int8 weight range by QuantPlan.weight_bits: 7 bits keep u8 x s8 pair sums within int16 (255 * 63 * 2 <
 # 32767), so kernels without VNNI cannot saturate; symmetric, so the largest weight maps to 63 exactly in
 # both a fake-quant's clamp and convert's rounding
 WEIGHT_RANGES = {8: (-128, 127), 7: (-63, 63)}
+_WEIGHT_OBSERVERS = {"per_channel": (PerChannelMinMaxObserver, torch.per_channel_symmetric),
+                     "per_tensor": (MinMaxObserver, torch.per_tensor_symmetric)}
+
+
+def weight_observer(weight_granularity: str, weight_bits: int = 8) -> type:
+    """The symmetric int8 weight observer of a plan's weight granularity and bits (7: [-63, 63])."""
+    observer, qscheme = _WEIGHT_OBSERVERS[weight_granularity]
+    quant_min, quant_max = WEIGHT_RANGES[weight_bits]
+    return observer.with_args(dtype=torch.qint8, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max)
 
 
 class FixedRangeObserver(UniformQuantizationObserverBase):

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
-from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from autoq.calibrate.observers import WEIGHT_RANGES, FixedRangeObserver
+from autoq.calibrate.observers import FixedRangeObserver, weight_observer
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import (
@@ -45,15 +44,6 @@ if TYPE_CHECKING:
     from autoq.recipes.dimensions import Dimensions
 
 MEAN_SAMPLES = 512  # calibration samples whose mean layer inputs correct biases
-_WEIGHT_OBSERVERS = {"per_channel": (PerChannelMinMaxObserver, torch.per_channel_symmetric),
-                     "per_tensor": (MinMaxObserver, torch.per_tensor_symmetric)}
-
-
-def weight_observer(weight_granularity: str, weight_bits: int = 8) -> type:
-    """The symmetric int8 weight observer of a plan's weight granularity and bits (7: [-63, 63])."""
-    observer, qscheme = _WEIGHT_OBSERVERS[weight_granularity]
-    quant_min, quant_max = WEIGHT_RANGES[weight_bits]
-    return observer.with_args(dtype=torch.qint8, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max)
 
 
 def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[Layer] = (), weight_bits: int = 8,

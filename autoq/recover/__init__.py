@@ -1,1 +1,2 @@
-"""Accuracy-recovery transforms applied between calibration and building: weight equalization, bias correction."""
+"""Accuracy-recovery transforms applied between calibration and building: weight equalization, bias correction,
+learned weight rounding (AdaRound)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -24,7 +24,7 @@ INT8_LAYERS = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear)  # ConvReLU, Conv
 FloatWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]  # layer name -> FP32 (weight, bias)
 
 
-def _float_layer(model: nn.Module, name: str) -> nn.Module | None:
+def float_layer(model: nn.Module, name: str) -> nn.Module | None:
     """The conv/linear module at `name`, or the first module of the fused ConvReLU/LinearReLU sequence
     prepare_fx puts there; None if `name` is no such module (a functional layer, a typo)."""
     try:
@@ -35,6 +35,13 @@ def _float_layer(model: nn.Module, name: str) -> nn.Module | None:
     return core if isinstance(core, FLOAT_LAYERS) else None
 
 
+def eval_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode that shares its parameter and buffer tensors: hooks and mode changes on
+    the copy leave `model` alone."""
+    runner = copy.deepcopy(model, memo={id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+    return runner.eval()
+
+
 def input_means(model: nn.Module, layer_names: Sequence[str], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
     """Per-input-channel mean of each named conv/linear module's input over `batches` (tuples of model inputs).
 
@@ -43,8 +50,7 @@ def input_means(model: nn.Module, layer_names: Sequence[str], batches: Sequence[
     autograd: neither the model nor the observers of a prepared graph change. Names that are not conv/linear
     modules (functional layers), and layers the batches never reach, are left out of the result.
     """
-    runner = copy.deepcopy(model, memo={id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
-    runner.eval()
+    runner = eval_copy(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -56,7 +62,7 @@ def input_means(model: nn.Module, layer_names: Sequence[str], batches: Sequence[
             counts[name] = counts.get(name, 0) + rows.shape[0]
 
     for name in layer_names:  # hooks on the throwaway copy only
-        layer = _float_layer(runner, name)
+        layer = float_layer(runner, name)
         if layer is not None:
             axis = -1 if isinstance(layer, nn.Linear) else 1
             runner.get_submodule(name).register_forward_pre_hook(
@@ -76,7 +82,7 @@ def float_weights(prepared: fx.GraphModule, layer_names: Sequence[str]) -> Float
     """
     weights = {}
     for name in layer_names:
-        layer = _float_layer(prepared, name)
+        layer = float_layer(prepared, name)
         if layer is not None:
             bias = None if layer.bias is None else layer.bias.detach().clone()
             weights[name] = (layer.weight.detach().clone(), bias)
@@ -98,19 +104,28 @@ def correct_bias(quantized: fx.GraphModule, weights: FloatWeights, means: Mappin
     """
     layer_engines = layer_engines or {}
     corrected = []
-    for name, module in quantized.named_modules():
-        if name not in weights or name not in means or not _is_static_int8(module):
-            continue
+    for name, module in static_int8_layers(quantized, weights.keys() & means.keys()):
         weight, bias = weights[name]
         shift = _output_shift(name, module.weight().dequantize(), weight, means[name], getattr(module, "groups", 1))
-        with quantized_engine(layer_engines.get(name, engine)):
-            module.set_weight_bias(module.weight(), (torch.zeros_like(shift) if bias is None else bias) - shift)
+        repack(module, module.weight(), (torch.zeros_like(shift) if bias is None else bias) - shift,
+               layer_engines.get(name, engine))
         corrected.append(name)
     return corrected
 
 
-def _is_static_int8(module: nn.Module) -> bool:
-    return isinstance(module, INT8_LAYERS) and not isinstance(module, nnqd.Linear)
+def static_int8_layers(quantized: fx.GraphModule, names: Collection[str]) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of each static int8 conv/linear of a converted model whose name is in `names`, in module
+    order; FP32 fallbacks and dynamic int8 linears are not."""
+    for name, module in quantized.named_modules():
+        if name in names and isinstance(module, INT8_LAYERS) and not isinstance(module, nnqd.Linear):
+            yield name, module
+
+
+def repack(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, engine: str) -> None:
+    """Give a static int8 conv/linear a new quantized weight and FP32 bias, packed for kernel library `engine`
+    (a packed weight does not record its library, so pass the one the module was packed for)."""
+    with quantized_engine(engine):
+        module.set_weight_bias(weight, bias)
 
 
 def _output_shift(name: str, dequantized: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,

@@ -116,7 +116,7 @@ def _keeps_forward(module: nn.Module, bases: tuple[type, ...]) -> bool:
     return any(isinstance(module, base) and type(module).forward is base.forward for base in bases)
 
 
-def _scales_with_weight(layer: nn.Module) -> bool:
+def scales_with_weight(layer: nn.Module) -> bool:
     """Whether doubling the layer's weight and bias doubles its output: true of the stock classes, probed
     (on a seeded random input, leaving the global RNG alone) for subclasses that override forward."""
     if _keeps_forward(layer, LAYERS):
@@ -176,7 +176,7 @@ def _fold_blocker(layer_node: fx.Node, layer: nn.Module, batchnorm: nn.Module, c
     not_1d_after_linear = isinstance(layer, nn.Linear) and not isinstance(batchnorm, nn.BatchNorm1d)
     if batchnorm.num_features != channels or not_1d_after_linear:
         return f"it normalizes {batchnorm.num_features} features, not the {channels} outputs of '{layer_node.target}'"
-    if not _scales_with_weight(layer):
+    if not scales_with_weight(layer):
         return f"'{layer_node.target}' ({type(layer).__name__}) does not scale its output with its weight"
     return ""
 
@@ -262,7 +262,7 @@ def _pair_blocker(start: fx.Node, first: nn.Module, node: fx.Node, second: nn.Mo
     if first.weight.shape[0] != inputs:
         return f"'{start.target}' has {first.weight.shape[0]} output channels but '{node.target}' takes {inputs}"
     for name, layer in ((start.target, first), (node.target, second)):
-        if not _scales_with_weight(layer):
+        if not scales_with_weight(layer):
             return f"'{name}' ({type(layer).__name__}) does not scale its output with its weight"
     return ""
 
