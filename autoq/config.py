@@ -48,7 +48,7 @@ def check_keys(data: Mapping, allowed: list[str], where: str) -> None:
 
 BOOLEAN_CHOICES = tuple((name, (False, True)) for name in
                         ("activation_symmetric", "reduce_range", "channels_last", "fold_relu6", "mixed_bf16",
-                         "cpp_wrapper", "bias_correction"))
+                         "cpp_wrapper", "bias_correction", "adaround"))
 
 
 @dataclass
@@ -69,6 +69,7 @@ class SearchSpace:
     cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
     equalizations: tuple[str, ...] = EQUALIZATIONS  # FP32 rewrites before capture ('static')
     bias_correction: tuple[bool, ...] = (False, True)  # bias corrected for weight rounding ('static')
+    adaround: tuple[bool, ...] = (False,)  # learned weight rounding ('static'; opt in: minutes per weight setting)
     qat_epochs: tuple[int, int] = (1, 3)  # QAT fine-tune length, epochs (inclusive bounds)
     qat_lr: tuple[float, float] = (1e-5, 1e-3)  # QAT learning rate bounds (searched on a log scale)
     max_fallback: int | None = None  # most layers that may stay FP32 (None: a quarter, at least 4)

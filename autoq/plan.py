@@ -50,7 +50,7 @@ _INDUCTOR_FIELDS = ("mixed_bf16", "cpp_wrapper")
 # The built-in recipes (plans of every version name only these); autoq.recipes.registry.register adds more.
 RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
     RecipeKind("static", ("activation_observer", "weight_granularity", "activation_symmetric", "reduce_range",
-                          "weight_bits", "channels_last", "fold_relu6", "equalization", "bias_correction"),
+                          "weight_bits", "channels_last", "fold_relu6", "equalization", "bias_correction", "adaround"),
                calibrated=True),
     RecipeKind("dynamic", ("weight_granularity",), dynamic=True),
     RecipeKind("qat", ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs",
@@ -112,6 +112,9 @@ class QuantPlan:
       separate int8 op: behind a conv subclass with its own forward; the same FP32 function);
       'cross_layer' (folded, then cross-layer equalization, Nagel et al. 2019: the per-channel weight
       ranges of consecutive conv/linear pairs equalized, a ReLU6 between them replaced by ReLU).
+    adaround: learned weight rounding (AdaRound, Nagel et al. 2020): each layer's int8 weights rounded up
+      or down to reproduce its FP32 outputs on calibration inputs (`autoq.recover.adaround`; minutes on
+      a large model, once per weight quantization).
     bias_correction: each int8 layer's bias corrected for the mean output shift its weight rounding
       causes, (W_int8 - W) E[x], with E[x] from the calibration data (`autoq.recover.bias`).
     qat_epochs, qat_lr: (recipes 'qat', 'pt2e-qat') length and Adam learning rate (cosine decay) of the
@@ -138,6 +141,7 @@ class QuantPlan:
     cpp_wrapper: bool = False
     equalization: str = "none"
     bias_correction: bool = False
+    adaround: bool = False
     qat_epochs: int = 1
     qat_lr: float = 1e-4
 

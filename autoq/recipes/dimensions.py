@@ -107,19 +107,26 @@ class Dimensions:
         """Accuracy recovery beyond ranges and fallbacks: an FP32 rewrite (BatchNorm folding, cross-layer
         equalization) and bias correction."""
         return {"equalization": trial.suggest_categorical(f"{prefix}equalization", self.space.equalizations),
-                "bias_correction": trial.suggest_categorical(f"{prefix}bias_correction", self.space.bias_correction)}
+                "bias_correction": trial.suggest_categorical(f"{prefix}bias_correction", self.space.bias_correction),
+                "adaround": trial.suggest_categorical(f"{prefix}adaround", self.space.adaround)}
 
     def recovery_seed(self, prefix: str) -> dict:
         """Seed values of `recovery`: none (PyTorch's defaults have none)."""
         return {f"{prefix}equalization": closest("none", self.space.equalizations),
-                f"{prefix}bias_correction": closest(False, self.space.bias_correction)}
+                f"{prefix}bias_correction": closest(False, self.space.bias_correction),
+                f"{prefix}adaround": closest(False, self.space.adaround)}
 
     def recovery_variants(self, seed: dict, prefix: str) -> list[dict]:
-        """`seed` with each rewrite the space allows, and each of those with bias correction too."""
+        """`seed` with each rewrite the space allows, and each of those with bias correction too; then (if
+        allowed) with learned rounding, alone and with bias correction."""
         rewrites = [seed.get(f"{prefix}equalization"), *(e for e in self.space.equalizations if e != "none")]
         corrections = [False, True] if True in self.space.bias_correction else [False]
-        return [{**seed, f"{prefix}equalization": rewrite, f"{prefix}bias_correction": correct}
-                for rewrite in dict.fromkeys(rewrites) for correct in corrections]
+        variants = [{**seed, f"{prefix}equalization": rewrite, f"{prefix}bias_correction": correct}
+                    for rewrite in dict.fromkeys(rewrites) for correct in corrections]
+        if True in self.space.adaround:
+            variants += [{**seed, f"{prefix}adaround": True, f"{prefix}bias_correction": correct}
+                         for correct in corrections]
+        return variants
 
     def percentile(self, trial: optuna.Trial, prefix: str, used: bool) -> float:
         return trial.suggest_categorical(f"{prefix}percentile", PERCENTILES) if used else 99.99

@@ -34,6 +34,7 @@ from autoq.recipes.dimensions import closest, kernel_choice
 from autoq.recipes.fusion import fold_relu6, is_relu6
 from autoq.recipes.recipe import Builder, Capture, Recipe
 from autoq.recipes.sensitivity import layer_sensitivity
+from autoq.recover.adaround import adarounded, set_int8_weights, weight_scales
 from autoq.recover.bias import correct_bias, float_weights, input_means
 from autoq.recover.equalize import Equalization, equalized
 
@@ -93,6 +94,7 @@ class StaticBuilder:
         self._rewritten: dict[str, StaticBuilder] = {}  # equalization -> builder of the rewritten FP32 model
         self.equalizations: dict[str, Equalization] = {}  # equalization -> what the rewrite did
         self._means: dict[str, torch.Tensor] | None = None  # each layer's mean input per channel (bias correction)
+        self._rounded: dict[tuple, dict[str, torch.Tensor]] = {}  # weight setting -> AdaRound's int8 weights
         self._model = copy.deepcopy(model).eval()
         use_base_layer_classes(self._model)
         self._prepared: dict[tuple, torch.fx.GraphModule] = {}
@@ -167,6 +169,8 @@ class StaticBuilder:
         with warnings.catch_warnings(), quantized_engine(plan.engine):
             warnings.simplefilter("ignore")
             quantized = convert_fx(model, qconfig_mapping=self._mapping(plan, fp32=True))
+            if plan.adaround:
+                set_int8_weights(quantized, self._adarounded(plan), engine=plan.engine)
             if plan.bias_correction:
                 correct_bias(quantized, float_weights(self._prepare(plan), self.layers), self._input_means(),
                              engine=plan.engine)
@@ -190,6 +194,15 @@ class StaticBuilder:
                                  f"({builder.layers} instead of {self.layers}): search with equalizations=['none'].")
             self.equalizations[equalization], self._rewritten[equalization] = rewrite, builder
         return self._rewritten[equalization]
+
+    def _adarounded(self, plan: QuantPlan) -> dict[str, torch.Tensor]:
+        """AdaRound's int8 weights of every layer for the plan's weight setting (learned once per setting)."""
+        key = (plan.weight_granularity, plan.weight_bits, tuple(sorted(plan.layer_weight_bits.items())))
+        if key not in self._rounded:
+            weights = float_weights(self._prepare(plan), self.layers)
+            scales = weight_scales(weights, plan.weight_granularity, plan.weight_bits_for)
+            self._rounded[key] = adarounded(self._model, self.layers, self._batches, scales, weights=weights)
+        return self._rounded[key]
 
     def _input_means(self) -> dict[str, torch.Tensor]:
         """Each layer's mean FP32 input per channel over the first MEAN_SAMPLES calibration samples, from
@@ -268,6 +281,11 @@ class StaticRecipe(Recipe):
     def sensitivity(self, builder: StaticBuilder, fp32_model: nn.Module, batches: Sequence[tuple],
                     arms: Arms) -> dict[str, float]:
         return layer_sensitivity(builder, fp32_model, batches, default_plan("x86"))
+
+    def rebuilt(self, builder: StaticBuilder, plan: QuantPlan, fill: Callable[[nn.Module], None]) -> nn.Module:
+        """As every eager recipe, but the numbers a plan learns (AdaRound's rounding, corrected biases) come
+        from the file: they are not learned again."""
+        return super().rebuilt(builder, dataclasses.replace(plan, adaround=False, bias_correction=False), fill)
 
     def suggest(self, trial: optuna.Trial, dims: Dimensions) -> QuantPlan:
         space, arms = dims.space, dims.arms

@@ -30,6 +30,7 @@ from autoq.search.study import (
 
 PRUNE_MARGIN = 0.05  # a candidate this much slower than the best feasible one is not evaluated
 TWIN_WAIT_SECONDS = 900  # longest wait for another worker measuring the same plan
+ADAROUND_LAYER_SECONDS = 5.0  # a first guess of learned rounding's cost per layer (then the trials tell)
 MIN_FINE_TUNE = 30.0  # seconds a QAT trial's fine-tune needs at least to be worth starting
 
 
@@ -180,7 +181,8 @@ class Objective:
             expected = self._build_seconds(plan.recipe) + MIN_FINE_TUNE + costs.after_build()
         else:
             unseen = (costs.unseen_build(kind, len(self.arms.layers(plan.recipe))) + costs.after_build()
-                      + (costs.calibration if plan.equalization != "none" else 0.0))
+                      + (costs.calibration if plan.equalization != "none" else 0.0)
+                      + (ADAROUND_LAYER_SECONDS * len(self.arms.layers(plan.recipe)) if plan.adaround else 0.0))
             expected = self.budget.trial_estimate(trial_kind(plan), unseen)
         reserve = self.reserve()
         if self.budget.fits(expected, reserve):
@@ -286,7 +288,8 @@ def trial_kind(plan: QuantPlan) -> str:
     """What a trial's cost depends on: its recipe, whether it times its layers ('measured') and whether
     it rewrites the FP32 model (the first such build captures and calibrates the rewritten model)."""
     return ":".join([plan.recipe, *([MEASURED] if plan.dispatch == MEASURED else []),
-                     *([plan.equalization] if plan.equalization != "none" else [])])
+                     *([plan.equalization] if plan.equalization != "none" else []),
+                     *(["adaround"] if plan.adaround else [])])
 
 
 def plan_changes(plan: QuantPlan, default: QuantPlan) -> dict[str, object]:

@@ -34,7 +34,7 @@ WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
 DROPPED_ATTR = "dropped_recipe"  # trial user attr: drew a recipe dropped as clearly worse; ran nothing, not counted
 ADDED_IN_0_3 = {"equalizations": ("none", "fold_bn", "cross_layer"),  # SearchSpace fields and their defaults
-                "bias_correction": (False, True)}
+                "bias_correction": (False, True), "adaround": (False,)}
 NOT_STARTED_ATTR = "not_started"  # trial user attr: would not have fit the timeout (queued again); ran nothing
 DROPPED_RECIPES_ATTR = "dropped_recipes"  # study user attr: {recipe: why it was dropped}
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)

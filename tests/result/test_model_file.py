@@ -21,7 +21,7 @@ from nets import Net, Recurrent, fresh, tuned_model
 @pytest.mark.parametrize("recipe, cls, plan, dispatch", [
     ("static", Net, {"reduce_range": False, "fold_relu6": True, "weight_bits": 7}, "measured"),
     ("static", Net, {"channels_last": True, "fp32_layers": ["head"]}, None),
-    ("static", Net, {"equalization": "cross_layer", "bias_correction": True, "fp32_layers": ["head"]}, None),
+    ("static", Net, {"equalization": "cross_layer", "bias_correction": True, "adaround": True, "fp32_layers": ["head"]}, None),
     ("dynamic", Recurrent, {}, None),
     ("qat", Net, {}, None),
     ("pt2e-static", Net, {"fp32_layers": ["depthwise"]}, None),
