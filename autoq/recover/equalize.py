@@ -42,12 +42,14 @@ CONVERGED = 1e-3  # a round whose scales all lie within this of 1 ends the itera
 @dataclass
 class Equalization:
     """What `equalized` did. model: the new FP32 model (eval mode): a GraphModule with the input's module
-    names but without the folded BatchNorms (an unchanged copy when it cannot be traced); folded:
+    names but without the folded BatchNorms (an unchanged copy when it cannot be traced); plain: conv
+    subclasses that pad then convolve, now a zero pad and a plain conv at the same name; folded:
     BatchNorm modules folded into the preceding layer; pairs: (layer, next layer) equalized;
     relu6_replaced: ReLU6 modules replaced by nn.ReLU; skipped: layer, BatchNorm or '<model>' -> why it
     was left alone."""
 
     model: nn.Module
+    plain: list[str] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
     pairs: list[tuple[str, str]] = field(default_factory=list)
     relu6_replaced: list[str] = field(default_factory=list)
@@ -89,6 +91,7 @@ def equalized(model: nn.Module, *, scale_pairs: bool = True, relu6_to_relu: bool
         result.skipped["<model>"] = (f"torch.fx could not trace it ({type(error).__name__}: {error}); "
                                      "nothing was changed")
         return result
+    _plain_convs(result, graph)
     calls = Counter(id(_module(result.model, node)) for node in graph.nodes if node.op == "call_module")
     _fold_batchnorms(result, graph, calls)
     pairs = _find_pairs(result, graph, calls, relu6_to_relu) if scale_pairs else []
@@ -138,6 +141,71 @@ def scales_with_weight(layer: nn.Module) -> bool:
             return torch.allclose(probe(x), 2 * once, rtol=1e-4, atol=1e-5)
     except Exception:  # a layer that cannot run on the probe is not equalized
         return False
+
+
+def _plain_convs(result: Equalization, graph: fx.Graph) -> None:
+    """Replace each conv subclass whose forward zero-pads, then convolves with its own weight (TensorFlow
+    'same' padding in ports such as EfficientNet-Lite's `Conv2dStaticSamePadding`) by a padding call and a
+    plain conv of the base class at the same name: FX quantization traces into the subclass, so its conv
+    would be a functional call, without BatchNorm folding, ReLU fusion or per-layer weight recovery."""
+    model = result.model
+    for node in list(graph.nodes):
+        conv = _module(model, node)
+        if not isinstance(conv, CONVS) or _keeps_forward(conv, CONVS):
+            continue
+        base = next(base for base in CONVS if isinstance(conv, base))
+        found = _pad_then_conv(conv, base)
+        if found is None:
+            continue
+        pad, padding = found
+        plain = base(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+                     conv.groups, bias=conv.bias is not None, device="meta")
+        plain.weight, plain.bias = conv.weight, conv.bias
+        _replace(model, node.target, plain.eval())
+        if any(pad):
+            with graph.inserting_before(node):
+                padded = graph.call_function(F.pad, (node.args[0], tuple(pad)))
+            node.replace_input_with(node.args[0], padded)
+        result.plain.append(node.target)
+
+
+_FUNCTIONAL_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def _pad_then_conv(conv: nn.Module, base: type) -> tuple[tuple[int, ...], object] | None:
+    """(zero pad, conv padding) when `conv`'s forward is exactly: zero-pad the input (a ConstantPad module
+    with value 0, F.pad with value 0, or nothing), then the functional conv with its own weight, bias,
+    stride, dilation and groups; None for any other forward."""
+    try:
+        graph = fx.symbolic_trace(conv).graph
+    except Exception:  # a forward torch.fx cannot trace is left as it is
+        return None
+    nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output", "get_attr")]
+    pad: tuple[int, ...] = ()
+    if len(nodes) == 2:
+        padder = nodes[0]
+        module = conv.get_submodule(padder.target) if padder.op == "call_module" else None
+        if isinstance(module, CHANNELWISE[:3]) and module.value == 0:
+            pad = tuple(module.padding)
+        elif padder.op == "call_function" and padder.target is F.pad and not padder.kwargs.get("value") and \
+                padder.kwargs.get("mode", "constant") == "constant" and len(padder.args) == 2:
+            pad = tuple(padder.args[1])
+        else:
+            return None
+    elif len(nodes) != 1:
+        return None
+    call = nodes[-1]
+    if call.op != "call_function" or call.target is not _FUNCTIONAL_CONVS[base] or call.kwargs:
+        return None
+    args = list(call.args) + [None] * (7 - len(call.args))
+    weight, bias, stride, padding, dilation, groups = args[1:]
+    own = (getattr(weight, "target", None) == "weight" and
+           (bias is None and conv.bias is None or getattr(bias, "target", None) == "bias"))
+    same = (tuple(stride or (1,)) == tuple(conv.stride) or stride is None and set(conv.stride) == {1}) and \
+        tuple(dilation or conv.dilation) == tuple(conv.dilation) and (groups or 1) == conv.groups
+    if not own or not same or isinstance(padding, str):
+        return None
+    return pad, padding if padding is not None else 0
 
 
 def _fold_batchnorms(result: Equalization, graph: fx.Graph, calls: Counter) -> None:

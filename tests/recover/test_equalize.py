@@ -181,6 +181,31 @@ def test_a_conv_subclass_with_its_own_forward_is_a_layer_and_its_batchnorm_is_fo
         assert torch.allclose(result.model(X), model(X), rtol=1e-4, atol=1e-5)
 
 
+class StaticSamePadConv2d(nn.Conv2d):
+    """TensorFlow 'SAME' padding fixed at construction, as EfficientNet-Lite's port does it: a ZeroPad2d,
+    then the conv without padding."""
+
+    def __init__(self, *args, pad=(0, 1, 0, 1), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_conv_subclass_that_pads_then_convolves_becomes_a_pad_and_a_plain_conv():
+    model = randomized(nn.Sequential(StaticSamePadConv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU6(),
+                                     StaticSamePadConv2d(16, 16, 3, groups=16, pad=(1, 1, 1, 1))))
+    result = equalized(model, scale_pairs=False)
+    assert result.plain == ["0", "3"] and result.folded == ["1"]
+    assert all(type(result.model.get_submodule(name)) is nn.Conv2d for name in ("0", "3"))  # FX sees modules
+    assert isinstance(model[0], StaticSamePadConv2d)  # the input model is untouched
+    with torch.no_grad():
+        assert torch.allclose(result.model(X), model(X), rtol=1e-4, atol=1e-5)
+    dynamic = equalized(nn.Sequential(Conv2dSame(8, 16, 3)))  # padding computed from the input's shape: kept
+    assert dynamic.plain == [] and type(dynamic.model.get_submodule("0")) is Conv2dSame
+
+
 class StandardizedConv2d(nn.Conv2d):
     """Weight standardization (as in BiT): scaling its weight does not scale its output."""
 
