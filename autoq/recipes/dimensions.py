@@ -117,15 +117,14 @@ class Dimensions:
                 f"{prefix}adaround": closest(False, self.space.adaround)}
 
     def recovery_variants(self, seed: dict, prefix: str) -> list[dict]:
-        """`seed` with each rewrite the space allows, and each of those with bias correction too; then (if
-        allowed) with learned rounding, alone and with bias correction."""
-        rewrites = [seed.get(f"{prefix}equalization"), *(e for e in self.space.equalizations if e != "none")]
-        corrections = [False, True] if True in self.space.bias_correction else [False]
-        variants = [{**seed, f"{prefix}equalization": rewrite, f"{prefix}bias_correction": correct}
-                    for rewrite in dict.fromkeys(rewrites) for correct in corrections]
+        """`seed` with bias correction (if allowed), alone and with each rewrite the space allows, then
+        with learned rounding too (if allowed): a few trials that show what each is worth."""
+        correct = {f"{prefix}bias_correction": True in self.space.bias_correction}
+        rewrites = dict.fromkeys([seed.get(f"{prefix}equalization"), *self.space.equalizations])
+        variants = [{**seed, **correct, f"{prefix}equalization": rewrite} for rewrite in rewrites
+                    if rewrite != "none" or correct[f"{prefix}bias_correction"]]
         if True in self.space.adaround:
-            variants += [{**seed, f"{prefix}adaround": True, f"{prefix}bias_correction": correct}
-                         for correct in corrections]
+            variants.append({**seed, **correct, f"{prefix}adaround": True})
         return variants
 
     def percentile(self, trial: optuna.Trial, prefix: str, used: bool) -> float:

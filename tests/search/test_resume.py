@@ -19,7 +19,7 @@ from autoq.search.study import (
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist_cnn.toml"
-TRIALS = 12
+TRIALS = 18  # more than the run file's 12: the resumed run reaches the killed trial's retry, queued after the sweep
 
 
 def autoq_command(storage: str, out: Path) -> list[str]:
