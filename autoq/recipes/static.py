@@ -95,6 +95,7 @@ class StaticBuilder:
         self.equalizations: dict[str, Equalization] = {}  # equalization -> what the rewrite did
         self._means: dict[str, torch.Tensor] | None = None  # each layer's mean input per channel (bias correction)
         self._rounded: dict[tuple, dict[str, torch.Tensor]] = {}  # weight setting -> AdaRound's int8 weights
+        self._weights: dict[tuple, dict] = {}  # weight setting -> FP32 (weight, bias) per layer
         self._model = copy.deepcopy(model).eval()
         use_base_layer_classes(self._model)
         self._prepared: dict[tuple, torch.fx.GraphModule] = {}
@@ -115,7 +116,7 @@ class StaticBuilder:
 
     def _prepare(self, plan: QuantPlan) -> torch.fx.GraphModule:
         """The captured graph prepared with the plan's weight observers (convert_fx needs the prepare's qconfigs)."""
-        key = (plan.weight_granularity, plan.weight_bits, tuple(sorted(plan.layer_weight_bits.items())))
+        key = _weight_setting(plan)
         if key not in self._prepared:
             custom = PrepareCustomConfig().set_non_traceable_module_names(self.non_traceable_modules)
             with warnings.catch_warnings():
@@ -172,7 +173,7 @@ class StaticBuilder:
             if plan.adaround:
                 set_int8_weights(quantized, self._adarounded(plan), engine=plan.engine)
             if plan.bias_correction:
-                correct_bias(quantized, float_weights(self._prepare(plan), self.layers), self._input_means(),
+                correct_bias(quantized, self._float_weights(plan), self._input_means(),
                              engine=plan.engine)
         if plan.fold_relu6:
             fold_relu6(quantized, plan.engine, observed_quant_max=127 if plan.reduce_range else 255)
@@ -197,12 +198,20 @@ class StaticBuilder:
 
     def _adarounded(self, plan: QuantPlan) -> dict[str, torch.Tensor]:
         """AdaRound's int8 weights of every layer for the plan's weight setting (learned once per setting)."""
-        key = (plan.weight_granularity, plan.weight_bits, tuple(sorted(plan.layer_weight_bits.items())))
+        key = _weight_setting(plan)
         if key not in self._rounded:
-            weights = float_weights(self._prepare(plan), self.layers)
+            weights = self._float_weights(plan)
             scales = weight_scales(weights, plan.weight_granularity, plan.weight_bits_for)
             self._rounded[key] = adarounded(self._model, self.layers, self._batches, scales, weights=weights)
         return self._rounded[key]
+
+    def _float_weights(self, plan: QuantPlan) -> dict:
+        """The BN-folded FP32 weights and biases of the plan's prepared graph (copied once per weight setting,
+        not per build)."""
+        key = _weight_setting(plan)
+        if key not in self._weights:
+            self._weights[key] = float_weights(self._prepare(plan), self.layers)
+        return self._weights[key]
 
     def _input_means(self) -> dict[str, torch.Tensor]:
         """Each layer's mean FP32 input per channel over the first MEAN_SAMPLES calibration samples, from
@@ -212,6 +221,11 @@ class StaticBuilder:
             kept = next((i + 1 for i, end in enumerate(ends) if end >= MEAN_SAMPLES), len(self._batches))
             self._means = input_means(self._model, self.layers, self._batches[:kept])
         return self._means
+
+
+def _weight_setting(plan: QuantPlan) -> tuple:
+    """What a plan's prepared graph and weight quantization depend on."""
+    return plan.weight_granularity, plan.weight_bits, tuple(sorted(plan.layer_weight_bits.items()))
 
 
 def _copy_sharing_tensors(module: nn.Module) -> nn.Module:
