@@ -130,8 +130,8 @@ def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = 
     if recipes:
         training["space"] = {"recipes": recipes}
     started, started_at = time.perf_counter(), time.time()
-    result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), max_loss=0.01,
-                        n_trials=trials, storage=storage, verbose=False, **training)
+    result = autoq.tune(task.model, task.example_inputs, task.calib, eval_data=task.eval_data(), metric=task.score,
+                        max_loss=0.01, n_trials=trials, storage=storage, verbose=False, **training)
     first_ok = next((t for t in result.trials if t["feasible"]), None)
     plan = QuantPlan.from_dict(result.plan)
     changes = " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"

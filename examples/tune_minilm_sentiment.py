@@ -40,8 +40,8 @@ def main() -> None:
     started = time.perf_counter()
     task = zoo.minilm_sentiment_task(n_val=3000, n_test=3000)
     print(f"task ready in {time.perf_counter() - started:.0f} s: {task.name}, threads={torch.get_num_threads()}")
-    result = autoq.tune(task.model, task.example_inputs, task.calib, task.eval_fn(), strategy=args.strategy,
-                        max_loss=args.max_loss, n_trials=args.trials, storage=args.storage)
+    result = autoq.tune(task.model, task.example_inputs, task.calib, eval_data=task.eval_data(), metric=task.score,
+                        strategy=args.strategy, max_loss=args.max_loss, n_trials=args.trials, storage=args.storage)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice

@@ -38,7 +38,7 @@ def main() -> None:
           f"{sum(len(b) for b in task.calib)} calibration images, threads={torch.get_num_threads()}")
 
     result = autoq.tune(
-        task.model, task.example_inputs, task.calib, task.eval_fn(),
+        task.model, task.example_inputs, task.calib, eval_data=task.eval_data(), metric=task.score,
         max_loss=args.max_loss, n_trials=args.trials, storage=args.storage, sensitivity_samples=16,
         confirm_fraction=2 / 3,
     )

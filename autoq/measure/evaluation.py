@@ -9,7 +9,10 @@ Three sources of a metric:
   samples of the part it asks for, so confirmation samples are never run during the search.
 
 `Scorer` judges a model against FP32 on a part: the metric, the loss and (per sample) its one-sided
-upper confidence bound (autoq.measure.confidence).
+upper confidence bound (autoq.measure.confidence). A search trial is screened (successive halving):
+where scoring some samples costs only their share, the plan is first judged on random shares of the
+search part (SCREEN_SHARES) and stopped there once its loss is over budget even at the lower end of a
+SCREEN_CONFIDENCE interval; a plan that passes is scored on the rest, so screening costs it nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from autoq.config import TuneConfig
 from autoq.measure.confidence import LossEstimate, paired_loss, samples_needed
 
 SEARCH, CONFIRM = "search", "confirm"
+SCREEN_SHARES = (0.125, 0.375)  # shares of the search part a plan is judged on before all of it
+SCREEN_CONFIDENCE = 0.99  # a plan stops at a screen when its loss's lower bound at this level is over budget
+MIN_SCREEN = 100  # samples a screen needs at least (a smaller share is skipped)
 
 
 def per_sample_top1(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -160,6 +166,7 @@ class Judgement:
     metric: float
     loss: float
     estimate: LossEstimate | None
+    screened: int | None = None  # samples judged when a screen stopped the plan early (None: all of the part)
 
     @property
     def bound(self) -> float:
@@ -204,8 +211,46 @@ class Scorer:
         return self.size(part) / total if self.evaluation.subsets and total else 1.0
 
     def judge(self, model: nn.Module, part: str = SEARCH) -> Judgement:
-        scores = self.evaluation.run(model, self.parts[part])
-        fp32 = self.fp32[part]
+        return self._judgement(self.fp32[part], self.evaluation.run(model, self.parts[part]))
+
+    @property
+    def screens(self) -> bool:
+        """Whether `screen` can stop a plan early: per-sample scores that cost only the samples scored."""
+        return self.evaluation.subsets and self.per_sample
+
+    def screen(self, model: nn.Module) -> Judgement:
+        """Judge `model` on the search part by successive halving (see the module's docstring): the
+        judgement on all of it, or, with `screened` set, on the random share where it was stopped."""
+        indices, fp32 = self.parts[SEARCH], self.fp32[SEARCH]
+        if not self.screens:
+            return self.judge(model)
+        order = np.random.default_rng(self.config.seed).permutation(len(indices))
+        scores, done = np.zeros(len(indices)), 0
+        for share in SCREEN_SHARES:
+            stop = int(len(indices) * share)
+            if stop < MIN_SCREEN:
+                continue
+            chunk = np.sort(order[done:stop])
+            scores[chunk], done = self.evaluation.run(model, indices[chunk]), stop
+            seen = np.sort(order[:done])
+            if self._lower_bound(fp32[seen], scores[seen]) > self.config.max_loss:
+                # the metric on the whole part, estimated from the paired difference on the samples seen
+                metric = float(fp32.mean() + scores[seen].mean() - fp32[seen].mean())
+                estimate = self._judgement(fp32[seen], scores[seen]).estimate
+                return Judgement(metric, self.config.loss(float(fp32.mean()), metric), estimate, screened=done)
+        rest = np.sort(order[done:])
+        scores[rest] = self.evaluation.run(model, indices[rest])
+        return self._judgement(fp32, scores)
+
+    def _lower_bound(self, fp32: np.ndarray, scores: np.ndarray) -> float:
+        """One-sided lower bound on the loss at SCREEN_CONFIDENCE: minus the upper bound of the loss with
+        the metric's direction reversed."""
+        reversed_loss = paired_loss(fp32, scores, loss_type=self.config.loss_type,
+                                    higher_is_better=self.config.higher_is_better is False,
+                                    confidence=SCREEN_CONFIDENCE, seed=self.config.seed)
+        return -reversed_loss.upper
+
+    def _judgement(self, fp32: np.ndarray | float, scores: np.ndarray | float) -> Judgement:
         if isinstance(scores, float) or isinstance(fp32, float) or self.config.confidence is None:
             metric = scores if isinstance(scores, float) else float(scores.mean())
             return Judgement(metric, self.config.loss(float(np.mean(fp32)), metric), None)

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from autoq.config import TuneConfig
 from autoq.dispatch.layers import set_layer_engines
 from autoq.dispatch.measured import LayerTimer
-from autoq.measure.evaluation import Scorer
+from autoq.measure.evaluation import SCREEN_CONFIDENCE, SEARCH, Scorer
 from autoq.measure.latency import measure_latency, speedup, speedup_interval
 from autoq.measure.lock import measurement_lock
 from autoq.plan import MEASURED, QuantPlan, default_plan, recipe_kind
@@ -68,7 +68,7 @@ class Objective:
 
     def _remember(self, key: str, outcome: dict, plan: dict) -> None:
         self.outcomes[key] = {k: outcome[k] for k in ("metric", "loss", "loss_upper", "speedup", "speedup_interval",
-                                                      "int8_ms", "fp32_ms") if outcome.get(k) is not None}
+                                                      "int8_ms", "fp32_ms", "screened") if outcome.get(k) is not None}
         if outcome["loss"] > self.config.max_loss:
             return
         self.feasible.append((outcome["speedup"], plan["_data"]["recipe"]))
@@ -142,7 +142,11 @@ class Objective:
             trial.set_user_attr(name, value)
         feasible = outcome["loss"] <= self.config.max_loss
         trial.set_constraint("accuracy_loss", outcome["loss"] - self.config.max_loss)
-        self._report(trial, plan, outcome, "feasible" if feasible else "over budget")
+        verdict = "feasible" if feasible else "over budget"
+        if "screened" in outcome:
+            verdict += (f" (stopped after {outcome['screened']} of {self.scorer.size(SEARCH)} samples: over budget "
+                        f"at {SCREEN_CONFIDENCE:.0%} confidence)")
+        self._report(trial, plan, outcome, verdict)
         return outcome["speedup"]
 
     def reserve(self) -> float:
@@ -235,11 +239,12 @@ class Objective:
                 self._prune(trial, plan, measured)
         try:
             with CTRL_C.work():
-                judged = self.scorer.judge(model)
+                judged = self.scorer.screen(model)
         except Exception as error:
             self._fail(trial, plan, f"evaluating the candidate failed: {type(error).__name__}: {error}")
         bound = {} if judged.estimate is None else {"loss_upper": judged.estimate.upper}
-        return {"metric": judged.metric, "loss": judged.loss, **bound, **measured}
+        screened = {} if judged.screened is None else {"screened": judged.screened}
+        return {"metric": judged.metric, "loss": judged.loss, **bound, **screened, **measured}
 
     def _slower_than_best(self, model: torch.nn.Module) -> bool:
         """Whether `model` is PRUNE_MARGIN slower than the best feasible plan's model, timed side by side.

@@ -80,6 +80,12 @@ class Task:
                 scores.append(self.score(outputs, labels))
         return torch.cat(scores)
 
+    def eval_data(self, split: str = "val") -> list[tuple[Inputs, Tensor]]:
+        """``split`` as ``(model inputs, labels)`` batches, preprocessed once: autoq's ``eval_data``, with
+        ``metric=task.score``. autoq then runs the model on only the samples it asks for (a search trial
+        on its part, a clearly failing plan on a share of it), where ``eval_fn`` scores every sample."""
+        return list(self.batches(split))
+
     def eval_fn(self) -> Callable[[nn.Module], Tensor]:
         """``model ->`` per-sample scores on val (``correct``; their mean is the accuracy), the tuner's
         objective: per-sample scores let autoq confirm its pick on held-back samples with a bound."""
