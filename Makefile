@@ -38,7 +38,7 @@ postgres:
 	  || echo "PostgreSQL missing: run 'apt-get install postgresql' as root (tests that need it are skipped)"
 
 demo: setup data
-	$(PY) examples/tune_mobilenet_fashion.py
+	$(PY) examples/tune_fashion.py
 
 # The suite, then its int8-path tests again with the kernel libraries capped at AVX2 (no VNNI): on a
 # VNNI/AMX machine that leg runs the AVX2 code paths (tests/dispatch/test_isa.py checks that the caps take effect).

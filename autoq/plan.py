@@ -55,7 +55,8 @@ RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
     RecipeKind("dynamic", ("weight_granularity",), dynamic=True),
     RecipeKind("qat", ("activation_observer", "weight_granularity", "reduce_range", "weight_bits", "qat_epochs",
                        "qat_lr"), fine_tunes="static"),
-    RecipeKind("pt2e-static", ("activation_observer", "reduce_range", "weight_bits", *_INDUCTOR_FIELDS),
+    RecipeKind("pt2e-static", ("activation_observer", "reduce_range", "weight_bits", "bias_correction",
+                               *_INDUCTOR_FIELDS),
                inductor=True, calibrated=True),
     RecipeKind("pt2e-dynamic", ("reduce_range", "weight_bits", *_INDUCTOR_FIELDS), inductor=True, dynamic=True),
     RecipeKind("pt2e-qat", ("activation_observer", "reduce_range", "weight_bits", "qat_epochs", "qat_lr",
@@ -116,7 +117,8 @@ class QuantPlan:
       or down to reproduce its FP32 outputs on calibration inputs (`autoq.recover.adaround`; minutes on
       a large model, once per weight quantization).
     bias_correction: each int8 layer's bias corrected for the mean output shift its weight rounding
-      causes, (W_int8 - W) E[x], with E[x] from the calibration data (`autoq.recover.bias`).
+      causes, (W_int8 - W) E[x], with E[x] from the calibration data (`autoq.recover.bias`; for
+      'pt2e-static', `autoq.recover.graph_bias`).
     qat_epochs, qat_lr: (recipes 'qat', 'pt2e-qat') length and Adam learning rate (cosine decay) of the
       quantization-aware fine-tune.
     """

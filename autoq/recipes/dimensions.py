@@ -8,7 +8,7 @@ and packed for the faster one. Each recipe's `suggest` composes these (autoq.rec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from autoq.config import SearchSpace
@@ -103,27 +103,32 @@ class Dimensions:
                 **{f"{prefix}observer:{layer}": GLOBAL
                    for layer in self.rankings[recipe][: self.space.layer_observer_slots]}}
 
-    def recovery(self, trial: optuna.Trial, prefix: str) -> dict:
-        """Accuracy recovery beyond ranges and fallbacks: an FP32 rewrite (BatchNorm folding, cross-layer
-        equalization) and bias correction."""
-        return {"equalization": trial.suggest_categorical(f"{prefix}equalization", self.space.equalizations),
-                "bias_correction": trial.suggest_categorical(f"{prefix}bias_correction", self.space.bias_correction),
-                "adaround": trial.suggest_categorical(f"{prefix}adaround", self.space.adaround)}
+    def _recovery_choices(self, fields: Sequence[str]) -> dict[str, tuple[object, Sequence]]:
+        """The recovery plan fields among `fields` (a recipe's) -> (their default, the space's choices)."""
+        choices = {"equalization": ("none", self.space.equalizations),
+                   "bias_correction": (False, self.space.bias_correction), "adaround": (False, self.space.adaround)}
+        return {name: choice for name, choice in choices.items() if name in fields}
 
-    def recovery_seed(self, prefix: str) -> dict:
+    def recovery(self, trial: optuna.Trial, prefix: str, fields: Sequence[str]) -> dict:
+        """Accuracy recovery beyond ranges and fallbacks, as far as the recipe's plan `fields` have it: an FP32
+        rewrite (BatchNorm folding, cross-layer equalization), bias correction and learned rounding."""
+        return {name: trial.suggest_categorical(f"{prefix}{name}", choices)
+                for name, (_, choices) in self._recovery_choices(fields).items()}
+
+    def recovery_seed(self, prefix: str, fields: Sequence[str]) -> dict:
         """Seed values of `recovery`: none (PyTorch's defaults have none)."""
-        return {f"{prefix}equalization": closest("none", self.space.equalizations),
-                f"{prefix}bias_correction": closest(False, self.space.bias_correction),
-                f"{prefix}adaround": closest(False, self.space.adaround)}
+        return {f"{prefix}{name}": closest(default, choices)
+                for name, (default, choices) in self._recovery_choices(fields).items()}
 
-    def recovery_variants(self, seed: dict, prefix: str) -> list[dict]:
+    def recovery_variants(self, seed: dict, prefix: str, fields: Sequence[str]) -> list[dict]:
         """`seed` with bias correction (if allowed), alone and with each rewrite the space allows, then
         with learned rounding too (if allowed): a few trials that show what each is worth."""
-        correct = {f"{prefix}bias_correction": True in self.space.bias_correction}
-        rewrites = dict.fromkeys([seed.get(f"{prefix}equalization"), *self.space.equalizations])
-        variants = [{**seed, **correct, f"{prefix}equalization": rewrite} for rewrite in rewrites
-                    if rewrite != "none" or correct[f"{prefix}bias_correction"]]
-        if True in self.space.adaround:
+        allowed = {name: choices for name, (_, choices) in self._recovery_choices(fields).items()}
+        correct = {f"{prefix}bias_correction": True} if True in allowed.get("bias_correction", ()) else {}
+        variants = [{**seed, **correct}] if correct else []
+        variants += [{**seed, **correct, f"{prefix}equalization": rewrite}
+                     for rewrite in allowed.get("equalization", ()) if rewrite != "none"]
+        if True in allowed.get("adaround", ()):
             variants.append({**seed, **correct, f"{prefix}adaround": True})
         return variants
 

@@ -8,8 +8,8 @@ third, 'pt2e-qat', fine-tunes (autoq.recipes.qat) and lowers the same way.
 `Pt2eBuilder` exports the model once (batch dimension dynamic, dead code dropped: an unused
 output such as a BERT pooler otherwise breaks prepare_pt2e), calibrates once with autoq's
 statistics collectors, then builds any number of candidates: each is prepared with the plan's FP32
-fallbacks (`set_module_name_qconfig(name, None)`), gets the plan's ranges, is converted and then
-compiled with freezing (and optionally cpp_wrapper and int8-mixed-bf16 autocast). Compile time is
+fallbacks (`set_module_name_qconfig(name, None)`), gets the plan's ranges, is converted (biases
+corrected with the plan's `bias_correction`: `autoq.recover.graph_bias`) and then compiled with freezing (and optionally cpp_wrapper and int8-mixed-bf16 autocast). Compile time is
 part of each build; Inductor's on-disk cache makes rebuilding a plan cheap.
 """
 
@@ -36,6 +36,8 @@ from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import TraceError, drop_dead_code
 from autoq.plan import INDUCTOR, RECIPE_KINDS, QuantPlan
+from autoq.recover.bias import mean_batches
+from autoq.recover.graph_bias import correct_graph_bias, graph_float_weights, graph_input_means, is_layer
 from autoq.recipes.dimensions import unique
 from autoq.recipes.dynamic import auto_skip_reason
 from autoq.recipes.recipe import Builder, Capture, Recipe
@@ -48,8 +50,6 @@ if TYPE_CHECKING:
     from autoq.recipes.dimensions import Dimensions
 
 QAT_EPS = 2**-12  # X86InductorQuantizer's eps for QAT fake-quants
-_LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
-              torch.ops.aten.conv3d.default}
 
 
 def bf16_supported() -> bool:
@@ -95,7 +95,7 @@ def _export(model: nn.Module, example_inputs: tuple, strict: bool = False) -> to
 def _layer_name(node: torch.fx.Node) -> str | None:
     """Module name of a linear/conv node in an exported graph (the innermost module it ran in)."""
     stack = node.meta.get("nn_module_stack")
-    if node.op != "call_function" or node.target not in _LAYER_OPS or not stack:
+    if not is_layer(node) or not stack:
         return None
     return list(stack.values())[-1][0]
 
@@ -224,6 +224,7 @@ class Pt2eBuilder:
         self.stats: dict[str, list[TensorStats]] = {}  # observed node name -> snapshots
         self.owner: dict[str, str] = {}  # observed node name -> layer whose output it is
         self.calib_batches = list(calib_batches)
+        self._means: dict[str, torch.Tensor] | None = None  # each layer's mean FP32 input, for bias correction
         if not self.dynamic:
             self._calibrate(QuantPlan(recipe=recipe), None, progress)
 
@@ -269,7 +270,18 @@ class Pt2eBuilder:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             prepared(*self.example_inputs)  # weight observers see their weights (activation ranges are fixed)
-            return convert_pt2e(prepared)
+            weights = graph_float_weights(prepared) if plan.bias_correction else {}
+            converted = convert_pt2e(prepared)
+        if plan.bias_correction:
+            correct_graph_bias(converted, weights, self._input_means())
+        return converted
+
+    def _input_means(self) -> dict[str, torch.Tensor]:
+        """Each layer's mean FP32 input per channel over the first calibration samples (`mean_batches`), by
+        node name in the exported graph (computed once)."""
+        if self._means is None:
+            self._means = graph_input_means(self._graph, mean_batches(self.calib_batches))
+        return self._means
 
     def _set_ranges(self, prepared: torch.fx.GraphModule, plan: QuantPlan) -> None:
         """Each observer gets its tensor's range; an observer shared by several tensors gets their union,
@@ -342,18 +354,21 @@ class Pt2eStaticRecipe(_PostTraining):
         prefix, lowering = f"{name}:", dims.inductor_lowering(trial, name)
         ranges, uses_percentile = dims.ranges(trial, name, prefix)
         return QuantPlan(recipe=name, **ranges, calib_samples=dims.calib_samples(trial, prefix),
-                         percentile=dims.percentile(trial, prefix, uses_percentile), **lowering)
+                         percentile=dims.percentile(trial, prefix, uses_percentile), **lowering,
+                         **dims.recovery(trial, prefix, self.kind.fields))
 
     def seeds(self, dims: Dimensions) -> list[dict]:
         """X86InductorQuantizer's defaults: histogram observer, Python wrapper, no bf16."""
         name = self.kind.name
         return [{**dims.recipe_param(name), **dims.inductor_lowering_seed(name), **dims.ranges_seed(name, f"{name}:"),
-                 f"{name}:calib_samples": dims.arms.checkpoints[-1], f"{name}:n_fallback": 0}]
+                 **dims.recovery_seed(f"{name}:", self.kind.fields), f"{name}:calib_samples": dims.arms.checkpoints[-1],
+                 f"{name}:n_fallback": 0}]
 
     def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
-        """The other lowering options and int8 ranges, then the other observers."""
+        """The other lowering options and int8 ranges, then the other observers, then bias correction."""
         name = self.kind.name
-        variants = dims.inductor_lowering_variants(seed, name) + dims.observer_variants(seed, f"{name}:")
+        variants = (dims.inductor_lowering_variants(seed, name) + dims.observer_variants(seed, f"{name}:")
+                    + dims.recovery_variants(seed, f"{name}:", self.kind.fields))
         return [params for params in unique(variants) if params != seed]
 
 

@@ -35,7 +35,7 @@ from autoq.recipes.fusion import fold_relu6, is_relu6
 from autoq.recipes.recipe import Builder, Capture, Recipe
 from autoq.recipes.sensitivity import layer_sensitivity
 from autoq.recover.adaround import adarounded, set_int8_weights, weight_scales
-from autoq.recover.bias import correct_bias, float_weights, input_means
+from autoq.recover.bias import correct_bias, float_weights, input_means, mean_batches
 from autoq.recover.equalize import Equalization, equalized
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from autoq.recipes.arms import Arms
     from autoq.recipes.dimensions import Dimensions
 
-MEAN_SAMPLES = 512  # calibration samples whose mean layer inputs correct biases
 
 
 def qconfig_mapping(weight_granularity: str, fp32_layers: Sequence[Layer] = (), weight_bits: int = 8,
@@ -217,9 +216,7 @@ class StaticBuilder:
         """Each layer's mean FP32 input per channel over the first MEAN_SAMPLES calibration samples, from
         the FP32 model itself (its layers have the names of the prepared graph's; computed once)."""
         if self._means is None:
-            ends = itertools.accumulate(int(batch[0].shape[0]) for batch in self._batches)
-            kept = next((i + 1 for i, end in enumerate(ends) if end >= MEAN_SAMPLES), len(self._batches))
-            self._means = input_means(self._model, self.layers, self._batches[:kept])
+            self._means = input_means(self._model, self.layers, mean_batches(self._batches))
         return self._means
 
 
@@ -317,7 +314,7 @@ class StaticRecipe(Recipe):
             percentile=dims.percentile(trial, "", uses_percentile),
             channels_last=trial.suggest_categorical("channels_last", space.channels_last),
             fold_relu6=may_fold and trial.suggest_categorical("fold_relu6", space.fold_relu6),
-            **dims.recovery(trial, ""),
+            **dims.recovery(trial, "", self.kind.fields),
         )
 
     def seeds(self, dims: Dimensions) -> list[dict]:
@@ -335,7 +332,7 @@ class StaticRecipe(Recipe):
                 "calib_samples": dims.arms.checkpoints[-1],
                 "channels_last": closest(plan.channels_last, space.channels_last),
                 **({"fold_relu6": closest(False, space.fold_relu6)} if dims.arms.has_relu6 else {}),
-                **dims.recovery_seed(""),
+                **dims.recovery_seed("", self.kind.fields),
             })
         return seeds
 
@@ -347,5 +344,6 @@ class StaticRecipe(Recipe):
         preferred = {"reduce_range": False if False in space.reduce_range else seed["reduce_range"]}
         if dims.arms.has_relu6 and True in space.fold_relu6:
             preferred["fold_relu6"] = True
-        variants = dims.observer_variants({**seed, **preferred}, "") + dims.recovery_variants({**seed, **preferred}, "")
+        variants = (dims.observer_variants({**seed, **preferred}, "")
+                    + dims.recovery_variants({**seed, **preferred}, "", self.kind.fields))
         return [params for params in variants if params != seed]

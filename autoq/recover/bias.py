@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from autoq.dispatch.engine import quantized_engine
 
+MEAN_SAMPLES = 512  # calibration samples whose mean layer inputs correct biases
 FLOAT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 INT8_LAYERS = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear)  # ConvReLU, ConvAdd, LinearReLU are subclasses
 FloatWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]  # layer name -> FP32 (weight, bias)
@@ -73,6 +74,12 @@ def input_means(model: nn.Module, layer_names: Sequence[str], batches: Sequence[
     return {name: (total / counts[name]).float() for name, total in sums.items()}
 
 
+def mean_batches(batches: Sequence[tuple]) -> Sequence[tuple]:
+    """The first calibration batches that hold MEAN_SAMPLES samples (all of them if they hold fewer)."""
+    ends = itertools.accumulate(int(batch[0].shape[0]) for batch in batches)
+    return batches[:next((i + 1 for i, end in enumerate(ends) if end >= MEAN_SAMPLES), len(batches))]
+
+
 def float_weights(prepared: fx.GraphModule, layer_names: Sequence[str]) -> FloatWeights:
     """The FP32 weight and bias (detached copies) of each named conv/linear of a graph prepared by prepare_fx.
 
@@ -106,7 +113,7 @@ def correct_bias(quantized: fx.GraphModule, weights: FloatWeights, means: Mappin
     corrected = []
     for name, module in static_int8_layers(quantized, weights.keys() & means.keys()):
         weight, bias = weights[name]
-        shift = _output_shift(name, module.weight().dequantize(), weight, means[name], getattr(module, "groups", 1))
+        shift = output_shift(name, module.weight().dequantize(), weight, means[name], getattr(module, "groups", 1))
         repack(module, module.weight(), (torch.zeros_like(shift) if bias is None else bias) - shift,
                layer_engines.get(name, engine))
         corrected.append(name)
@@ -128,8 +135,8 @@ def repack(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, e
         module.set_weight_bias(weight, bias)
 
 
-def _output_shift(name: str, dequantized: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                  groups: int) -> torch.Tensor:
+def output_shift(name: str, dequantized: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                 groups: int) -> torch.Tensor:
     """(W_q - W) E[x] per output channel; weights are (outputs, inputs per group, *kernel)."""
     outputs, inputs = dequantized.shape[:2]
     if weight.shape != dequantized.shape or mean.numel() != inputs * groups:

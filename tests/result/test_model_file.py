@@ -24,7 +24,7 @@ from nets import Net, Recurrent, fresh, tuned_model
     ("static", Net, {"equalization": "cross_layer", "bias_correction": True, "adaround": True, "fp32_layers": ["head"]}, None),
     ("dynamic", Recurrent, {}, None),
     ("qat", Net, {}, None),
-    ("pt2e-static", Net, {"fp32_layers": ["depthwise"]}, None),
+    ("pt2e-static", Net, {"fp32_layers": ["depthwise"], "bias_correction": True}, None),
 ])
 def test_a_saved_model_is_rebuilt_from_another_instance_with_identical_outputs(tmp_path, recipe, cls, plan,
                                                                                 dispatch):
