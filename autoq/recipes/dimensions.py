@@ -60,6 +60,13 @@ class Dimensions:
         ranking = self.rankings[recipe]
         return list(ranking[:trial.suggest_int(f"{prefix}n_fallback", 0, self.space.fallback_limit(len(ranking)))])
 
+    def fallback_seed(self, seed: dict, recipe: str, prefix: str) -> list[dict]:
+        """`seed` with its recipe's most sensitive layer in FP32, if the space allows fallbacks: a second seed,
+        because one layer int8 kernels cannot hold (a classifier head with outlier weights) can make a
+        recipe's default look hopeless and get it dropped before its fallbacks are searched."""
+        allowed = self.space.fallback_limit(len(self.rankings[recipe])) >= 1
+        return [{**seed, f"{prefix}n_fallback": 1}] if allowed else []
+
     def fallbacks_kernels_weights(self, trial: optuna.Trial, recipe: str) -> dict:
         """QuantPlan fields of a dynamic or QAT plan: its recipe, fallbacks, kernels and weight granularity
         (parameters prefixed with the recipe, but for the shared 'engine')."""

@@ -358,11 +358,13 @@ class Pt2eStaticRecipe(_PostTraining):
                          **dims.recovery(trial, prefix, self.kind.fields))
 
     def seeds(self, dims: Dimensions) -> list[dict]:
-        """X86InductorQuantizer's defaults: histogram observer, Python wrapper, no bf16."""
+        """X86InductorQuantizer's defaults: histogram observer, Python wrapper, no bf16; then the same with
+        the most sensitive layer in FP32 (`Dimensions.fallback_seed`)."""
         name = self.kind.name
-        return [{**dims.recipe_param(name), **dims.inductor_lowering_seed(name), **dims.ranges_seed(name, f"{name}:"),
-                 **dims.recovery_seed(f"{name}:", self.kind.fields), f"{name}:calib_samples": dims.arms.checkpoints[-1],
-                 f"{name}:n_fallback": 0}]
+        seed = {**dims.recipe_param(name), **dims.inductor_lowering_seed(name), **dims.ranges_seed(name, f"{name}:"),
+                **dims.recovery_seed(f"{name}:", self.kind.fields), f"{name}:calib_samples": dims.arms.checkpoints[-1],
+                f"{name}:n_fallback": 0}
+        return [seed, *dims.fallback_seed(seed, name, f"{name}:")]
 
     def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
         """The other lowering options and int8 ranges, then the other observers, then bias correction."""

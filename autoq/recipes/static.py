@@ -319,7 +319,8 @@ class StaticRecipe(Recipe):
 
     def seeds(self, dims: Dimensions) -> list[dict]:
         """PyTorch's default FX PTQ (get_default_qconfig_mapping) on each allowed kernel choice ('measured'
-        with x86's recipe); a default the space excludes becomes the space's first allowed value."""
+        with x86's recipe); a default the space excludes becomes the space's first allowed value. Then the
+        first of them with the most sensitive layer in FP32 (`Dimensions.fallback_seed`)."""
         space, seeds = dims.space, []
         for engine in dims.seed_kernels():
             plan = default_plan("x86" if engine == MEASURED else engine)
@@ -334,7 +335,7 @@ class StaticRecipe(Recipe):
                 **({"fold_relu6": closest(False, space.fold_relu6)} if dims.arms.has_relu6 else {}),
                 **dims.recovery_seed("", self.kind.fields),
             })
-        return seeds
+        return seeds + dims.fallback_seed(seeds[0], "static", "")
 
     def sweep(self, seed: dict, dims: Dimensions) -> list[dict]:
         """Every other observer method at full 8-bit range if allowed, with ReLU6 folded (a finer grid for

@@ -68,15 +68,19 @@ def wrong_direction(seeds: list[optuna.trial.FrozenTrial], max_loss: float) -> s
             f"higher_is_better=True to silence this.")
 
 
-def best_seeds(seeds: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:
-    """Per recipe, its seed trial with the lowest accuracy loss (fastest on ties)."""
+def best_seeds(seeds: list[optuna.trial.FrozenTrial], max_loss: float) -> dict[str, optuna.trial.FrozenTrial]:
+    """Per recipe, its fastest seed trial within the budget, else its seed with the lowest accuracy loss
+    (fastest on ties)."""
+    def rank(attrs: dict) -> tuple:
+        within = attrs["loss"] <= max_loss
+        return (not within, -attrs["speedup"]) if within else (True, attrs["loss"], -attrs["speedup"])
+
     best: dict[str, optuna.trial.FrozenTrial] = {}
     for trial in seeds:
         if trial.state != optuna.trial.TrialState.COMPLETE or "loss" not in trial.user_attrs:
             continue
         recipe = QuantPlan.from_dict(trial.user_attrs["plan"]).recipe
-        rank = (trial.user_attrs["loss"], -trial.user_attrs["speedup"])
-        if recipe not in best or rank < (best[recipe].user_attrs["loss"], -best[recipe].user_attrs["speedup"]):
+        if recipe not in best or rank(trial.user_attrs) < rank(best[recipe].user_attrs):
             best[recipe] = trial
     return best
 
@@ -96,7 +100,7 @@ def after_seeds(study: optuna.Study, n_seeds: int, proposer: PlanProposer, confi
     if config.higher_is_better is None and (reason := wrong_direction(seeds, max_loss)):
         study.set_user_attr(DIRECTION_ATTR, reason)  # the tuner warns once the trials end (they run muted)
         report(reason)
-    best = best_seeds(seeds)
+    best = best_seeds(seeds, max_loss)
     dropped = dominated_recipes({recipe: trial.user_attrs for recipe, trial in best.items()}, max_loss)
     fine_tuning = proposer.recipes(fine_tuning=True)
     if fine_tuning:  # the recovery arms: only if no all-int8 post-training seed meets the budget

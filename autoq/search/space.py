@@ -34,10 +34,16 @@ class PlanProposer:
     def seed_params(self) -> list[dict]:
         """Trial parameters of PyTorch's default recipes on each allowed engine, x86 first: of each
         post-training recipe searched, in the arms' order, grouped by kernel choice ('measured' last);
-        then the Inductor recipes' (which have no kernel choice)."""
+        then the Inductor recipes' (which have no kernel choice); then each recipe's default with its most
+        sensitive layer in FP32."""
         seeds = [seed for recipe in self.recipes(fine_tuning=False) for seed in RECIPES[recipe].seeds(self.dims)]
         engines = self.dims.seed_kernels()
-        return sorted(seeds, key=lambda seed: engines.index(seed["engine"]) if "engine" in seed else len(engines))
+
+        def order(seed: dict) -> tuple[bool, int]:  # PyTorch's defaults first, those with an FP32 layer last
+            with_fallback = any(name.endswith("n_fallback") and value for name, value in seed.items())
+            return with_fallback, engines.index(seed["engine"]) if "engine" in seed else len(engines)
+
+        return sorted(seeds, key=order)
 
     def qat_seeds(self) -> list[dict]:
         """Trial parameters of each fine-tuning recipe searched: queued only when post-training seeds miss
