@@ -239,8 +239,9 @@ def test_builtin_metrics_match_their_definitions():
 def test_every_strategy_starts_from_pytorchs_default_recipe_as_far_as_its_space_allows(name):
     space = TuneConfig.from_dict({"strategy": name}).space
     arms = SimpleNamespace(recipes=["static"], checkpoints=[32, 64], has_relu6=True)
-    seeds = PlanProposer(space, arms, {"static": ["conv1", "conv2"]}).seed_params()
+    *seeds, with_fallback = PlanProposer(space, arms, {"static": ["conv1", "conv2"]}).seed_params()
     assert [seed["engine"] for seed in seeds] == sorted(space.kernels, key=lambda e: (e != "x86", e == "measured"))
+    assert with_fallback == {**seeds[0], "n_fallback": 1}  # last: the first seed with the most sensitive layer FP32
     default = autoq.QuantPlan()
     for seed in seeds:
         for field, allowed in (("activation_observer", space.observers), ("channels_last", space.channels_last),
