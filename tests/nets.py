@@ -117,6 +117,13 @@ def two_entry_table(cpu: CpuIdentity, depthwise_library: str) -> DispatchTable:
     return table
 
 
+def positive_mean_inputs(seed: int = 0) -> tuple[list[tuple[torch.Tensor]], torch.Tensor]:
+    """Calibration batches and test inputs for `biased_depthwise`, with a large positive mean (5), so its
+    rounded weights shift every output channel."""
+    torch.manual_seed(seed)
+    return [(5.0 + torch.randn(16, 8, 10, 10),) for _ in range(4)], 5.0 + torch.randn(64, 8, 10, 10)
+
+
 def biased_depthwise() -> nn.Module:
     """A depthwise 3x3 conv whose weights all sit 0.4 of a step above the int8 grid (step = 1/127.5, the
     largest weight 1.0): rounding lowers every weight, so each channel's output error has the same sign."""

@@ -97,7 +97,9 @@ def test_on_a_cpu_without_vnni_no_plan_saturates(relu6_arms):
         assert plan.reduce_range or plan.weight_bits == 7, plan
         assert not plan.fold_relu6 or plan.weight_bits == 7, plan  # folded outputs use all 8 bits
     seeds = planned[:len(proposer(SearchSpace(), relu6_arms).seed_params())]
-    assert [p.engine for p in seeds if p.recipe == "static"] == ["x86", "fbgemm", "onednn", "x86"]
+    # x86, fbgemm, onednn, measured (x86's recipe), then x86 with the most sensitive layer FP32
+    assert [p.engine for p in seeds if p.recipe == "static"] == ["x86", "fbgemm", "onednn", "x86", "x86"]
+    assert [len(p.fp32_layers) for p in seeds if p.recipe == "static"] == [0, 0, 0, 0, 1]
     onednn_seed = next(p for p in seeds if p.engine == "onednn")
     assert (onednn_seed.reduce_range, onednn_seed.weight_bits) == (False, 7)  # its 8-bit default, made safe
     assert next(p for p in seeds if p.recipe == "pt2e-static").reduce_range  # torchao's advice without VNNI

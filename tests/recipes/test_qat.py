@@ -150,6 +150,7 @@ def test_pt2e_qat_fine_tunes_an_exported_copy_and_compiles_it_with_fallbacks(dig
     assert cnn.training is False
 
 
+@pytest.mark.slow  # 40 s: keeps the default suite under 20 min on AVX2-only CPUs
 def test_pt2e_qat_train_fn_can_switch_the_exported_model_between_train_and_eval(digits, cnn):
     modes = []
 

@@ -10,7 +10,7 @@ from autoq.recipes.arms import applicable_arms
 from autoq.recipes.static import StaticBuilder
 from autoq.search.space import PlanProposer
 
-from nets import Net, biased_depthwise
+from nets import Net, biased_depthwise, positive_mean_inputs
 
 SCALE = 1000  # how much larger one channel is than the others
 
@@ -57,11 +57,9 @@ def test_equalization_recovers_per_tensor_weights_of_a_badly_scaled_channel():
 
 
 def test_bias_correction_in_a_plan_removes_the_output_shift_of_rounded_weights():
-    torch.manual_seed(0)
     model = biased_depthwise()
-    batches = [(5.0 + torch.randn(16, 8, 10, 10),) for _ in range(4)]  # inputs with a large positive mean
+    batches, test = positive_mean_inputs()
     builder = StaticBuilder(model, batches[0], batches)
-    test = 5.0 + torch.randn(64, 8, 10, 10)
 
     def shift(bias_correction: bool) -> float:
         int8 = builder.build(QuantPlan(activation_observer="minmax", bias_correction=bias_correction))

@@ -11,7 +11,7 @@ from autoq.recipes.static import StaticBuilder
 from autoq.recover.bias import correct_bias, float_weights, input_means
 
 from conftest import state_of
-from nets import FBGEMM_PLAN, X, Net, biased_depthwise, fresh, saturation_net
+from nets import FBGEMM_PLAN, X, Net, biased_depthwise, positive_mean_inputs, fresh, saturation_net
 
 
 def corrected_build(builder: StaticBuilder, batches: list[tuple], plan: QuantPlan) -> tuple[nn.Module, list[str]]:
@@ -32,12 +32,10 @@ def channel_bias(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> tor
 
 @pytest.mark.parametrize("engine", ["x86", "fbgemm"])
 def test_correction_removes_the_output_shift_of_systematically_rounded_depthwise_weights(engine):
-    torch.manual_seed(0)
     model = biased_depthwise()
-    batches = [(5.0 + torch.randn(16, 8, 10, 10),) for _ in range(4)]  # inputs with a large positive mean
+    batches, test = positive_mean_inputs()
     builder = StaticBuilder(model, batches[0], batches)
     plan = QuantPlan(engine=engine, activation_observer="minmax")
-    test = 5.0 + torch.randn(64, 8, 10, 10)
     before = channel_bias(builder.build(plan), model, test).abs()
     corrected, layers = corrected_build(builder, batches, plan)
     after = channel_bias(corrected, model, test).abs()

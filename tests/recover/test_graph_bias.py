@@ -9,7 +9,7 @@ from autoq.plan import QuantPlan
 from autoq.recipes.pt2e import Pt2eBuilder
 from autoq.recover.graph_bias import correct_graph_bias, graph_float_weights, graph_input_means
 
-from nets import biased_depthwise
+from nets import biased_depthwise, positive_mean_inputs
 
 
 def channel_shift(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -20,11 +20,9 @@ def channel_shift(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> to
 
 
 def test_a_pt2e_plan_with_bias_correction_removes_the_output_shift_of_rounded_depthwise_weights():
-    torch.manual_seed(0)
     model = biased_depthwise()
-    batches = [(5.0 + torch.randn(16, 8, 10, 10),) for _ in range(4)]  # inputs with a large positive mean
+    batches, test = positive_mean_inputs()
     builder = Pt2eBuilder(model, batches[0], batches)
-    test = 5.0 + torch.randn(64, 8, 10, 10)
     plan = QuantPlan(recipe="pt2e-static", activation_observer="minmax")
     before = channel_shift(builder.reference(plan), model, test)
     after = channel_shift(builder.reference(dataclasses.replace(plan, bias_correction=True)), model, test)
