@@ -244,3 +244,8 @@ class TuneConfig:
         """Accuracy loss of `metric` against `baseline` (positive = worse), in this config's units."""
         drop = baseline - metric if self.higher_is_better is not False else metric - baseline
         return drop / abs(baseline) if self.loss_type == "relative" else drop
+
+    def metric_at(self, baseline: float, loss: float) -> float:
+        """The metric whose `loss` against `baseline` is `loss` (the inverse of `loss`)."""
+        drop = loss * abs(baseline) if self.loss_type == "relative" else loss
+        return baseline - drop if self.higher_is_better is not False else baseline + drop

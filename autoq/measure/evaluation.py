@@ -12,7 +12,8 @@ Three sources of a metric:
 upper confidence bound (autoq.measure.confidence). A search trial is screened (successive halving):
 where scoring some samples costs only their share, the plan is first judged on random shares of the
 search part (SCREEN_SHARES) and stopped there once its loss is over budget even at the lower end of a
-SCREEN_CONFIDENCE interval; a plan that passes is scored on the rest, so screening costs it nothing.
+SCREEN_CONFIDENCE interval (its loss is then the one on the samples seen); a plan that passes is
+scored on the rest, so screening costs it nothing.
 """
 
 from __future__ import annotations
@@ -234,10 +235,12 @@ class Scorer:
             scores[chunk], done = self.evaluation.run(model, indices[chunk]), stop
             seen = np.sort(order[:done])
             if self._lower_bound(fp32[seen], scores[seen]) > self.config.max_loss:
-                # the metric on the whole part, estimated from the paired difference on the samples seen
-                metric = float(fp32.mean() + scores[seen].mean() - fp32[seen].mean())
+                # the loss on the samples seen; the metric on the whole part is the one with that loss against
+                # FP32's there, so a resumed study re-judging the metric gets the same loss
+                seen_loss = self.config.loss(float(fp32[seen].mean()), float(scores[seen].mean()))
                 estimate = self._judgement(fp32[seen], scores[seen]).estimate
-                return Judgement(metric, self.config.loss(float(fp32.mean()), metric), estimate, screened=done)
+                return Judgement(self.config.metric_at(float(fp32.mean()), seen_loss), seen_loss, estimate,
+                                 screened=done)
         rest = np.sort(order[done:])
         scores[rest] = self.evaluation.run(model, indices[rest])
         return self._judgement(fp32, scores)

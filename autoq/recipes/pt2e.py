@@ -9,8 +9,9 @@ third, 'pt2e-qat', fine-tunes (autoq.recipes.qat) and lowers the same way.
 output such as a BERT pooler otherwise breaks prepare_pt2e), calibrates once with autoq's
 statistics collectors, then builds any number of candidates: each is prepared with the plan's FP32
 fallbacks (`set_module_name_qconfig(name, None)`), gets the plan's ranges, is converted (biases
-corrected with the plan's `bias_correction`: `autoq.recover.graph_bias`) and then compiled with freezing (and optionally cpp_wrapper and int8-mixed-bf16 autocast). Compile time is
-part of each build; Inductor's on-disk cache makes rebuilding a plan cheap.
+corrected with the plan's `bias_correction`: `autoq.recover.graph_bias`) and then compiled with
+freezing (and optionally cpp_wrapper and int8-mixed-bf16 autocast). Compile time is part of each
+build; Inductor's on-disk cache makes rebuilding a plan cheap.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from autoq.recover.bias import output_shift
 
 LAYER_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
              torch.ops.aten.conv3d.default}
+_DEQUANTIZE_WEIGHT = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
+                      torch.ops.quantized_decomposed.dequantize_per_tensor.default}
 _GROUPS_ARG = 6  # aten.convNd(input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -72,7 +74,7 @@ def correct_graph_bias(converted: fx.GraphModule, weights: Mapping[str, torch.Te
     for node in list(converted.graph.nodes):
         dequantize = node.args[1] if is_layer(node) else None
         if (node.name not in weights or node.name not in means or not isinstance(dequantize, fx.Node)
-                or dequantize.op != "call_function" or "dequantize" not in str(dequantize.target)):
+                or dequantize.op != "call_function" or dequantize.target not in _DEQUANTIZE_WEIGHT):
             continue
         dequantized = dequantize.target(*(_value(converted, arg) for arg in dequantize.args),
                                         **{key: _value(converted, arg) for key, arg in dequantize.kwargs.items()})

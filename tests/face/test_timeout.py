@@ -25,7 +25,8 @@ def test_timeout_bounds_the_call_and_a_fine_tune_on_a_real_model(task, tmp_path)
     timeout, storage = 25.0, f"sqlite:///{tmp_path}/timeout.db"
     started = time.monotonic()
     result = autoq.tune(task.model, task.example_inputs, task.calib, eval_data=task.eval_data(), metric=task.score,
-                        train_data=train, loss_fn=nn.functional.cross_entropy, timeout=timeout, qat_seconds=900, storage=storage,
+                        train_data=train, loss_fn=nn.functional.cross_entropy, timeout=timeout, qat_seconds=900,
+                        storage=storage,
                         space={"recipes": ["qat"]}, verbose=False)
     elapsed = time.monotonic() - started
     assert elapsed <= timeout + slack(timeout), result.summary()

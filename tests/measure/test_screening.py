@@ -55,6 +55,9 @@ def test_a_plan_far_over_budget_stops_at_the_first_screen_and_is_judged_over_bud
     assert set(seen) <= set(scorer.parts[SEARCH].tolist()) and len(set(seen)) == len(seen)
     assert judged.loss == pytest.approx(0.1, abs=0.05) and judged.loss > 0.01
     assert judged.estimate is not None and judged.estimate.n == judged.screened
+    assert judged.loss == pytest.approx(judged.estimate.loss)  # the loss on the samples it was stopped on
+    # a resumed study re-judges the stored metric against the search part's FP32 metric: the same loss
+    assert scorer.config.loss(scorer.metric(SEARCH), judged.metric) == pytest.approx(judged.loss)
 
 
 def test_the_screen_draws_its_samples_at_random_not_from_the_start_of_the_data():
