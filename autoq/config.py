@@ -15,7 +15,7 @@ from dataclasses import InitVar, dataclass, field
 from importlib import resources
 from typing import Any
 
-from autoq.plan import AUTO, EQUALIZATIONS, KERNEL_CHOICES, OBSERVERS, RECIPE_KINDS, WEIGHT_GRANULARITIES
+from autoq.plan import AUTO, EQUALIZATIONS, KERNEL_CHOICES, OBSERVERS, PRECISIONS, RECIPE_KINDS, WEIGHT_GRANULARITIES
 
 LOSS_TYPES = ("relative", "absolute")
 STRATEGY_KEY = "strategy"
@@ -56,6 +56,10 @@ class SearchSpace:
     """What the search may vary. Every field is a tuple of allowed values or a bound."""
 
     recipes: tuple[str, ...] = (AUTO,)
+    # what the returned model may compute in: int8 plans compete with the FP32 model rewritten and compiled
+    # ('fp32') and, on CPUs with native bf16 (AVX512-BF16, AMX), under bf16 autocast ('bf16'); ['int8']:
+    # the best int8 plan even where it is slower than FP32
+    precisions: tuple[str, ...] = PRECISIONS
     # the kernel choice of eager-kernel plans: a whole-model engine ('x86' lets PyTorch pick per layer,
     # 'fbgemm', 'onednn') or 'measured' (each layer timed in place under both libraries)
     kernels: tuple[str, ...] = KERNEL_CHOICES
@@ -83,7 +87,8 @@ class SearchSpace:
             if tuple(self.kernels) != KERNEL_CHOICES:
                 raise ValueError("SearchSpace got both 'kernels' and its old name 'engines': keep 'kernels'.")
             self.kernels = engines
-        for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("kernels", KERNEL_CHOICES), ("observers", OBSERVERS),
+        for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("precisions", PRECISIONS),
+                              ("kernels", KERNEL_CHOICES), ("observers", OBSERVERS),
                               ("weight_granularities", WEIGHT_GRANULARITIES), ("equalizations", EQUALIZATIONS),
                               *BOOLEAN_CHOICES):
             values = getattr(self, name)
@@ -101,6 +106,11 @@ class SearchSpace:
         if AUTO in self.recipes and len(self.recipes) > 1:
             raise ValueError(f"The 'recipes' parameter of SearchSpace is either ['auto'] or a list of recipes "
                              f"to search. Got {list(self.recipes)} instead.")
+        excluded = [recipe for recipe in self.recipes if recipe != AUTO
+                    and RECIPE_KINDS[recipe].precision not in self.precisions]
+        if excluded:
+            raise ValueError(f"SearchSpace asks for recipes {excluded}, whose precision is not in its 'precisions' "
+                             f"{list(self.precisions)}: add their precision or drop them.")
         self.qat_epochs, self.qat_lr = tuple(self.qat_epochs), tuple(self.qat_lr)
         if not (len(self.qat_epochs) == 2 and all(isinstance(e, int) for e in self.qat_epochs)
                 and 1 <= self.qat_epochs[0] <= self.qat_epochs[1]):

@@ -8,6 +8,8 @@
 - PT2E plans -> an AOTInductor package (`model.pt2`): the converted graph exported at the tuned
   input shapes and compiled ahead of time by Inductor with freezing, as autoq's compiled model is
   (under bf16 autocast for int8-mixed-bf16 plans); `torch._inductor.aoti_load_package` runs it.
+- Float plans ('fp32', 'bf16': int8 did not pay) -> the rewritten FP32 model, as an AOTInductor
+  package when it was compiled, else TorchScript.
 The folder also gets `run.py` (plain torch) and `model.json` (format, engines, input shapes, plan).
 """
 
@@ -27,7 +29,7 @@ from torch import nn
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.table import current_cpu
 from autoq.model_file.rebuild import synthetic_inputs
-from autoq.plan import QuantPlan, recipe_kind
+from autoq.plan import INDUCTOR, QuantPlan, recipe_kind
 from autoq.recipes.pt2e import Lowered, float32_outputs
 
 MANIFEST = "model.json"
@@ -74,9 +76,9 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     try:
-        if recipe_kind(plan.recipe).inductor:
+        if recipe_kind(plan.recipe).inductor or plan.kernels() == INDUCTOR:
             name, kind, capture = "model.pt2", "aoti", "torch.export"
-            _aoti(model, plan, staging / name)
+            _aoti(*_uncompiled(model, plan), staging / name)
         else:
             name, kind = "model.pt", "torchscript"
             capture = _torchscript(model, plan, synthetic_inputs(meta["inputs"]), staging / name)
@@ -110,13 +112,21 @@ def _torchscript(model: nn.Module, plan: QuantPlan, inputs: tuple, path: Path) -
     return capture
 
 
-def _aoti(model: nn.Module, plan: QuantPlan, path: Path) -> None:
-    if not isinstance(model, Lowered):
-        raise ValueError(f"a {plan.recipe!r} plan's model should be compiled by Inductor; got {type(model).__name__}.")
-    deployed = _Deployed(model.graph, plan.mixed_bf16)
+def _uncompiled(model: nn.Module, plan: QuantPlan) -> tuple[nn.Module, tuple]:
+    """What an Inductor-compiled model compiles, to export ahead of time, and its example inputs: a PT2E
+    plan's converted graph, or a compiled float plan's rewritten FP32 model (bf16: under autocast)."""
+    if isinstance(model, Lowered):
+        return _Deployed(model.graph, plan.mixed_bf16), model.example_inputs
+    compiled = getattr(model, "inner", None)  # autoq.measure.fp32's no-autograd wrapper around torch.compile
+    if recipe_kind(plan.recipe).precision != "int8" and hasattr(compiled, "_orig_mod"):
+        return compiled._orig_mod, synthetic_inputs(model.meta["autoq"]["inputs"])
+    raise ValueError(f"a {plan.recipe!r} plan's model should be compiled by Inductor; got {type(model).__name__}.")
+
+
+def _aoti(module: nn.Module, example_inputs: tuple, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.export.export(deployed, model.example_inputs, strict=False)
+        program = torch.export.export(module, example_inputs, strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                  inductor_configs={"freezing": True})
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_TYPE = "autoq.QuantPlan"
-PLAN_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # older plans lack the dispatch (v1), lowering (v2), weight_bits (v3) and
-# accuracy recovery (v4) fields;
+PLAN_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # older plans lack the dispatch (v1), lowering (v2), weight_bits (v3),
+# accuracy recovery (v4) and float precision (v5) fields;
 # their defaults apply, but for the PT2E recipes, which ignored reduce_range before v4 (8-bit activations)
 
 ENGINES = ("x86", "fbgemm", "onednn")
@@ -24,6 +24,9 @@ OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "kl")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 EQUALIZATIONS = ("none", "fold_bn", "cross_layer")  # FP32 rewrites before capture (autoq.recover.equalize)
 WEIGHT_BITS = (8, 7)  # 7: weights in [-63, 63], so u8 x s8 pair sums fit int16 (CPUs without VNNI)
+PRECISIONS = ("int8", "fp32", "bf16")  # what a deployment computes in; fp32 and bf16 plans quantize nothing
+REWRITES = ("none", "folded", "compiled")  # a float plan's FP32 rewrite (autoq.measure.fp32.best_float)
+NEW_FIELDS = ("rewrite",)  # fields since plan v6: in a plan's key only when set, so older plans keep their keys
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class RecipeKind:
     calibrated: activation ranges from calibration statistics (calib_samples applies).
     dynamic: activations quantized per call at run time (no observers).
     fine_tunes: for a quantization-aware fine-tune, the post-training recipe it starts from (its twin).
+    precision: what the recipe's models compute in: 'int8', or 'fp32'/'bf16' for the float recipes (the
+      FP32 model rewritten and lowered; the candidates int8 has to beat).
     """
 
     name: str
@@ -44,6 +49,7 @@ class RecipeKind:
     calibrated: bool = False
     dynamic: bool = False
     fine_tunes: str | None = None
+    precision: str = "int8"
 
 
 _INDUCTOR_FIELDS = ("mixed_bf16", "cpp_wrapper")
@@ -61,11 +67,14 @@ RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
     RecipeKind("pt2e-dynamic", ("reduce_range", "weight_bits", *_INDUCTOR_FIELDS), inductor=True, dynamic=True),
     RecipeKind("pt2e-qat", ("activation_observer", "reduce_range", "weight_bits", "qat_epochs", "qat_lr",
                             *_INDUCTOR_FIELDS), inductor=True, fine_tunes="pt2e-static"),
+    RecipeKind("fp32", ("rewrite",), precision="fp32"),
+    RecipeKind("bf16", ("rewrite",), precision="bf16"),
 )}
 LIBRARIES = ("fbgemm", "onednn")
 MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
 KERNEL_CHOICES = (*ENGINES, MEASURED)
 INDUCTOR = "inductor"  # the Inductor recipes' kernels: Inductor lowers int8 ops to oneDNN
+EAGER = "eager"  # an uncompiled float plan's kernels: PyTorch's eager FP32/bf16 ops
 AUTO = "auto"  # recipe choice: the recipes that apply to the model (autoq.recipes.arms)
 DISPATCH = ("engine", "measured", "table")
 
@@ -121,6 +130,8 @@ class QuantPlan:
       'pt2e-static', `autoq.recover.graph_bias`).
     qat_epochs, qat_lr: (recipes 'qat', 'pt2e-qat') length and Adam learning rate (cosine decay) of the
       quantization-aware fine-tune.
+    rewrite: (float recipes 'fp32', 'bf16') 'none': the model as given; 'folded': BatchNorm folded and
+      channels_last, eager; 'compiled': folded, then torch.compile with frozen weights (Inductor).
     """
 
     recipe: str = "static"
@@ -146,6 +157,7 @@ class QuantPlan:
     adaround: bool = False
     qat_epochs: int = 1
     qat_lr: float = 1e-4
+    rewrite: str = "compiled"
 
     def __post_init__(self) -> None:
         _check_choice("recipe", self.recipe, tuple(RECIPE_KINDS))
@@ -174,6 +186,11 @@ class QuantPlan:
         if not inductor and (self.mixed_bf16 or self.cpp_wrapper):
             raise ValueError(f"mixed_bf16 and cpp_wrapper apply to the Inductor recipes "
                              f"{[name for name, kind in RECIPE_KINDS.items() if kind.inductor]}, "
+                             f"not to recipe {self.recipe!r}.")
+        _check_choice("rewrite", self.rewrite, REWRITES)
+        if self.rewrite != "compiled" and RECIPE_KINDS[self.recipe].precision == "int8":
+            raise ValueError(f"rewrite applies to the float recipes "
+                             f"{[name for name, kind in RECIPE_KINDS.items() if kind.precision != 'int8']}, "
                              f"not to recipe {self.recipe!r}.")
         if inductor and (self.layer_engines or self.dispatch != "engine"):
             raise ValueError(f"Recipe {self.recipe!r} is compiled by Inductor, which picks its own kernels: "
@@ -231,6 +248,8 @@ class QuantPlan:
         as e.g. 'measured 18/35' (oneDNN/FBGEMM layers; just 'measured' before the layers are timed)."""
         if RECIPE_KINDS[self.recipe].inductor:
             return INDUCTOR
+        if RECIPE_KINDS[self.recipe].precision != "int8":
+            return INDUCTOR if self.rewrite == "compiled" else EAGER
         if not self.layer_engines:
             return self.engine if self.dispatch == "engine" else self.dispatch
         onednn = sum(library == "onednn" for library in self.layer_engines.values())
@@ -238,7 +257,11 @@ class QuantPlan:
 
     def key(self) -> str:
         """Stable short hash: equal plans build identical models."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        for name in NEW_FIELDS:
+            if fields[name] == getattr(QuantPlan, name):
+                del fields[name]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,8 @@ from autoq.plan import QuantPlan, recipe_kind
 
 @dataclass
 class TuneResult:
-    """The tuned model and the evidence for it.
+    """The tuned model and the evidence for it: the fastest in-budget deployment the search found, an int8
+    plan or, where int8 did not pay, the FP32 (or bf16) model rewritten and compiled (`precision`).
 
     accuracy / baseline_accuracy: the user's metric for the int8 / FP32 model, on the confirmation
       samples the search never saw (per-sample scores), else on all evaluation samples.
@@ -32,7 +33,8 @@ class TuneResult:
     speedup: FP32-eager latency / int8 latency (median of per-round ratios), measured side by side at
       the end of the run; speedup_interval: its interval; vs_best_fp32: (ratio, low, high) against
       the best FP32. "Faster" only when an interval excludes 1.
-    latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8.
+    latency_ms: median milliseconds per call of example_inputs: fp32_eager, fp32_best, int8 (the returned
+      model: int8 unless a float candidate was faster, see `precision`).
     timing: where the call's time went: setup_s, trials_s, final_s, total_s, first_feasible_s (to the
       first in-budget plan, None if none), timeout_s, trials_not_started (they would not have fit).
     plan: the JSON-serializable QuantPlan of `model` (autoq.quantize rebuilds it).
@@ -64,6 +66,11 @@ class TuneResult:
     speedup_interval: tuple[float, float] = (math.nan, math.nan)
     vs_best_fp32: tuple[float, float, float] = (math.nan, math.nan, math.nan)
     timing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        """What the returned model computes in: 'int8', or 'fp32'/'bf16' where no int8 plan was faster."""
+        return recipe_kind(QuantPlan.from_dict(self.plan).recipe).precision
 
     @property
     def config(self) -> dict[str, Any]:
@@ -103,13 +110,15 @@ class TuneResult:
                  if verdict.get("upper") is not None else "")
         low, high = self.speedup_interval
         best, best_low, best_high = self.vs_best_fp32
+        plan = QuantPlan.from_dict(self.plan)
+        returned = self.precision if self.precision == "int8" else f"{self.precision} ({plan.kernels()})"
         lines = [
-            f"autoq result: {status}",
-            f"  metric    FP32 {self.baseline_accuracy:.4f}   int8 {self.accuracy:.4f}   on {where}",
+            f"autoq result: {status}, returning the {returned} model",
+            f"  metric    FP32 {self.baseline_accuracy:.4f}   {self.precision} {self.accuracy:.4f}   on {where}",
             f"  loss      {self.loss:+.4f}{bound}" + (f"   (search part {verdict['search_loss']:+.4f})"
                                                       if verdict.get("search_loss") is not None else ""),
             f"  latency   FP32 eager {lat['fp32_eager']:.3f} ms   FP32 best {lat['fp32_best']:.3f} ms   "
-            f"int8 {lat['int8']:.3f} ms",
+            f"{self.precision} {lat['int8']:.3f} ms",
             f"  speedup   {self.speedup:.2f}x [{low:.2f}-{high:.2f}] vs FP32 eager   {best:.2f}x [{best_low:.2f}-"
             f"{best_high:.2f}] vs best FP32 ({speed_verdict(best_low, best_high)})",
             f"  trials    {len(self.trials)} in study '{self.study_name}'",
@@ -118,7 +127,6 @@ class TuneResult:
             lines.append(f"  promise   {verdict['guarantee']}")
         if self.timing:
             lines.append(f"  time      {describe_timing(self.timing)}")
-        plan = QuantPlan.from_dict(self.plan)
         lines.append(
             f"  plan      recipe={plan.recipe} kernels={plan.kernels()}{' (oneDNN/FBGEMM layers)' if plan.layer_engines else ''} "
             + "".join(f"{name}={getattr(plan, name)} " for name in recipe_kind(plan.recipe).fields)

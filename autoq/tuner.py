@@ -23,7 +23,7 @@ from autoq.measure.confidence import DEFAULT_CONFIDENCE
 from autoq.measure.evaluation import (
     CONFIRM, PER_SAMPLE_METRICS, SEARCH, DataEvaluation, Evaluation, FunctionEvaluation, Scorer,
 )
-from autoq.measure.fp32 import against_fp32, fp32_references
+from autoq.measure.fp32 import FloatBuilds, against_fp32, fp32_references
 from autoq.plan import ENGINES, INDUCTOR, RECIPE_KINDS, QuantPlan, recipe_kind
 from autoq.progress import Reporter
 from autoq.recipes.arms import Arms, applicable_arms, builder, calibrated
@@ -109,6 +109,24 @@ def _evaluation(eval_fn, eval_data, metric, config: TuneConfig) -> tuple[Evaluat
     return DataEvaluation(eval_data, metric), config
 
 
+def int8_alternative(pick: Pick, rows: list[dict]) -> list[str]:
+    """For a float pick: that int8 did not pay, and how to get the best int8 plan anyway."""
+    precision = recipe_kind(pick.plan.recipe).precision
+    if precision == "int8":
+        return []
+    int8 = [row for row in rows if row["feasible"] and row["state"] == "COMPLETE"
+            and recipe_kind(QuantPlan.from_dict(row["plan"]).recipe).precision == "int8"]
+    if not int8:
+        return [f"returning the {precision} model: no int8 plan was both within the budget and faster (int8 plans "
+                f"measurably slower than it were not evaluated: prune_slower); space.precisions=['int8'] searches "
+                f"int8 only"]
+    best = max(int8, key=lambda row: row["speedup"])
+    return [f"returning the {precision} model: it measured faster than every in-budget int8 plan; the fastest "
+            f"of those, trial {best['number']} ({best['speedup']:.2f}x vs FP32 eager in its trial), is rebuilt by "
+            f"autoq.quantize(model, result.trials[{rows.index(best)}]['plan'], ...), and "
+            f"space.precisions=['int8'] searches int8 only"]
+
+
 def isa_note(arms: Arms) -> str:
     """This CPU's int8 path and what the search does about it."""
     note = f"{arms.int8.describe()} ({current_cpu().model})"
@@ -138,8 +156,9 @@ def quantize(model: torch.nn.Module, plan: dict | QuantPlan, example_inputs: Any
     plan = copy.deepcopy(plan) if isinstance(plan, QuantPlan) else QuantPlan.from_dict(plan)
     if recipe_kind(plan.recipe).inductor and dispatch is not None:
         raise ValueError(f"dispatch does not apply to recipe {plan.recipe!r}: Inductor picks its kernels itself.")
-    batches = [] if plan.observer_for(None) == "dynamic" else calibration_batches(
-        calib_data, len(example_inputs), plan.calib_samples)
+    kind = recipe_kind(plan.recipe)
+    batches = calibration_batches(calib_data, len(example_inputs), plan.calib_samples) \
+        if kind.calibrated or kind.fine_tunes else []
     quantized = carrying_plan(builder(plan.recipe, model, example_inputs, batches, list(non_traceable_modules),
                                       training=training).build(plan), plan)
     record_layer_shapes(quantized, example_inputs, list(non_traceable_modules))
@@ -203,7 +222,8 @@ class _Run:
         self._join(study)
         with step("layer ranking"):
             scores = layer_scores(study, arms, self.fp32, self.batches, self._ranking_samples(arms), line)
-        proposer = PlanProposer(config.space, arms, {recipe: rank_layers(s) for recipe, s in scores.items()})
+        proposer = PlanProposer(config.space, arms, {recipe: rank_layers(s) for recipe, s in scores.items()},
+                                compile_float=config.compile_fp32)
         seeds = proposer.seed_params()
         if created or not study.get_trials(deepcopy=False):
             for params in seeds:
@@ -212,7 +232,9 @@ class _Run:
             line(f"resuming study '{study.study_name}': {kept} finished trials kept")
         timer = LayerTimer(layer_timings(study), seconds=config.latency_seconds, threads=config.threads)
         with step("best FP32"):
-            self.references = fp32_references(self.fp32, self.example_inputs, compile_fp32=config.compile_fp32)
+            fp32_arm = arms.builders.get("fp32")  # the FP32 candidates are the references: compiled once
+            builds = fp32_arm.builds if fp32_arm is not None else FloatBuilds(self.fp32, self.example_inputs)
+            self.references = fp32_references(builds, compile_fp32=config.compile_fp32)
         self.budget.costs = Costs(evaluation=evaluated * self.scorer.cost_share(SEARCH),
                                   confirmation=evaluated * self.scorer.cost_share(CONFIRM),
                                   compile=self.budget.steps["best FP32"] if config.compile_fp32 else 0.0,
@@ -283,7 +305,8 @@ class _Run:
         config, line = self.config, self.reporter.line
         with self.reporter.bar("calibrate", 2 * len(self.batches) * calibrated(config.space.recipes)) as advance:
             arms = applicable_arms(self.fp32, self.example_inputs, self.batches, config.space.recipes,
-                                   config.non_traceable_modules, progress=advance, training=self.training)
+                                   config.non_traceable_modules, progress=advance, training=self.training,
+                                   precisions=config.space.precisions)
         line(isa_note(arms))
         for recipe in arms.recipes:
             line(f"recipe {recipe}: {len(arms.layers(recipe))} quantizable layers")
@@ -372,11 +395,13 @@ class _Run:
             )
         record_layer_shapes(pick.model, self.example_inputs, config.non_traceable_modules)
         seconds = min(4 * config.latency_seconds, max(budget.remaining() - FINAL_OVERHEAD, config.latency_seconds))
+        precision = recipe_kind(pick.plan.recipe).precision
         timed = against_fp32(pick.model, self.references, self.example_inputs, threads=config.threads,
-                             seconds=seconds, lock=config.measure_lock, confidence=config.confidence or DEFAULT_CONFIDENCE)
+                             seconds=seconds, lock=config.measure_lock, confidence=config.confidence or DEFAULT_CONFIDENCE,
+                             precision=precision)
         verdict = self._verdict(pick, rows)
         notes = [isa_note(arms), *(f"recipe {recipe} skipped: {why}" for recipe, why in arms.skipped.items()),
-                 *timed.notes]
+                 *timed.notes, *int8_alternative(pick, rows)]
         if config.timeout is not None and budget.elapsed() > config.timeout + slack(config.timeout):
             overrun = (f"timeout={config.timeout:.0f} s was too short for this model: the call took "
                        f"{budget.elapsed():.0f} s (setup {budget.spent['setup']:.0f} s and one trial at least)")

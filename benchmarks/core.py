@@ -37,7 +37,7 @@ from torch import nn
 import autoq
 import autoq_zoo as zoo
 from autoq_zoo.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
-from autoq.measure.fp32 import best_fp32
+from autoq.measure.fp32 import best_float
 from autoq.measure.latency import measure_latency, speedup, speedup_interval
 from autoq.plan import QuantPlan, default_plan
 from autoq.search.objective import plan_changes
@@ -96,8 +96,8 @@ def baselines(task: zoo.Task) -> dict[str, Callable[[], nn.Module]]:
     x = task.example_inputs
     methods = {
         "FP32 eager": lambda: task.model,
-        "FP32 folded+channels_last": lambda: best_fp32(task.model, x, compile=False).model,
-        "FP32 torch.compile(freezing)": lambda: best_fp32(task.model, x, compile=True).model,
+        "FP32 folded+channels_last": lambda: best_float(task.model, x, rewrite="folded").model,
+        "FP32 torch.compile(freezing)": lambda: best_float(task.model, x, rewrite="compiled").model,
         "bf16 autocast (eager)": lambda: bf16_autocast(task.model, x, compile=False),
         "bf16 autocast (compiled)": lambda: bf16_autocast(task.model, x, compile=True),
     }

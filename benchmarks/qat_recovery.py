@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import autoq
 import autoq_zoo as zoo
-from autoq.measure.fp32 import best_fp32
+from autoq.measure.fp32 import best_float
 from autoq.measure.latency import measure_latency, speedup
 from autoq.plan import QuantPlan
 from autoq.search.objective import plan_changes
@@ -99,7 +99,7 @@ def main() -> None:
     seconds[control] = time.time() - begin
 
     base_val, base_test = val_mse(model), zoo.reconstruction_mse(model, parts["test"])
-    fp32 = {"FP32 eager": model, "FP32 best (folded, compiled)": best_fp32(model, example).model,
+    fp32 = {"FP32 eager": model, "FP32 best (folded, compiled)": best_float(model, example).model,
             "FP32 fine-tuned (control)": tuned_fp32}
     timing = measure_latency({**fp32, **{name: result.model for name, result in runs.items()}}, example,
                              target_seconds=4.0, min_repeats=30)

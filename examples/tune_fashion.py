@@ -78,10 +78,13 @@ def main() -> None:
         bound = "" if tried["upper"] is None else f", upper bound {tried['upper']:+.2%}"
         print(f"  finalist trial {tried['trial']} ({speed[tried['trial']]:.2f}x in its trial): held-back loss "
               f"{tried['loss']:+.2%}{bound} -> {'picked' if tried['within'] else 'not certified'}")
-    fallback = [layer["name"] for layer in result.layers if not layer["quantized"]]
-    libraries = [layer["engine"] for layer in result.layers if layer["quantized"]]
-    print(f"\nFP32 fallback layers: {fallback or 'none'}; int8 layers on oneDNN: {libraries.count('onednn')}, "
-          f"FBGEMM: {libraries.count('fbgemm')}, PyTorch's x86 rule: {libraries.count('x86')}")
+    if result.precision == "int8":
+        fallback = [layer["name"] for layer in result.layers if not layer["quantized"]]
+        libraries = [layer["engine"] for layer in result.layers if layer["quantized"]]
+        print(f"\nFP32 fallback layers: {fallback or 'none'}; int8 layers on oneDNN: {libraries.count('onednn')}, "
+              f"FBGEMM: {libraries.count('fbgemm')}, PyTorch's x86 rule: {libraries.count('x86')}")
+    else:  # no int8 plan was faster within the budget: the notes name the best int8 trial
+        print(f"\nautoq returns the {result.precision} model: {result.notes[-1]}")
     print(f"study '{result.study_name}' in {result.storage}; total {time.perf_counter() - started:.0f} s")
     output = Path("autoq-runs") / folder  # the tuned model and its deployable export
     output.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from torch import nn
 import autoq
 import autoq_zoo as zoo
 from autoq_zoo.baselines import default_pt2e
-from autoq.measure.fp32 import best_fp32
+from autoq.measure.fp32 import best_float
 from autoq.measure.latency import measure_latency, speedup
 
 
@@ -47,7 +47,7 @@ def main() -> None:
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice
         default = torch.ao.quantization.quantize_dynamic(task.model, {nn.Linear}, dtype=torch.qint8)
     pt2e = default_pt2e(task.model, task.example_inputs, task.calib)
-    compiled = best_fp32(task.model, task.example_inputs).model
+    compiled = best_float(task.model, task.example_inputs).model
     models = {"fp32": task.model, "fp32_compiled": compiled, "default": default, "pt2e": pt2e,
               "autoq": result.model}
     timing = measure_latency(models, task.example_inputs, target_seconds=5.0)

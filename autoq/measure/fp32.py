@@ -1,4 +1,6 @@
-"""The strongest FP32 baseline a user could build by hand: folded BN, channels_last, frozen torch.compile."""
+"""The strongest float models a user could build by hand: folded BN, channels_last, frozen torch.compile,
+in FP32 or under bf16 autocast; the references an int8 model is timed against and the float candidates
+it competes with."""
 from __future__ import annotations
 
 import copy
@@ -12,18 +14,20 @@ from torch.fx.experimental.optimization import fuse
 from autoq.measure.confidence import DEFAULT_CONFIDENCE
 from autoq.measure.latency import measure_latency, speed_verdict, speedup_interval
 from autoq.measure.lock import measurement_lock
+from autoq.plan import REWRITES
 
 _RTOL = 1e-3
 _ATOL_FRACTION = 1e-3  # absolute tolerance as a fraction of the largest reference output magnitude
 _ATOL_FLOOR = 1e-6  # keeps the absolute tolerance above zero for all-zero reference outputs
+_BF16_TOLERANCE = 2e-2  # compiling a bf16 model may round differently than its eager ops: rtol and atol fraction
 
 
 @dataclass
-class BestFP32:
-    """An FP32 model to compare against, with the optimizations applied and those skipped (and why)."""
+class FloatModel:
+    """A float model to compare against or deploy, with the optimizations applied and those skipped (and why)."""
 
-    model: Callable[..., object]  # call as model(*example_inputs); outputs match the FP32 model
-    steps: list[str]  # applied, in order: "fold_bn", "channels_last", "torch.compile(freezing)"
+    model: nn.Module  # call as model(*example_inputs); FP32: outputs match the FP32 model's; compiled: no autograd
+    steps: list[str]  # applied, in order: "fold_bn", "channels_last", "bf16 autocast", "torch.compile(freezing)"
     warnings: list[str]  # why a step was skipped or dropped
 
 
@@ -49,6 +53,22 @@ class _NoGrad(nn.Module):
     def forward(self, *args: object) -> object:
         with torch.no_grad():
             return self.inner(*args)
+
+
+class _Bf16Autocast(nn.Module):
+    """Calls `inner` under CPU bf16 autocast (weights stay FP32, matmuls and convs run in bf16) and
+    returns its floating-point outputs as float32, so metrics see the dtype the FP32 model gives."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: object) -> object:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = self.inner(*args)
+        return torch.utils._pytree.tree_map(
+            lambda value: value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value,
+            output)
 
 
 def _is_4d_tensor(value: object) -> bool:
@@ -79,7 +99,7 @@ def _tensors(output: object) -> list[torch.Tensor] | None:
     return tensors
 
 
-def _mismatch(reference: object, candidate: object) -> str | None:
+def _mismatch(reference: object, candidate: object, tolerance: float = _RTOL) -> str | None:
     """Why `candidate` differs from `reference` beyond float tolerance, or None if it matches."""
     reference_tensors, candidate_tensors = _tensors(reference), _tensors(candidate)
     if reference_tensors is None or candidate_tensors is None:
@@ -91,10 +111,10 @@ def _mismatch(reference: object, candidate: object) -> str | None:
         if expected.shape != actual.shape:
             return f"output {index} has shape {tuple(actual.shape)} instead of {tuple(expected.shape)}"
         expected, actual = expected.detach().float(), actual.detach().float()
-        atol = _ATOL_FRACTION * max(expected.abs().max().item() if expected.numel() else 0.0, _ATOL_FLOOR)
-        if not torch.allclose(actual, expected, rtol=_RTOL, atol=atol):
+        atol = tolerance * max(expected.abs().max().item() if expected.numel() else 0.0, _ATOL_FLOOR)
+        if not torch.allclose(actual, expected, rtol=tolerance, atol=atol):
             max_error = (actual - expected).abs().max().item()
-            return f"output {index} differs by up to {max_error:.3g} (rtol={_RTOL}, atol={atol:.3g})"
+            return f"output {index} differs by up to {max_error:.3g} (rtol={tolerance}, atol={atol:.3g})"
     return None
 
 
@@ -107,11 +127,12 @@ class _StepLog:
     """Keeps a step only if its outputs match the FP32 reference, recording steps and warnings."""
 
     reference: object
+    tolerance: float = _RTOL
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def keep(self, step: str, output: object) -> bool:
-        mismatch = _mismatch(self.reference, output)
+        mismatch = _mismatch(self.reference, output, self.tolerance)
         if mismatch is None:
             self.steps.append(step)
             return True
@@ -156,33 +177,64 @@ def _compile_frozen(model: nn.Module, example_inputs: tuple, log: _StepLog) -> C
     return compiled if log.keep("torch.compile(freezing)", output) else model
 
 
-def best_fp32(model: nn.Module, example_inputs: tuple, *, compile: bool = True) -> BestFP32:
-    """Build the fastest plain-FP32 version of `model` for inference on `example_inputs`.
+def best_float(model: nn.Module, example_inputs: tuple, *, precision: str = "fp32",
+               rewrite: str = "compiled") -> FloatModel:
+    """Build a plain float version of `model` for inference on `example_inputs`.
 
-    Applies, in order and each only if outputs stay within rtol=1e-3, atol=1e-3 x max|output|:
-    BatchNorm folding (torch.fx), channels_last for 4-D inputs, and torch.compile with inductor
-    freezing (compiled here on the first call, which can take tens of seconds). `model` itself is
-    never modified; the returned model runs in eval mode without autograd.
+    rewrite 'folded' and 'compiled' apply, in order and each only if outputs stay within rtol=1e-3,
+    atol=1e-3 x max|output| of the FP32 model's: BatchNorm folding (torch.fx), channels_last for 4-D
+    inputs; then ('compiled') torch.compile with inductor freezing (compiled here on the first call,
+    which can take tens of seconds; for bf16 checked against the eager bf16 outputs within 2e-2);
+    'none' applies neither. Precision 'bf16' runs the result under CPU bf16 autocast (its outputs are
+    what the accuracy evaluation is for; float32 out). `model` itself is never modified; the returned
+    model runs in eval mode (compiled: without autograd).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of positional arguments, got "
                         f"{type(example_inputs).__name__}; wrap a single tensor as (x,).")
+    if precision not in ("fp32", "bf16") or rewrite not in REWRITES:
+        raise ValueError(f"precision must be 'fp32' or 'bf16' and rewrite one of {list(REWRITES)}, got "
+                         f"{precision!r} and {rewrite!r}.")
     eager = copy.deepcopy(model).eval()
     with torch.no_grad():
         log = _StepLog(reference=eager(*example_inputs))
-    optimized = _fold_batchnorm(eager, example_inputs, log)
-    optimized = _to_channels_last(optimized, example_inputs, log)
-    final = _compile_frozen(optimized, example_inputs, log) if compile else optimized
-    return BestFP32(model=_NoGrad(final), steps=log.steps, warnings=log.warnings)
+    optimized = eager
+    if rewrite != "none":
+        optimized = _to_channels_last(_fold_batchnorm(eager, example_inputs, log), example_inputs, log)
+    if precision == "bf16":
+        optimized = _Bf16Autocast(optimized)
+        log.steps.append("bf16 autocast")
+        with torch.no_grad():
+            log.reference, log.tolerance = optimized(*example_inputs), _BF16_TOLERANCE
+    final = _compile_frozen(optimized, example_inputs, log) if rewrite == "compiled" else optimized
+    # a compiled model must not see grad mode change (it would recompile); an eager one skips the wrapper's cost
+    return FloatModel(model=_NoGrad(final) if final is not optimized else final, steps=log.steps,
+                      warnings=log.warnings)
+
+
+class FloatBuilds:
+    """The `best_float` models of one FP32 model, each built once (compiling takes tens of seconds): the
+    float candidates of a search and the FP32 references share them."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple) -> None:
+        self.model, self.example_inputs = model, example_inputs
+        self._built: dict[tuple[str, str], FloatModel] = {}
+
+    def get(self, precision: str, rewrite: str) -> FloatModel:
+        """`best_float(model, example_inputs, precision=precision, rewrite=rewrite)`, built on first use."""
+        if (precision, rewrite) not in self._built:
+            self._built[precision, rewrite] = best_float(self.model, self.example_inputs, precision=precision,
+                                                         rewrite=rewrite)
+        return self._built[precision, rewrite]
 
 
 @dataclass
 class AgainstFP32:
-    """The int8 model timed side by side with FP32 eager and the best FP32 (`best_fp32`)."""
+    """The int8 model timed side by side with FP32 eager and the best FP32 (`best_float`)."""
 
-    latency_ms: dict[str, float]  # median ms: fp32_eager, fp32_best, int8
+    latency_ms: dict[str, float]  # median ms: fp32_eager, fp32_best, int8 (the returned model, whatever its precision)
     speedup: float  # FP32 eager / int8, median of per-round ratios
     speedup_interval: tuple[float, float]  # its interval (`autoq.measure.latency.speedup_interval`)
     vs_best: tuple[float, float, float]  # best FP32 / int8: median per-round ratio and its interval
@@ -199,23 +251,23 @@ class FP32References:
     notes: list[str]  # steps skipped and why
 
 
-def fp32_references(fp32_model: nn.Module, example_inputs: tuple, *, compile_fp32: bool) -> FP32References:
-    """FP32 eager, `best_fp32` without compiling and (compile_fp32) with frozen torch.compile."""
-    reference = best_fp32(fp32_model, example_inputs, compile=False)
-    models = {"fp32_eager": fp32_model, "fp32_folded": reference.model}
+def fp32_references(builds: FloatBuilds, *, compile_fp32: bool) -> FP32References:
+    """FP32 eager (the model as given), `best_float` folded and (compile_fp32) compiled: the 'fp32' plans."""
+    reference = builds.get("fp32", "folded")
+    models = {"fp32_eager": builds.get("fp32", "none").model, "fp32_folded": reference.model}
     notes = []
     if compile_fp32:
-        compiled = best_fp32(fp32_model, example_inputs, compile=True)
+        compiled = builds.get("fp32", "compiled")
         models["fp32_compiled"] = compiled.model
         notes += compiled.warnings
     return FP32References(models, reference.steps, notes)
 
 
 def against_fp32(int8_model: Callable[..., object], references: FP32References, example_inputs: tuple, *,
-                 threads: int | None, seconds: float, lock: bool,
-                 confidence: float = DEFAULT_CONFIDENCE) -> AgainstFP32:
-    """Time `int8_model` against the FP32 references, interleaved for `seconds` (at least 20 rounds)
-    under the measurement lock."""
+                 threads: int | None, seconds: float, lock: bool, confidence: float = DEFAULT_CONFIDENCE,
+                 precision: str = "int8") -> AgainstFP32:
+    """Time `int8_model` (the returned model: its precision, 'int8' unless int8 did not pay) against the
+    FP32 references, interleaved for `seconds` (at least 20 rounds) under the measurement lock."""
     candidates = {**references.models, "int8": int8_model}
     notes = list(references.notes)
     with measurement_lock(lock):
@@ -223,12 +275,12 @@ def against_fp32(int8_model: Callable[..., object], references: FP32References, 
     best = min((name for name in timing if name.startswith("fp32_")), key=lambda name: timing[name].median_ms)
     latency = {"fp32_eager": timing["fp32_eager"].median_ms, "fp32_best": timing[best].median_ms,
                "int8": timing["int8"].median_ms}
-    notes.append(f"best FP32 is {best} ({', '.join(references.steps) or 'no rewrite'}"
-                 f"{' + torch.compile' if best == 'fp32_compiled' else ''})")
+    steps = ", ".join(references.steps) if best != "fp32_eager" else ""
+    notes.append(f"best FP32 is {best} ({steps or 'no rewrite'}{' + torch.compile' if best == 'fp32_compiled' else ''})")
     eager = speedup_interval(timing["fp32_eager"], timing["int8"], confidence)
     vs_best = speedup_interval(timing[best], timing["int8"], confidence)
-    if speed_verdict(*vs_best[1:]) != "faster":
-        notes.append(f"int8 is not measurably faster than the best FP32 on this CPU for these inputs "
+    if precision != "fp32" and speed_verdict(*vs_best[1:]) != "faster":
+        notes.append(f"{precision} is not measurably faster than the best FP32 on this CPU for these inputs "
                      f"({vs_best[0]:.2f}x, {confidence:.0%} interval {vs_best[1]:.2f}-{vs_best[2]:.2f}x): "
-                     f"consider keeping FP32")
+                     f"keep FP32 unless int8 pays elsewhere (with 'fp32' in space.precisions autoq returns the faster)")
     return AgainstFP32(latency, eager[0], eager[1:], vs_best, notes)

@@ -25,8 +25,8 @@ from autoq.model_file.legacy import load_trusted
 from autoq.model_file.rebuild import (
     OTHER_CPU_TOLERANCE, TOLERANCE, output_difference, rebuild, synthetic_inputs,
 )
-from autoq.model_file.state import MismatchError, encode, numbers
-from autoq.plan import QuantPlan
+from autoq.model_file.state import MismatchError, Numbers, encode, numbers
+from autoq.plan import QuantPlan, recipe_kind
 
 __all__ = ["MismatchError", "load_model", "save_model", "synthetic_inputs"]
 _CHECK = "check.output."
@@ -41,7 +41,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, summary: Mapping | Non
     if not meta or not meta.get("inputs"):
         raise ValueError("autoq.save needs an int8 model built by autoq.quantize, autoq.tune or autoq.load "
                          "(model.meta['autoq'] holds its plan and input shapes).")
-    tensors, layout = encode(numbers(model))
+    float_plan = recipe_kind(QuantPlan.from_dict(meta["plan"]).recipe).precision != "int8"
+    tensors, layout = encode(Numbers({}) if float_plan else numbers(model))  # a float model's are the FP32 model's
     with torch.no_grad():
         outputs = float_outputs(model(*synthetic_inputs(meta["inputs"])))
     tensors.update({f"{_CHECK}{i}": output for i, output in enumerate(outputs)})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from autoq.measure.outputs import float_outputs
-from autoq.plan import QuantPlan
+from autoq.plan import QuantPlan, recipe_kind
 from autoq.recipes.arms import builder
 from autoq.recipes.qat import Training
 from autoq.recipes.registry import RECIPES
@@ -50,7 +50,8 @@ def rebuild(fp32_model: nn.Module, plan: QuantPlan, inputs: tuple, tensors: Mapp
 
     Raises MismatchError if `fp32_model` is not the architecture the numbers belong to."""
     training = Training(train_fn=lambda model, epochs, lr: None)  # the file holds the fine-tuned numbers
-    batches = [] if plan.observer_for(None) == "dynamic" else [inputs]
+    kind = recipe_kind(plan.recipe)
+    batches = [inputs] if kind.calibrated or kind.fine_tunes else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -4,9 +4,11 @@
 whenever the model can be captured; dynamic (Linear/LSTM/GRU weights int8, activations quantized
 per call) when the model has such layers and either no convolutions (transformers, MLPs),
 recurrent layers (which static leaves in FP32), or no graph capture; the PT2E + Inductor twins of
-both whenever torch.export can capture the model; and the fine-tuning recipes ('qat',
+both whenever torch.export can capture the model; the fine-tuning recipes ('qat',
 'pt2e-qat') when the user gives training data and their post-training twin applies: these are
-the recovery arms, tried only if post-training seeds miss the budget (see `autoq.search.policy`).
+the recovery arms, tried only if post-training seeds miss the budget (see `autoq.search.policy`);
+and the float recipes ('fp32' always, 'bf16' on CPUs with native bf16) that int8 has to beat
+(`autoq.recipes.floating`). `precisions` keeps only the recipes of the precisions it names.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from autoq.capture import TraceError
 from autoq.dispatch.apply import carrying_plan
 from autoq.dispatch.isa import KERNEL_KINDS, Int8Path, int8_path, module_kinds
-from autoq.plan import AUTO, RECIPE_KINDS, QuantPlan, recipe_kind
+from autoq.plan import AUTO, PRECISIONS, RECIPE_KINDS, QuantPlan, recipe_kind
 from autoq.recipes.pt2e import bf16_supported
 from autoq.recipes.qat import Training
 from autoq.recipes.recipe import Builder, Capture
@@ -92,8 +94,9 @@ def calibrated(recipes: Sequence[str]) -> int:
 
 def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[tuple], recipes: Sequence[str],
                     non_traceable_modules: Sequence[str] = (),
-                    progress: Callable[[int], None] | None = None, training: Training | None = None) -> Arms:
-    """The arms `recipes` asks for (('auto',): those that apply, see the module docstring).
+                    progress: Callable[[int], None] | None = None, training: Training | None = None,
+                    precisions: Sequence[str] = PRECISIONS) -> Arms:
+    """The arms `recipes` asks for (('auto',): those that apply, see the module docstring) of `precisions`.
 
     A recipe asked for by name that cannot apply is an error; under 'auto' it is skipped, with the
     reason in `Arms.skipped`. The twin of a fine-tuning recipe asked for by name is built for its
@@ -101,7 +104,7 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
     """
     auto = tuple(recipes) == (AUTO,)
     capture = Capture(model, example_inputs, batches, non_traceable_modules, progress, training)
-    wanted = [name for name in RECIPES if auto or name in recipes]
+    wanted = [name for name in RECIPES if (auto or name in recipes) and RECIPE_KINDS[name].precision in precisions]
     twins = {RECIPE_KINDS[name].fine_tunes for name in wanted if training is not None} - {None}
     builders: dict[str, Builder] = {}
     skipped: dict[str, str] = {}
@@ -122,6 +125,7 @@ def applicable_arms(model: nn.Module, example_inputs: tuple, batches: Sequence[t
             skipped[name] = str(error)
     for twin in twins - set(wanted):
         del builders[twin]  # built only for its fine-tuning recipe's capture and layers
-    if not builders:
+    if not builders or (auto and "int8" in precisions and all(RECIPE_KINDS[name].precision != "int8"
+                                                               for name in builders)):
         raise ValueError(f"no quantization recipe applies to this model: {skipped}")
     return Arms(builders, skipped, module_kinds(model))

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from autoq.config import SearchSpace
-from autoq.plan import INDUCTOR, MEASURED
+from autoq.plan import INDUCTOR, MEASURED, REWRITES
 
 if TYPE_CHECKING:
     import optuna
@@ -26,9 +26,12 @@ PERCENTILES = (99.9, 99.99, 99.999)
 class Dimensions:
     """A search space applied to one run's arms and layer rankings (most sensitive layers first)."""
 
-    def __init__(self, space: SearchSpace, arms: Arms, rankings: Mapping[str, list[str]]) -> None:
+    def __init__(self, space: SearchSpace, arms: Arms, rankings: Mapping[str, list[str]],
+                 compile_float: bool = True) -> None:
+        """compile_float: the float recipes' plans may be compiled (else eager only, e.g. for fast tests)."""
         self.space, self.arms, self.rankings = space, arms, rankings
         self.several = len(arms.recipes) > 1  # only then is 'recipe' a trial parameter
+        self.float_rewrites = REWRITES if compile_float else tuple(r for r in REWRITES if r != "compiled")
 
     def recipe_param(self, recipe: str) -> dict:
         """The 'recipe' parameter of a seed of `recipe` (none when only one recipe is searched)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from autoq.plan import RECIPE_KINDS
 from autoq.recipes.dynamic import DynamicRecipe
+from autoq.recipes.floating import FloatRecipe
 from autoq.recipes.pt2e import Pt2eDynamicRecipe, Pt2eStaticRecipe
 from autoq.recipes.qat import Pt2eQatRecipe, QatRecipe
 from autoq.recipes.recipe import Recipe
@@ -47,5 +48,6 @@ def registered(recipe: Recipe) -> Iterator[Recipe]:
             del RECIPE_KINDS[name]
 
 
-for _recipe in (StaticRecipe(), Pt2eStaticRecipe(), QatRecipe(), Pt2eQatRecipe(), DynamicRecipe(), Pt2eDynamicRecipe()):
+for _recipe in (StaticRecipe(), Pt2eStaticRecipe(), QatRecipe(), Pt2eQatRecipe(), DynamicRecipe(), Pt2eDynamicRecipe(),
+                FloatRecipe("fp32"), FloatRecipe("bf16")):
     register(_recipe)

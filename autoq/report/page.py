@@ -107,13 +107,15 @@ def _outcome_facts(content: ReportContent) -> list[tuple[str, str]]:
     plan = QuantPlan.from_dict(outcome["plan"])
     latency = outcome["latency_ms"]
     where = "final side-by-side measurement" if content.finished else f"trial {content.chosen['number']}"
+    precision = recipe_kind(plan.recipe).precision
+    labels = {**LATENCY_LABELS, "int8": precision}  # the returned model's, whatever its precision
     facts = [
-        ("int8 metric", f"{outcome['accuracy']:.4f}" + (f" (FP32 {outcome['fp32']:.4f} on the same samples)"
+        (f"{precision} metric", f"{outcome['accuracy']:.4f}" + (f" (FP32 {outcome['fp32']:.4f} on the same samples)"
                                                         if outcome.get("fp32") is not None else "")),
         ("accuracy loss", f"{content.format_loss(outcome['loss'])} "
                           f"({'within' if outcome['feasible'] else 'OVER'} budget)"),
         ("speedup vs FP32 eager", f"{outcome['speedup']:.2f}x ({where})"),
-        ("latency per call", " · ".join(f"{LATENCY_LABELS[name]} {ms:.3f} ms" for name, ms in latency.items())),
+        ("latency per call", " · ".join(f"{labels[name]} {ms:.3f} ms" for name, ms in latency.items())),
     ]
     if "fp32_best" in latency:
         facts.append(("speedup vs best FP32", f"{latency['fp32_best'] / latency['int8']:.2f}x"))

@@ -124,6 +124,8 @@ class Objective:
         trial.set_user_attr("plan_key", key)
         if key not in self.outcomes and key not in self.pruned:
             self._wait_for_twin(trial, key)
+        if key in self.outcomes and recipe_kind(plan.recipe).precision != "int8":
+            self._repeat_float(trial, plan)
         if key in self.pruned and key not in self.outcomes:
             trial.set_user_attr("duplicate_of_plan", key)
             self._prune(trial, plan, self.pruned[key])
@@ -148,6 +150,16 @@ class Objective:
                         f"at {SCREEN_CONFIDENCE:.0%} confidence)")
         self._report(trial, plan, outcome, verdict)
         return outcome["speedup"]
+
+    def _repeat_float(self, trial: optuna.Trial, plan: QuantPlan) -> None:
+        """A float plan measured already: not counted (it has nothing left to search, and the sampler learns
+        to avoid it); when no int8 recipe is left to search, the search is over."""
+        dropped = trial.study.user_attrs.get(DROPPED_RECIPES_ATTR) or {}
+        if not any(recipe_kind(recipe).precision == "int8" and recipe not in dropped for recipe in self.arms.recipes):
+            trial.study.stop()
+        trial.set_user_attr(DROPPED_ATTR, plan.recipe)
+        trial.report(0.0, step=0)
+        raise optuna.TrialPruned()
 
     def reserve(self) -> float:
         """Seconds the final phase needs for the in-budget plans found so far (at least one finalist)."""

@@ -16,7 +16,7 @@ from autoq.measure.confidence import DEFAULT_CONFIDENCE
 from autoq.measure.evaluation import CONFIRM, SEARCH, Judgement, Scorer
 from autoq.measure.latency import measure_latency, speed_verdict, speedup_interval
 from autoq.measure.lock import measurement_lock
-from autoq.plan import QuantPlan
+from autoq.plan import QuantPlan, recipe_kind
 from autoq.recipes.arms import Arms
 from autoq.search.space import PlanProposer
 from autoq.search.study import DROPPED_RECIPES_ATTR, FINISHED
@@ -60,12 +60,17 @@ def wrong_direction(seeds: list[optuna.trial.FrozenTrial], max_loss: float) -> s
     seed 'improves' on FP32 by more than DIRECTION_RATIO times the budget (int8 rounding makes a
     model a little worse or, by luck, a little better; never far better on every plan). None if not."""
     losses = [t.user_attrs["loss"] for t in seeds if t.state == optuna.trial.TrialState.COMPLETE
-              and t.user_attrs.get("loss") is not None]
+              and t.user_attrs.get("loss") is not None and _quantized(t)]
     if len(losses) < 2 or max(losses) >= -DIRECTION_RATIO * max_loss:
         return None
     return (f"every int8 seed 'improves' the metric by at least {-max(losses):.4f} ({DIRECTION_RATIO}x the budget "
             f"or more): if lower is better (a loss, an error rate), pass higher_is_better=False, else "
             f"higher_is_better=True to silence this.")
+
+
+def _quantized(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a measured trial's plan is an int8 one (not a float candidate)."""
+    return recipe_kind(QuantPlan.from_dict(trial.user_attrs["plan"]).recipe).precision == "int8"
 
 
 def best_seeds(seeds: list[optuna.trial.FrozenTrial], max_loss: float) -> dict[str, optuna.trial.FrozenTrial]:
@@ -89,7 +94,9 @@ def after_seeds(study: optuna.Study, n_seeds: int, proposer: PlanProposer, confi
                 report: Callable[[str], None]) -> None:
     """Once every seed trial has finished (once per study): warn if the metric's direction looks wrong,
     drop the recipes that measured clearly worse, queue the fine-tuning recipes' seeds if no all-int8
-    post-training seed met the budget, then queue each remaining recipe's sweep around its best seed."""
+    post-training seed met the budget, then queue each remaining recipe's sweep around its best seed.
+    The float candidates ('fp32', 'bf16') are references here: they drop no int8 recipe (an int8 plan's
+    sweeps may still beat them) and have nothing to sweep."""
     max_loss = config.max_loss
     if study.user_attrs.get(SWEEP_ATTR):
         return
@@ -100,12 +107,12 @@ def after_seeds(study: optuna.Study, n_seeds: int, proposer: PlanProposer, confi
     if config.higher_is_better is None and (reason := wrong_direction(seeds, max_loss)):
         study.set_user_attr(DIRECTION_ATTR, reason)  # the tuner warns once the trials end (they run muted)
         report(reason)
-    best = best_seeds(seeds, max_loss)
+    best = {recipe: trial for recipe, trial in best_seeds(seeds, max_loss).items() if _quantized(trial)}
     dropped = dominated_recipes({recipe: trial.user_attrs for recipe, trial in best.items()}, max_loss)
     fine_tuning = proposer.recipes(fine_tuning=True)
     if fine_tuning:  # the recovery arms: only if no all-int8 post-training seed meets the budget
         feasible = [t.number for t in seeds if t.state == optuna.trial.TrialState.COMPLETE
-                    and t.user_attrs.get("loss", math.inf) <= max_loss
+                    and t.user_attrs.get("loss", math.inf) <= max_loss and _quantized(t)
                     and not QuantPlan.from_dict(t.user_attrs["plan"]).fp32_layers]
         if feasible:
             dropped.update({recipe: f"post-training quantization meets the budget with every layer int8 "

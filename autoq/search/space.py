@@ -21,8 +21,9 @@ class PlanProposer:
     """The search's side of a SearchSpace for one run: plans for Optuna trials, and the seeds and sweeps
     it enqueues. rankings: per recipe, its layers most sensitive first (the order fallbacks take)."""
 
-    def __init__(self, space: SearchSpace, arms: Arms, rankings: Mapping[str, list[str]]) -> None:
-        self.dims = Dimensions(space, arms, rankings)
+    def __init__(self, space: SearchSpace, arms: Arms, rankings: Mapping[str, list[str]],
+                 compile_float: bool = True) -> None:
+        self.dims = Dimensions(space, arms, rankings, compile_float)
 
     def suggest(self, trial: optuna.Trial) -> QuantPlan:
         """The plan for this trial. A 'measured' kernel choice returns a plan with dispatch='measured' and
@@ -32,18 +33,21 @@ class PlanProposer:
         return RECIPES[recipe].suggest(trial, self.dims)
 
     def seed_params(self) -> list[dict]:
-        """Trial parameters of PyTorch's default recipes on each allowed engine, x86 first: of each
-        post-training recipe searched, in the arms' order, grouped by kernel choice ('measured' last);
-        then the Inductor recipes' (which have no kernel choice); then each recipe's default with its most
-        sensitive layer in FP32."""
-        seeds = [seed for recipe in self.recipes(fine_tuning=False) for seed in RECIPES[recipe].seeds(self.dims)]
+        """Trial parameters of the float candidates first (cheap, and the bar: int8 plans measurably slower
+        than an in-budget one are not evaluated, see TuneConfig.prune_slower); then of PyTorch's default
+        recipes on each allowed engine, x86 first: of each post-training recipe searched, in the arms'
+        order, grouped by kernel choice ('measured' last); then the Inductor recipes' (which have no
+        kernel choice); then each recipe's default with its most sensitive layer in FP32."""
+        seeds = [(recipe, seed) for recipe in self.recipes(fine_tuning=False) for seed in RECIPES[recipe].seeds(self.dims)]
         engines = self.dims.seed_kernels()
 
-        def order(seed: dict) -> tuple[bool, int]:  # PyTorch's defaults first, those with an FP32 layer last
+        def order(item: tuple[str, dict]) -> tuple[bool, bool, int]:
+            recipe, seed = item
             with_fallback = any(name.endswith("n_fallback") and value for name, value in seed.items())
-            return with_fallback, engines.index(seed["engine"]) if "engine" in seed else len(engines)
+            return (RECIPE_KINDS[recipe].precision == "int8", with_fallback,
+                    engines.index(seed["engine"]) if "engine" in seed else len(engines))
 
-        return sorted(seeds, key=order)
+        return [seed for _, seed in sorted(seeds, key=order)]
 
     def qat_seeds(self) -> list[dict]:
         """Trial parameters of each fine-tuning recipe searched: queued only when post-training seeds miss

@@ -33,8 +33,10 @@ SPEED_TIE = 0.02  # speedups this close (fraction) are measurement noise: prefer
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the process that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started past n_trials by a racing worker; ran nothing, not counted
 DROPPED_ATTR = "dropped_recipe"  # trial user attr: drew a recipe dropped as clearly worse; ran nothing, not counted
-ADDED_IN_0_3 = {"equalizations": ("none", "fold_bn", "cross_layer"),  # SearchSpace fields and their defaults
-                "bias_correction": (False, True), "adaround": (False,)}
+# SearchSpace fields added since autoq 0.2, at the values that search what it searched without them
+# (the defaults but for precisions: the float candidates came later): not hashed there, so studies keep their names
+SEARCHED_BEFORE = {"equalizations": ("none", "fold_bn", "cross_layer"), "bias_correction": (False, True),
+                   "adaround": (False,), "precisions": ("int8",)}
 NOT_STARTED_ATTR = "not_started"  # trial user attr: would not have fit the timeout (queued again); ran nothing
 DROPPED_RECIPES_ATTR = "dropped_recipes"  # study user attr: {recipe: why it was dropped}
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)
@@ -229,8 +231,8 @@ def fingerprint(model: torch.nn.Module, example_inputs: tuple, baseline: float, 
     fields = dataclasses.asdict(settings) if settings is not None else {}
     if "kernels" in fields:  # hashed under its name before autoq 0.3, so existing studies keep their names
         fields["engines"] = fields.pop("kernels")
-    for name, default in ADDED_IN_0_3.items():  # ... and at their defaults, fields added since are not hashed
-        if fields.get(name) == default:
+    for name, before in SEARCHED_BEFORE.items():
+        if fields.get(name) == before:
             fields.pop(name)
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     if calib_samples is not None:

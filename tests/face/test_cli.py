@@ -38,14 +38,16 @@ def test_tune_writes_model_result_table_and_report(tuned):
 
 def test_tune_shows_progress_and_a_line_per_trial_unless_quiet(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    assert main(["tune", str(EXAMPLE), "--storage", storage, "--trials", "2", "--out", str(tmp_path)]) == 0
+    assert main(["tune", str(EXAMPLE), "--storage", storage, "--trials", "4", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     trial_lines = [line for line in err.splitlines() if line.startswith("[autoq] trial")]
-    assert len(trial_lines) == 2
-    assert "PyTorch default recipe" in trial_lines[0] and "speedup" in trial_lines[0]
-    assert any(verdict in trial_lines[1] for verdict in ("feasible", "over budget", "pruned"))
-    assert "kernels=fbgemm" in trial_lines[1]  # the second seed changes the engine, and the line says so
-    assert main(["resume", str(EXAMPLE), "--storage", storage, "--trials", "3", "--out", str(tmp_path),
+    assert len(trial_lines) == 4
+    # the FP32 candidates (eager: the example does not compile) come first: the bar int8 has to beat
+    assert all("recipe=fp32" in line and "speedup" in line for line in trial_lines[:2])
+    assert "PyTorch default recipe" in trial_lines[2] and "speedup" in trial_lines[2]
+    assert any(verdict in trial_lines[3] for verdict in ("feasible", "over budget", "pruned"))
+    assert "kernels=fbgemm" in trial_lines[3]  # the next seed changes the engine, and the line says so
+    assert main(["resume", str(EXAMPLE), "--storage", storage, "--trials", "5", "--out", str(tmp_path),
                  "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "[autoq]" not in captured.err

@@ -167,7 +167,8 @@ def test_nothing_in_budget_returns_best_effort_with_warning(mnist_task, tmp_path
         result = autoq.tune(
             mnist_task.model, mnist_task.example_inputs, mnist_task.calib, harsh_metric,
             max_loss=0.01, n_trials=4,
-            space=autoq.SearchSpace(kernels=("fbgemm",), observers=("minmax", "kl"), max_fallback=0),
+            space=autoq.SearchSpace(kernels=("fbgemm",), observers=("minmax", "kl"), max_fallback=0,
+                                    precisions=("int8",)),
             **fast_settings(tmp_path),
         )
     assert result is not None and not result.feasible and result.loss > 0.01

@@ -9,7 +9,7 @@ import torch._inductor.freezing
 from torch import nn
 
 from autoq.measure import fp32
-from autoq.measure.fp32 import best_fp32
+from autoq.measure.fp32 import best_float
 from autoq.measure.latency import LatencyStats, fastest, measure_latency, measurement_settings, speedup
 
 
@@ -195,12 +195,12 @@ def _state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
-def test_best_fp32_folds_bn_keeps_outputs_and_leaves_the_model_untouched() -> None:
+def test_best_float_folds_bn_keeps_outputs_and_leaves_the_model_untouched() -> None:
     model = _small_cnn()
     state_before = _state_snapshot(model)
     x = torch.randn(2, 3, 16, 16)
 
-    result = best_fp32(model, (x,), compile=False)
+    result = best_float(model, (x,), rewrite="folded")
 
     assert result.steps == ["fold_bn", "channels_last"]
     assert result.warnings == []
@@ -215,12 +215,12 @@ def test_best_fp32_folds_bn_keeps_outputs_and_leaves_the_model_untouched() -> No
     assert torch.allclose(result.model(x * 2), model(x * 2), rtol=1e-4, atol=1e-5)
 
 
-def test_best_fp32_untraceable_model_still_works_with_a_folding_warning() -> None:
+def test_best_float_untraceable_model_still_works_with_a_folding_warning() -> None:
     torch.manual_seed(0)
     model = _with_trained_bn_stats(_Untraceable(), (2, 3, 8, 8)).eval()
     x = torch.randn(1, 3, 8, 8)
 
-    result = best_fp32(model, (x,), compile=False)
+    result = best_float(model, (x,), rewrite="folded")
 
     assert "fold_bn" not in result.steps
     assert len(result.warnings) == 1 and result.warnings[0].startswith("fold_bn skipped")
@@ -229,18 +229,18 @@ def test_best_fp32_untraceable_model_still_works_with_a_folding_warning() -> Non
         assert torch.allclose(result.model(-x), model(-x), rtol=1e-4, atol=1e-5)
 
 
-def test_best_fp32_skips_channels_last_without_4d_inputs() -> None:
+def test_best_float_skips_channels_last_without_4d_inputs() -> None:
     model = _with_trained_bn_stats(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), (8, 6)).eval()
     x = torch.randn(3, 6)
 
-    result = best_fp32(model, (x,), compile=False)
+    result = best_float(model, (x,), rewrite="folded")
 
     assert result.steps == ["fold_bn"]
     with torch.no_grad():
         assert torch.allclose(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_best_fp32_drops_a_step_that_changes_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_best_float_drops_a_step_that_changes_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     class _OffByOne(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
             super().__init__()
@@ -254,7 +254,7 @@ def test_best_fp32_drops_a_step_that_changes_outputs(monkeypatch: pytest.MonkeyP
     model = _small_cnn().eval()
     x = torch.randn(1, 3, 16, 16)
 
-    result = best_fp32(model, (x,), compile=False)
+    result = best_float(model, (x,), rewrite="folded")
 
     assert result.steps == ["channels_last"]
     assert len(result.warnings) == 1 and result.warnings[0].startswith("fold_bn dropped")
@@ -262,7 +262,7 @@ def test_best_fp32_drops_a_step_that_changes_outputs(monkeypatch: pytest.MonkeyP
         assert torch.allclose(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_best_fp32_falls_back_when_compile_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_best_float_falls_back_when_compile_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_compile(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no C++ compiler found\nlong traceback")
 
@@ -270,7 +270,7 @@ def test_best_fp32_falls_back_when_compile_raises(monkeypatch: pytest.MonkeyPatc
     model = _small_cnn().eval()
     x = torch.randn(1, 3, 16, 16)
 
-    result = best_fp32(model, (x,))
+    result = best_float(model, (x,))
 
     assert "torch.compile(freezing)" not in result.steps
     assert result.warnings == ["torch.compile failed: RuntimeError: no C++ compiler found; "
@@ -279,7 +279,7 @@ def test_best_fp32_falls_back_when_compile_raises(monkeypatch: pytest.MonkeyPatc
         assert torch.allclose(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_best_fp32_compiles_with_freezing_or_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_best_float_compiles_with_freezing_or_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     freeze_calls: list[None] = []
     real_freeze = torch._inductor.freezing.freeze
 
@@ -293,7 +293,7 @@ def test_best_fp32_compiles_with_freezing_or_warns(monkeypatch: pytest.MonkeyPat
                                    (2, 3, 8, 8)).eval()
     x = torch.randn(1, 3, 8, 8)
 
-    result = best_fp32(model, (x,), compile=True)
+    result = best_float(model, (x,), rewrite="compiled")
 
     with torch.no_grad():
         expected = model(x)

@@ -114,7 +114,8 @@ def test_untraceable_submodule_is_named_with_the_fix(digits, tmp_path):
                    **fast_settings(tmp_path))
     # with the default recipes ('auto') the model is still tuned, dynamically (no capture needed),
     # and the result says why static was skipped and how to fix it
-    result = autoq.tune(model, (digits.x[:1],), digits.calib, eval_fn, n_trials=2, **fast_settings(tmp_path))
+    result = autoq.tune(model, (digits.x[:1],), digits.calib, eval_fn, n_trials=2, space={"precisions": ["int8"]},
+                        **fast_settings(tmp_path))
     assert result.plan["_data"]["recipe"] == "dynamic"
     assert any("static skipped" in note and "non_traceable_modules=['router']" in note for note in result.notes)
 
@@ -122,7 +123,7 @@ def test_untraceable_submodule_is_named_with_the_fix(digits, tmp_path):
 def test_non_traceable_module_stays_fp32_and_the_rest_is_quantized(digits, tmp_path):
     model = digits.train(WithRouter(), epochs=20)
     result = autoq.tune(model, (digits.x[:1],), digits.calib, digits.accuracy, n_trials=3,
-                        non_traceable_modules=["router"], **fast_settings(tmp_path))
+                        non_traceable_modules=["router"], space={"precisions": ["int8"]}, **fast_settings(tmp_path))
     assert isinstance(result.model.get_submodule("router"), Router)
     assert isinstance(result.model.get_submodule("router").bright, nn.Conv2d)
     assert any(isinstance(m, nnq.Linear) for m in result.model.modules())

@@ -66,11 +66,14 @@ def test_dynamic_sensitivity_ranks_every_layer_with_real_int8_kernels(digits, ls
 
 
 def test_auto_picks_recipes_by_layer_types(digits, lstm, mnist_task):
-    everything = ["static", "pt2e-static", "dynamic", "pt2e-dynamic"]
-    assert applicable_arms(lstm, (digits.x[:1],), [(digits.calib[0],)], ["auto"]).recipes == everything
+    everything = ["static", "pt2e-static", "dynamic", "pt2e-dynamic", "fp32"]  # (and bf16 where the CPU has it)
+    int8 = ("int8",)
+    assert applicable_arms(lstm, (digits.x[:1],), [(digits.calib[0],)], ["auto"], precisions=("int8", "fp32")
+                           ).recipes == everything
     mlp = MLP().eval()
-    assert applicable_arms(mlp, (digits.x[:1],), [(digits.calib[0],)], ["auto"]).recipes == everything
-    cnn = applicable_arms(mnist_task.model, mnist_task.example_inputs, [(b,) for b in mnist_task.calib[:1]], ["auto"])
+    assert applicable_arms(mlp, (digits.x[:1],), [(digits.calib[0],)], ["auto"], precisions=int8).recipes == everything[:4]
+    cnn = applicable_arms(mnist_task.model, mnist_task.example_inputs, [(b,) for b in mnist_task.calib[:1]], ["auto"],
+                          precisions=int8)
     assert cnn.recipes == ["static", "pt2e-static"] and "conv net" in cnn.skipped["dynamic"]
     assert "conv net" in cnn.skipped["pt2e-dynamic"] and "training data" in cnn.skipped["qat"]
     forced = applicable_arms(mnist_task.model, mnist_task.example_inputs, [(b,) for b in mnist_task.calib[:1]],
