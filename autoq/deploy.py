@@ -76,7 +76,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     try:
-        if recipe_kind(plan.recipe).inductor or plan.kernels() == INDUCTOR:
+        if plan.kernels() == INDUCTOR:  # a PT2E plan, or a compiled float plan
             name, kind, capture = "model.pt2", "aoti", "torch.export"
             _aoti(*_uncompiled(model, plan), staging / name)
         else:

@@ -16,8 +16,7 @@ from autoq.measure.latency import measure_latency, speed_verdict, speedup_interv
 from autoq.measure.lock import measurement_lock
 from autoq.plan import REWRITES
 
-_RTOL = 1e-3
-_ATOL_FRACTION = 1e-3  # absolute tolerance as a fraction of the largest reference output magnitude
+_TOLERANCE = 1e-3  # rtol, and atol as a fraction of the largest reference output magnitude
 _ATOL_FLOOR = 1e-6  # keeps the absolute tolerance above zero for all-zero reference outputs
 _BF16_TOLERANCE = 2e-2  # compiling a bf16 model may round differently than its eager ops: rtol and atol fraction
 
@@ -99,7 +98,7 @@ def _tensors(output: object) -> list[torch.Tensor] | None:
     return tensors
 
 
-def _mismatch(reference: object, candidate: object, tolerance: float = _RTOL) -> str | None:
+def _mismatch(reference: object, candidate: object, tolerance: float = _TOLERANCE) -> str | None:
     """Why `candidate` differs from `reference` beyond float tolerance, or None if it matches."""
     reference_tensors, candidate_tensors = _tensors(reference), _tensors(candidate)
     if reference_tensors is None or candidate_tensors is None:
@@ -127,7 +126,7 @@ class _StepLog:
     """Keeps a step only if its outputs match the FP32 reference, recording steps and warnings."""
 
     reference: object
-    tolerance: float = _RTOL
+    tolerance: float = _TOLERANCE
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 

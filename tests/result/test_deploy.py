@@ -88,3 +88,14 @@ def test_a_loaded_model_exports_like_the_tuned_one(tmp_path):
     written = autoq.export(autoq.load(tmp_path / "m.autoq", fresh()), tmp_path / "export")
     with torch.no_grad():
         assert torch.equal(run_exported(written.directory, [x], tmp_path), model(x))
+
+
+@pytest.mark.parametrize("rewrite, format", [("folded", "torchscript"), ("compiled", "aoti")])
+def test_a_float_plan_exports_its_rewritten_fp32_model(tmp_path, rewrite, format):
+    model, x = tuned_model("fp32", rewrite=rewrite)
+    written = autoq.export(model, tmp_path / "export")
+    assert written.format == format
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(run_exported(written.directory, [x], tmp_path), expected, rtol=1e-4,
+                              atol=1e-4 * expected.abs().max().item())
