@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -83,7 +82,8 @@ class Objective:
             if row["state"] == "COMPLETE" and key and key not in self.outcomes and row["loss"] is not None:
                 self._remember(key, row, row["plan"])
             elif row["state"] == "PRUNED" and key and row["speedup"] is not None:
-                self.pruned[key] = {k: row[k] for k in ("speedup", "int8_ms", "fp32_ms")}
+                self.pruned[key] = {k: row[k] for k in ("speedup", "speedup_interval", "int8_ms", "fp32_ms")
+                                    if row[k] is not None}
 
     def _loss_of(self, metric: float) -> float:
         """The loss of a stored trial's metric by this run's settings (a resumed study may have others)."""
@@ -124,7 +124,7 @@ class Objective:
         trial.set_user_attr("plan_key", key)
         if key not in self.outcomes and key not in self.pruned:
             self._wait_for_twin(trial, key)
-        if key in self.outcomes and recipe_kind(plan.recipe).precision != "int8":
+        if (key in self.outcomes or key in self.pruned) and recipe_kind(plan.recipe).precision != "int8":
             self._repeat_float(trial, plan)
         if key in self.pruned and key not in self.outcomes:
             trial.set_user_attr("duplicate_of_plan", key)
@@ -295,8 +295,8 @@ class Objective:
             parts += [f"metric {outcome['metric']:.4f}", f"loss {outcome['loss']:+.4f}"
                       + (f" (bound {outcome['loss_upper']:+.4f})" if "loss_upper" in outcome else "")]
         if "speedup" in outcome:
-            low, high = outcome.get("speedup_interval") or (math.nan, math.nan)
-            parts.append(f"speedup {outcome['speedup']:.2f}x [{low:.2f}-{high:.2f}]")
+            interval = outcome.get("speedup_interval")
+            parts.append(f"speedup {outcome['speedup']:.2f}x" + (" [{:.2f}-{:.2f}]".format(*interval) if interval else ""))
         clock = self.budget.progress()
         self.reporter.line("  ".join(parts) + f"  {verdict}" + (f"  [{clock}]" if clock else ""))
 

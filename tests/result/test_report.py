@@ -106,7 +106,7 @@ def test_header_shows_status_baseline_budget_counts_and_final_measurement(tuned)
     states = [trial.state.name for trial in study.trials if trial.state.is_finished()]
     assert all(f"{state}: {states.count(state)}" in text for state in set(states))
     assert f"{result.speedup:.2f}x (final side-by-side measurement)" in text
-    assert f"int8 {result.latency_ms['int8']:.3f} ms" in text
+    assert f"{result.precision} {result.latency_ms['int8']:.3f} ms" in text
     assert all(" ".join(note.split()) in text for note in result.notes)
 
 

@@ -74,6 +74,21 @@ def test_a_float_plan_is_measured_once_and_its_repeats_do_not_count(small_mlp, d
     assert len(repeats) == 1  # the search stops at the first repeat: nothing is left to search
 
 
+def test_a_float_plan_pruned_as_slower_is_not_counted_again(mnist_task, tmp_path):
+    """On the MNIST CNN (BatchNorm) the model as given runs ~0.7x its folded rewrite, so prune_slower stops
+    it; drawing it again must neither count nor re-run it. (Seed 2: the sampler draws it again.)"""
+    result = autoq.tune(mnist_task.model, mnist_task.example_inputs, mnist_task.calib, mnist_task.eval_fn(),
+                        n_trials=5, space={"recipes": ["fp32"]}, **fast_settings(tmp_path, seed=2))
+
+    study = optuna.load_study(study_name=result.study_name, storage=fast_settings(tmp_path)["storage"])
+    counted = [t.user_attrs["plan_key"] for t in study.trials if not t.user_attrs.get(DROPPED_ATTR)]
+    assert len(counted) == len(set(counted)) == 2
+    pruned = {t.user_attrs["plan_key"] for t in study.trials if t.state == optuna.trial.TrialState.PRUNED
+              and not t.user_attrs.get(DROPPED_ATTR)}
+    repeats = [t.user_attrs["plan_key"] for t in study.trials if t.user_attrs.get(DROPPED_ATTR)]
+    assert pruned and pruned & set(repeats)  # the pruned plan was drawn again, and that draw ran nothing
+
+
 def test_a_float_model_saves_loads_and_refuses_another_fp32_model(small_mlp, digits, tmp_path):
     model = autoq.quantize(small_mlp, QuantPlan(recipe="fp32", rewrite="folded"), digits.x[:1], None)
     path = tmp_path / "fp32.autoq"
