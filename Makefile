@@ -54,8 +54,8 @@ test-avx2: setup data
 test-slow: setup data postgres
 	$(PY) -m pytest -m slow
 
-# Regenerates benchmarks/RESULTS.md and results.png (~37 min on 2 cores; keep the machine otherwise idle), with Intel
-# Neural Compressor (extra `inc`) as a peer.
+# Regenerates benchmarks/RESULTS.md and results.png (~60 min on 2 cores; keep the machine otherwise idle), with Intel
+# Neural Compressor (extra `inc`), OpenVINO + NNCF and ONNX Runtime (extra `peers`, part of `dev`) as peers.
 bench: setup data $(VENV)/.inc
 	$(PY) benchmarks/core.py --trials 16 --out benchmarks/RESULTS.md
 

@@ -11,7 +11,10 @@ Per model, in one process and one interleaved timing run:
   without convolutions; needs the `inc` extra, else listed as not run); autoq (all recipes that
   apply, 1% relative budget, same calibration data; with up to 4096 of the task's training
   samples, so QAT is tried when post-training misses); and, where the task has training data,
-  autoq pinned to the QAT recipes (FX and PT2E).
+  autoq pinned to the QAT recipes (FX and PT2E). The peers in other runtimes (benchmarks/peers.py, the
+  `peers` extra): OpenVINO FP32, NNCF default PTQ, NNCF accuracy control (1% relative, the same
+  validation split), ONNX Runtime FP32, ORT static QDQ (MinMax, Entropy, Percentile) and, on models
+  without convolutions, ORT dynamic.
 Accuracy is top-1 on the validation split the tuner sees and on a held-out test split it never
 sees. Methods that do not apply to a model are listed under the table with the reason.
 """
@@ -37,11 +40,14 @@ from torch import nn
 import autoq
 import autoq_zoo as zoo
 from autoq_zoo.baselines import bf16_autocast, default_dynamic, default_fx_ptq, default_pt2e
+from autoq.dispatch.isa import cpu_isa
+from autoq.dispatch.table import ISA_FLAGS, current_cpu
 from autoq.measure.fp32 import best_float
 from autoq.measure.latency import measure_latency, speedup, speedup_interval
 from autoq.plan import QuantPlan, default_plan
 from autoq.search.objective import plan_changes
 from inc import inc_autotune, inc_default_dynamic
+from peers import VNNI_ISAS, OnnxModel, nncf_accuracy_control, nncf_default, openvino_fp32
 from plot import speed_vs_loss_png
 
 TASKS: dict[str, Callable[[], zoo.Task]] = {
@@ -61,7 +67,7 @@ QAT_BATCHES = 64  # of 64 samples: QAT fine-tunes on at most 4096 training sampl
 @dataclass
 class Tuning:
     recipe: str  # what the tuner picked (for autoq: the recipe and what its plan changes from PyTorch's default)
-    trials: int  # candidates evaluated
+    trials: int | None  # candidates evaluated (None: the tool does not say)
     first_ok: int | None  # 0-based index of the first candidate within the budget
     first_ok_s: float | None  # wall seconds from the start until that candidate was evaluated
     tune_s: float  # wall seconds, compiling and evaluating included
@@ -115,10 +121,43 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}"
 
 
+def _has_no_conv(model: nn.Module) -> bool:
+    return not any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules())
+
+
 def _without_conv(model: nn.Module) -> nn.Module:
-    if any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules()):
+    if not _has_no_conv(model):
         raise ValueError("a conv net: dynamic quantization would convert its Linear head only")
     return model
+
+
+def peers(task: zoo.Task) -> dict[str, Callable[[], tuple[Callable, Tuning]]]:
+    """OpenVINO + NNCF and ONNX Runtime, as their documentation tells a user to run them (benchmarks/peers.py)."""
+    x, calib = task.example_inputs, task.calib
+    matmul_only = _has_no_conv(task.model)
+    onnx = functools.cache(lambda: OnnxModel(task.model, x))
+
+    def tuned(description: str, build: Callable[[], tuple[Callable, float]]) -> Callable[[], tuple[Callable, Tuning]]:
+        def run() -> tuple[Callable, Tuning]:
+            model, seconds = build()
+            return model, Tuning(description, None, None, None, seconds)
+        return run
+    ort_static = f"QDQ u8/s8 per-channel{', reduce_range' if cpu_isa() not in VNNI_ISAS else ''}" + (
+        ", MatMul/Gemm only" if matmul_only else "")
+    methods = {
+        "OpenVINO FP32": tuned("f32", lambda: openvino_fp32(task.model, x)),
+        "NNCF default PTQ (OpenVINO)": tuned("nncf.quantize defaults", lambda: nncf_default(task.model, x, calib)),
+        "NNCF accuracy control (OpenVINO)": tuned(
+            "max_drop 1% relative, val split", lambda: nncf_accuracy_control(task.model, x, calib, task.eval_data(),
+                                                                             task.score)),
+        "ORT FP32": tuned("opset 17", lambda: onnx().fp32()),
+    }
+    for method in ("MinMax", "Entropy", "Percentile"):
+        methods[f"ORT static {method}"] = tuned(ort_static, lambda method=method: onnx().static(calib, method,
+                                                                                                 matmul_only))
+    if matmul_only:
+        methods["ORT dynamic"] = tuned("MatMul/Gemm, per-channel", lambda: onnx().dynamic())
+    return methods
 
 
 def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = None) -> tuple[nn.Module, Tuning]:
@@ -158,7 +197,8 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
         except Exception as error:  # a baseline that cannot handle this model is a finding, not a crash
             skipped[method] = _reason(error)
     storage = f"sqlite:///{storage_dir}/{name}.db"
-    tuners = {"INC 3.10 autotune (PT2E static)": lambda: inc(task), "autoq": lambda: tune(task, trials, storage)}
+    tuners = {"INC 3.10 autotune (PT2E static)": lambda: inc(task), **peers(task),
+              "autoq": lambda: tune(task, trials, storage)}
     if task.train is not None:
         tuners["autoq, QAT recipes pinned"] = lambda: tune(task, min(trials, QAT_TRIALS),
                                                            storage.replace(".db", "-qat.db"), ["qat", "pt2e-qat"])
@@ -185,13 +225,14 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
 def table(rows: list[Row]) -> list[str]:
     """Markdown table of `rows`, then one geomean row per method over the models it ran on."""
     lines = ["| model | method | recipe | val acc | test acc | test loss | confirmed loss (90% bound) | ms | vs eager "
-             "| vs best FP32 [90% interval] | trials | 1st in-budget (trial, time) | tune s |",
+             "| vs best PyTorch FP32 [90% interval] | trials | 1st in-budget (trial, time) | tune s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bold = "**" if r.method == "autoq" else ""
         t = r.tuning
         first_ok = "-" if t is None or t.first_ok is None else f"#{t.first_ok}, {t.first_ok_s:.0f} s"
-        recipe, extra = ("", " | | ") if t is None else (t.recipe, f"{t.trials} | {first_ok} | {t.tune_s:.0f}")
+        recipe, extra = ("", " | | ") if t is None else (
+            t.recipe, f"{'-' if t.trials is None else t.trials} | {first_ok} | {t.tune_s:.0f}")
         confirmed = "" if t is None or t.confirmed is None else f"{t.confirmed[0]:+.2%}" + (
             f" ({t.confirmed[1]:+.2%})" if t.confirmed[1] is not None else "")
         lines.append(f"| {r.model} | {bold}{r.method}{bold} | {recipe} | {r.val:.4f} | {r.test:.4f} | "
@@ -218,7 +259,7 @@ def coverage(rows: list[Row]) -> list[str]:
 def peers_ahead(rows: list[Row], budget: float = 0.01) -> list[str]:
     """One line per (model, method) that is faster than autoq's row while within `budget` held-out loss."""
     autoq_rows = {r.model: r for r in rows if r.method == "autoq"}
-    return [f"- {r.model}: {r.method} {r.vs_best:.2f}x vs autoq {autoq_rows[r.model].vs_best:.2f}x best FP32 "
+    return [f"- {r.model}: {r.method} {r.vs_best:.2f}x vs autoq {autoq_rows[r.model].vs_best:.2f}x best PyTorch FP32 "
             f"(held-out loss {r.test_loss:+.2%} vs {autoq_rows[r.model].test_loss:+.2%})"
             for r in rows if r.model in autoq_rows and r.method != "autoq" and r.test_loss <= budget
             and r.vs_best > autoq_rows[r.model].vs_best]
@@ -241,8 +282,9 @@ def main() -> None:
             task_rows, task_skipped = bench_task(name, args.trials, storage_dir)
             rows += task_rows
             skipped.update({(name, method): reason for method, reason in task_skipped.items()})
+    flags = " ".join(flag for flag in ISA_FLAGS if flag in current_cpu().flags) or f"none of {' '.join(ISA_FLAGS)}"
     report = [
-        f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"machine: {cpu_name()} (ISA flags: {flags}), {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"python {platform.python_version()}; {time.perf_counter() - started:.0f} s in all",
         f"command: python {' '.join(sys.argv)}",
         "timing batch: each task's example inputs (images 1, UCR series 32, sentences 8); accuracy = top-1; "

@@ -53,7 +53,8 @@ def test_peers_ahead_lists_faster_methods_within_budget_only():
     faster = Row("cnn", "default FX PTQ (fbgemm)", 0.9, 0.9, 0.005, 0.4, 5.0, 2.5)
     faster_over_budget = Row("cnn", "bf16 autocast (compiled)", 0.9, 0.8, 0.02, 0.3, 6.0, 3.0)
     lines = peers_ahead([*ROWS, faster, faster_over_budget])
-    assert lines == ["- cnn: default FX PTQ (fbgemm) 2.50x vs autoq 2.00x best FP32 (held-out loss +0.50% vs +1.10%)"]
+    assert lines == ["- cnn: default FX PTQ (fbgemm) 2.50x vs autoq 2.00x best PyTorch FP32 "
+                     "(held-out loss +0.50% vs +1.10%)"]
 
 
 def test_qat_recovery_control_fine_tunes_a_copy_and_reads_all_int8_trials():
