@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import math
 import platform
 import sys
@@ -72,6 +73,7 @@ class Tuning:
     first_ok_s: float | None  # wall seconds from the start until that candidate was evaluated
     tune_s: float  # wall seconds, compiling and evaluating included
     confirmed: tuple[float, float | None] | None = None  # autoq: loss on its held-back val samples, upper bound
+    plan: dict | None = None  # autoq: the pick's plan (QuantPlan.to_dict), which rebuilds it with autoq.quantize
 
 
 @dataclass
@@ -177,7 +179,8 @@ def tune(task: zoo.Task, trials: int, storage: str, recipes: list[str] | None = 
                        for name, value in plan_changes(plan, default_plan("x86")).items() if name != "recipe")
     return result.model, Tuning(f"{plan.recipe} {changes}".strip(), len(result.trials),
                                 first_ok and first_ok["number"], first_ok and first_ok["finished"] - started_at,
-                                time.perf_counter() - started, (result.loss, result.verdict.get("upper")))
+                                time.perf_counter() - started, (result.loss, result.verdict.get("upper")),
+                                result.plan)
 
 
 def inc(task: zoo.Task) -> tuple[nn.Module, Tuning]:
@@ -269,8 +272,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--models", default=",".join(TASKS))
-    parser.add_argument("--out", help="also write the report (markdown) to this file, and its figure beside it "
-                                      "(results.png)")
+    parser.add_argument("--out", help="also write the report (markdown) to this file, and beside it its figure "
+                                      "(results.png) and autoq's picks (plans.json: {model: {method: plan}})")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(TASKS)
     if unknown:
@@ -305,6 +308,11 @@ def main() -> None:
     if args.out:
         figure = Path(args.out).with_name("results.png")
         speed_vs_loss_png(rows, figure)
+        picks: dict[str, dict] = {}
+        for r in rows:
+            if r.tuning is not None and r.tuning.plan is not None:
+                picks.setdefault(r.model, {})[r.method] = r.tuning.plan
+        Path(args.out).with_name("plans.json").write_text(json.dumps(picks, indent=1) + "\n", encoding="utf-8")
         Path(args.out).write_text(f"# Benchmark results\n\n![held-out loss vs speedup per model and method]"
                                   f"({figure.name})\n\n{text}\n", encoding="utf-8")
 

@@ -24,6 +24,9 @@ model (so the benchmark times and scores it like any other), and the wall second
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -69,16 +72,46 @@ class Runtime:
 
 # --- OpenVINO + NNCF ---------------------------------------------------------------------------------
 
-def _openvino():
+@functools.cache
+def _ov_core():
+    """One OpenVINO Core for the whole process, its CPU plugin loaded at once (see `_signal_stack_kept`)."""
     try:
         import openvino
     except ImportError as error:
         raise ImportError(_INSTALL.format("OpenVINO")) from error
+    core = openvino.Core()
+    core.get_property("CPU", "FULL_DEVICE_NAME")  # loads the plugin
+    return core
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept() -> Iterator[None]:
+    """Within: OpenVINO work that may make and drop Cores (NNCF does). On CPUs with AMX, each Core's CPU
+    plugin sets the thread's alternate signal stack to a buffer it frees when the Core goes, leaving the
+    stack pointing at freed memory: the next signal Python handles (Ctrl-C, SIGTERM) then crashes the
+    process (OpenVINO 2026.4 on a Xeon with AMX). The stack in place before (the long-lived `_ov_core`'s, or
+    none) is put back after."""
+    libc = ctypes.CDLL(None)
+    saved = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(saved))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
+def _openvino():
+    _ov_core()
+    import openvino
     return openvino
 
 
 def _ov_runner(ov_model, config: dict) -> Callable[[list], np.ndarray]:
-    compiled = _openvino().Core().compile_model(ov_model, "CPU", config)
+    compiled = _ov_core().compile_model(ov_model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(arrays: list) -> np.ndarray:
@@ -109,6 +142,7 @@ def openvino_fp32(model: torch.nn.Module, example_inputs: tuple) -> tuple[Runtim
 
 
 def _nncf():
+    _ov_core()  # its signal stack is the one `_signal_stack_kept` puts back
     try:
         import nncf
     except ImportError as error:
@@ -124,7 +158,8 @@ def _calibration(calib: list):
 def nncf_default(model: torch.nn.Module, example_inputs: tuple, calib: list) -> tuple[Runtime, float]:
     """NNCF's default post-training quantization of the OpenVINO model."""
     started = time.perf_counter()
-    quantized = _nncf().quantize(_ov_model(model, example_inputs), _calibration(calib))
+    with _signal_stack_kept():
+        quantized = _nncf().quantize(_ov_model(model, example_inputs), _calibration(calib))
     return _ov_runtime(quantized, example_inputs), time.perf_counter() - started
 
 
@@ -142,9 +177,10 @@ def nncf_accuracy_control(model: torch.nn.Module, example_inputs: tuple, calib: 
         return float(np.mean(scores)), scores
 
     started = time.perf_counter()
-    quantized = nncf.quantize_with_accuracy_control(
-        _ov_model(model, example_inputs), _calibration(calib), nncf.Dataset(items, lambda item: item[0]), validate,
-        max_drop=max_drop, drop_type=nncf.DropType.RELATIVE)
+    with _signal_stack_kept():
+        quantized = nncf.quantize_with_accuracy_control(
+            _ov_model(model, example_inputs), _calibration(calib), nncf.Dataset(items, lambda item: item[0]),
+            validate, max_drop=max_drop, drop_type=nncf.DropType.RELATIVE)
     return _ov_runtime(quantized, example_inputs), time.perf_counter() - started
 
 

@@ -110,20 +110,27 @@ def int8_path() -> Int8Path:
 
 def _saturates(library: str, kind: str, activation: int, weight: int) -> bool:
     """Whether `library`'s `kind` kernel returns a sum off by more than SATURATION_TOLERANCE when every
-    input is `activation` (uint8) and every weight `weight` (int8): the worst case for int16 pair sums."""
+    input is `activation` (uint8) and every weight `weight` (int8): the worst case for int16 pair sums.
+    A conv is tried unpadded and with padding 1: the libraries pick other kernels for each (on a Xeon with
+    AMX, FBGEMM's depthwise saturates padded only; capped at AVX2, its conv saturates unpadded only)."""
     channels = 16
     taps = {"linear": 64, "conv": 9 * channels, "depthwise": 9}[kind]
     exact = float(activation * weight * taps)  # input and weight scale 1: the sum in integer units
     with torch.no_grad(), quantized_engine(library):
         if kind == "linear":
-            layer, shape = nnq.Linear(taps, channels), (4, taps)
-        else:  # one output pixel of a 3x3 conv
-            layer = nnq.Conv2d(channels, channels, 3, groups=channels if kind == "depthwise" else 1)
-            shape = (1, channels, 3, 3)
-        weights = torch.quantize_per_tensor(torch.full(layer.weight().shape, float(weight)), 1.0, 0, torch.qint8)
-        layer.set_weight_bias(weights, None)
-        # the exact sum lands on 200 of 0..255 (a negative one on 55, with the zero point at 255)
-        layer.scale, layer.zero_point = abs(exact) / 200, 0 if exact > 0 else 255
-        x = torch.quantize_per_tensor(torch.full(shape, float(activation)), 1.0, 0, torch.quint8)
-        got = layer(x).dequantize()
-    return bool((got - exact).abs().max() > SATURATION_TOLERANCE * abs(exact))
+            layers = [(nnq.Linear(taps, channels), (4, taps))]
+        else:  # a 3x3 conv on 3x3 pixels: the centre output pixel sums all 9 taps
+            groups = channels if kind == "depthwise" else 1
+            layers = [(nnq.Conv2d(channels, channels, 3, padding=padding, groups=groups), (1, channels, 3, 3))
+                      for padding in (0, 1)]
+        for layer, shape in layers:
+            weights = torch.quantize_per_tensor(torch.full(layer.weight().shape, float(weight)), 1.0, 0, torch.qint8)
+            layer.set_weight_bias(weights, None)
+            # the exact sum lands on 200 of 0..255 (a negative one on 55, with the zero point at 255)
+            layer.scale, layer.zero_point = abs(exact) / 200, 0 if exact > 0 else 255
+            x = torch.quantize_per_tensor(torch.full(shape, float(activation)), 1.0, 0, torch.quint8)
+            got = layer(x).dequantize()
+            centre = got if kind == "linear" else got[..., got.shape[-2] // 2, got.shape[-1] // 2]
+            if (centre - exact).abs().max() > SATURATION_TOLERANCE * abs(exact):
+                return True
+    return False

@@ -46,9 +46,9 @@ def test_stopped_mid_trial_then_the_same_command_resumes(tmp_path, stop):
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def running_after_two_measured():
-        try:  # the run may be creating the database's tables right now
+        try:  # the run may be creating the database's tables right now (locked, or both stamp alembic's version)
             names = optuna.get_all_study_names(storage) if (tmp_path / "study.db").exists() else []
-        except sqlalchemy.exc.OperationalError:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             return None
         if not names:
             return None
