@@ -15,7 +15,9 @@ from dataclasses import InitVar, dataclass, field
 from importlib import resources
 from typing import Any
 
-from autoq.plan import AUTO, EQUALIZATIONS, KERNEL_CHOICES, OBSERVERS, PRECISIONS, RECIPE_KINDS, WEIGHT_GRANULARITIES
+from autoq.plan import (
+    AUTO, EQUALIZATIONS, KERNEL_CHOICES, LOWERINGS, OBSERVERS, PRECISIONS, RECIPE_KINDS, WEIGHT_GRANULARITIES,
+)
 
 LOSS_TYPES = ("relative", "absolute")
 STRATEGY_KEY = "strategy"
@@ -71,6 +73,8 @@ class SearchSpace:
     fold_relu6: tuple[bool, ...] = (False, True)
     mixed_bf16: tuple[bool, ...] = (False, True)  # Inductor recipes; only where the CPU has bf16
     cpp_wrapper: tuple[bool, ...] = (False, True)  # Inductor recipes
+    # what compiles a static PT2E plan's int8 graph: Inductor, or OpenVINO where it is installed (extra `openvino`)
+    lowerings: tuple[str, ...] = LOWERINGS
     equalizations: tuple[str, ...] = EQUALIZATIONS  # FP32 rewrites before capture ('static')
     bias_correction: tuple[bool, ...] = (False, True)  # bias corrected for weight rounding ('static')
     adaround: tuple[bool, ...] = (False,)  # learned weight rounding ('static'; opt in: minutes per weight setting)
@@ -90,6 +94,7 @@ class SearchSpace:
         for name, allowed in (("recipes", (AUTO, *RECIPE_KINDS)), ("precisions", PRECISIONS),
                               ("kernels", KERNEL_CHOICES), ("observers", OBSERVERS),
                               ("weight_granularities", WEIGHT_GRANULARITIES), ("equalizations", EQUALIZATIONS),
+                              ("lowerings", LOWERINGS),
                               *BOOLEAN_CHOICES):
             values = getattr(self, name)
             if isinstance(values, (str, bool)) or not isinstance(values, (list, tuple)):

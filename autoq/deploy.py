@@ -8,6 +8,8 @@
 - PT2E plans -> an AOTInductor package (`model.pt2`): the converted graph exported at the tuned
   input shapes and compiled ahead of time by Inductor with freezing, as autoq's compiled model is
   (under bf16 autocast for int8-mixed-bf16 plans); `torch._inductor.aoti_load_package` runs it.
+- PT2E plans lowered by OpenVINO -> OpenVINO IR (`model.xml` + `model.bin`): the model OpenVINO compiled,
+  dynamic batch; run.py needs `openvino` to run it (an AOTInductor package would change the kernels).
 - Float plans ('fp32', 'bf16': int8 did not pay) -> the rewritten FP32 model, as an AOTInductor
   package when it was compiled, else TorchScript.
 The folder also gets `run.py` (plain torch) and `model.json` (format, engines, input shapes, plan).
@@ -29,7 +31,8 @@ from torch import nn
 from autoq.dispatch.engine import quantized_engine
 from autoq.dispatch.table import current_cpu
 from autoq.model_file.rebuild import synthetic_inputs
-from autoq.plan import INDUCTOR, QuantPlan, recipe_kind
+from autoq.plan import INDUCTOR, OPENVINO, QuantPlan, recipe_kind
+from autoq.recipes.openvino_lowering import OpenVinoLowered
 from autoq.recipes.pt2e import Lowered, float32_outputs
 
 MANIFEST = "model.json"
@@ -38,7 +41,8 @@ FORMAT = "autoq.export"
 
 @dataclass
 class Export:
-    """What `export` wrote: the folder, the model file in it, its format ('torchscript' | 'aoti') and size."""
+    """What `export` wrote: the folder, the model file in it, its format ('torchscript' | 'aoti' | 'openvino')
+    and size."""
 
     directory: Path
     model_file: Path
@@ -79,6 +83,11 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Export:
         if plan.kernels() == INDUCTOR:  # a PT2E plan, or a compiled float plan
             name, kind, capture = "model.pt2", "aoti", "torch.export"
             _aoti(*_uncompiled(model, plan), staging / name)
+        elif plan.kernels() == OPENVINO:
+            name, kind, capture = "model.xml", "openvino", "torch.export"
+            if not isinstance(model, OpenVinoLowered):
+                raise ValueError(f"an OpenVINO-lowered plan's model should be OpenVINO's; got {type(model).__name__}.")
+            model.save_ir(staging / name)
         else:
             name, kind = "model.pt", "torchscript"
             capture = _torchscript(model, plan, synthetic_inputs(meta["inputs"]), staging / name)
@@ -142,7 +151,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
-RUN_PY = '''"""Run an int8 model exported by autoq with plain PyTorch (autoq is not needed).
+RUN_PY = '''"""Run an int8 model exported by autoq with plain PyTorch (no autoq; an OpenVINO IR needs openvino).
 
     python run.py                          time the model on random inputs of its tuned shapes
     python run.py INPUTS.pt OUTPUTS.pt     run it on torch.save'd inputs (a tuple of tensors), save outputs
@@ -166,6 +175,8 @@ def load():
     """The exported model, with each layer on the kernel library it was tuned with."""
     if INFO["kind"] == "aoti":
         return torch._inductor.aoti_load_package(str(HERE / INFO["file"]))
+    if INFO["kind"] == "openvino":
+        return load_openvino()
     torch.backends.quantized.engine = INFO["engine"]
     model = torch.jit.load(str(HERE / INFO["file"])).eval()
     for layer, library in INFO["layer_engines"].items():  # TorchScript packed every weight for one engine
@@ -179,6 +190,19 @@ def load():
         owner._packed_params = packed
     torch.backends.quantized.engine = INFO["engine"]
     return model
+
+
+def load_openvino():
+    """The OpenVINO IR compiled for this CPU (bf16 float ops if the plan ran them so), torch tensors in and out."""
+    import numpy
+    import openvino
+    precision = "bf16" if INFO["plan"]["_data"]["mixed_bf16"] else "f32"
+    compiled = openvino.Core().compile_model(str(HERE / INFO["file"]), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+
+    def run(*inputs):
+        outputs = [torch.from_numpy(numpy.array(o)) for o in compiled([x.numpy() for x in inputs]).to_tuple()]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    return run
 
 
 def main():

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_TYPE = "autoq.QuantPlan"
-PLAN_VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # older plans lack the dispatch (v1), lowering (v2), weight_bits (v3),
-# accuracy recovery (v4) and float precision (v5) fields;
+PLAN_VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # older plans lack the dispatch (v1), Inductor options (v2), weight_bits
+# (v3), accuracy recovery (v4), float precision (v5) and lowering (v6) fields;
 # their defaults apply, but for the PT2E recipes, which ignored reduce_range before v4 (8-bit activations)
 
 ENGINES = ("x86", "fbgemm", "onednn")
@@ -26,7 +26,9 @@ EQUALIZATIONS = ("none", "fold_bn", "cross_layer")  # FP32 rewrites before captu
 WEIGHT_BITS = (8, 7)  # 7: weights in [-63, 63], so u8 x s8 pair sums fit int16 (CPUs without VNNI)
 PRECISIONS = ("int8", "fp32", "bf16")  # what a deployment computes in; fp32 and bf16 plans quantize nothing
 REWRITES = ("none", "folded", "compiled")  # a float plan's FP32 rewrite (autoq.measure.fp32.best_float)
-NEW_FIELDS = ("rewrite",)  # fields since plan v6: in a plan's key only when set, so older plans keep their keys
+# what compiles a PT2E plan's int8 graph: Inductor (oneDNN int8 kernels), or OpenVINO (autoq.recipes.openvino)
+LOWERINGS = ("inductor", "openvino")
+NEW_FIELDS = ("rewrite", "lowering")  # fields since plan v6: in a plan's key only when set, so older plans keep keys
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ RECIPE_KINDS: dict[str, RecipeKind] = {kind.name: kind for kind in (
 LIBRARIES = ("fbgemm", "onednn")
 MEASURED = "measured"  # kernel choice: per layer, by timing each layer under both libraries
 KERNEL_CHOICES = (*ENGINES, MEASURED)
-INDUCTOR = "inductor"  # the Inductor recipes' kernels: Inductor lowers int8 ops to oneDNN
+INDUCTOR = "inductor"  # the PT2E recipes' default kernels: Inductor lowers int8 ops to oneDNN
+OPENVINO = "openvino"  # a PT2E plan lowered by OpenVINO: its CPU plugin's int8 kernels
 EAGER = "eager"  # an uncompiled float plan's kernels: PyTorch's eager FP32/bf16 ops
 AUTO = "auto"  # recipe choice: the recipes that apply to the model (autoq.recipes.arms)
 DISPATCH = ("engine", "measured", "table")
@@ -117,6 +120,9 @@ class QuantPlan:
     mixed_bf16: (Inductor recipes) run the int8 model under bf16 autocast: int8-mixed-bf16, the
       non-quantized ops in bf16 (needs a CPU with bf16 support).
     cpp_wrapper: (Inductor recipes) compile with Inductor's C++ wrapper instead of its Python one.
+    lowering: (PT2E recipes but 'pt2e-dynamic') what compiles the int8 graph: 'inductor' (torch.compile),
+      or 'openvino' (the same quantize/dequantize graph converted by OpenVINO and run by its CPU plugin;
+      extra `openvino`); with mixed_bf16, OpenVINO runs the float ops in bf16.
     equalization: a rewrite of the FP32 model before capture (`autoq.recover.equalize`): 'none';
       'fold_bn' (BatchNorm folded into the layer before it, also where FX quantization would keep it a
       separate int8 op: behind a conv subclass with its own forward; the same FP32 function);
@@ -158,6 +164,7 @@ class QuantPlan:
     qat_epochs: int = 1
     qat_lr: float = 1e-4
     rewrite: str = "compiled"
+    lowering: str = "inductor"
 
     def __post_init__(self) -> None:
         _check_choice("recipe", self.recipe, tuple(RECIPE_KINDS))
@@ -188,6 +195,13 @@ class QuantPlan:
                              f"{[name for name, kind in RECIPE_KINDS.items() if kind.inductor]}, "
                              f"not to recipe {self.recipe!r}.")
         _check_choice("rewrite", self.rewrite, REWRITES)
+        _check_choice("lowering", self.lowering, LOWERINGS)
+        kind = RECIPE_KINDS[self.recipe]
+        if self.lowering != INDUCTOR and (not inductor or kind.dynamic or self.cpp_wrapper):
+            raise ValueError(f"lowering={self.lowering!r} applies to the static PT2E recipes "
+                             f"{[name for name, k in RECIPE_KINDS.items() if k.inductor and not k.dynamic]}, "
+                             f"without cpp_wrapper (Inductor's option); got recipe {self.recipe!r}"
+                             f"{' with cpp_wrapper' if self.cpp_wrapper else ''}.")
         if self.rewrite != "compiled" and RECIPE_KINDS[self.recipe].precision == "int8":
             raise ValueError(f"rewrite applies to the float recipes "
                              f"{[name for name, kind in RECIPE_KINDS.items() if kind.precision != 'int8']}, "
@@ -245,9 +259,10 @@ class QuantPlan:
 
     def kernels(self) -> str:
         """The kernel choice in short: the engine ('x86', 'fbgemm', 'onednn'), or per-layer dispatch
-        as e.g. 'measured 18/35' (oneDNN/FBGEMM layers; just 'measured' before the layers are timed)."""
+        as e.g. 'measured 18/35' (oneDNN/FBGEMM layers; just 'measured' before the layers are timed); a PT2E
+        plan's lowering ('inductor', 'openvino'); a float plan's 'inductor' (compiled) or 'eager'."""
         if RECIPE_KINDS[self.recipe].inductor:
-            return INDUCTOR
+            return self.lowering
         if RECIPE_KINDS[self.recipe].precision != "int8":
             return INDUCTOR if self.rewrite == "compiled" else EAGER
         if not self.layer_engines:

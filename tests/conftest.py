@@ -1,4 +1,6 @@
 import importlib.util
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,3 +113,18 @@ def fresh_postgres_url(postgres_url, request):
     finally:
         engine.dispose()
     return f"{postgres_url.rsplit('/', 1)[0]}/{database}"
+
+
+# run.py in an isolated interpreter (-I: no PYTHONPATH, no working directory) where importing autoq fails
+CHILD = ("import runpy, sys; sys.modules['autoq'] = None; sys.argv = ['run.py', {inputs!r}, {outputs!r}]; "
+         "runpy.run_path({run!r}, run_name='__main__')")
+
+
+def run_exported(folder, inputs, tmp_path):
+    """The outputs of the exported model in `folder` on `inputs`, computed by its run.py without autoq."""
+    torch.save(tuple(inputs), tmp_path / "inputs.pt")
+    child = CHILD.format(inputs=str(tmp_path / "inputs.pt"), outputs=str(tmp_path / "outputs.pt"),
+                         run=str(folder / "run.py"))
+    done = subprocess.run([sys.executable, "-I", "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp_path / "outputs.pt", weights_only=True)

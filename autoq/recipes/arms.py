@@ -21,6 +21,7 @@ from autoq.capture import TraceError
 from autoq.dispatch.apply import carrying_plan
 from autoq.dispatch.isa import KERNEL_KINDS, Int8Path, int8_path, module_kinds
 from autoq.plan import AUTO, PRECISIONS, RECIPE_KINDS, QuantPlan, recipe_kind
+from autoq.recipes.openvino_lowering import openvino_available
 from autoq.recipes.pt2e import bf16_supported
 from autoq.recipes.qat import Training
 from autoq.recipes.recipe import Builder, Capture
@@ -45,6 +46,7 @@ class Arms:
                                             if getattr(b, "checkpoints", None)), [])
         self.has_relu6 = bool(static and static.has_relu6)
         self.bf16 = any(RECIPE_KINDS[recipe].inductor for recipe in builders) and bf16_supported()
+        self.openvino = openvino_available()  # PT2E static graphs may also be lowered by OpenVINO
 
     def layer_kinds(self, layer: str) -> tuple[str, ...]:
         """The kernel kind of a layer ('linear', 'conv' or 'depthwise'); every kind for a functional

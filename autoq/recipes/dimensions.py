@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from autoq.config import SearchSpace
-from autoq.plan import INDUCTOR, MEASURED, REWRITES
+from autoq.plan import INDUCTOR, MEASURED, RECIPE_KINDS, REWRITES
 
 if TYPE_CHECKING:
     import optuna
@@ -149,19 +149,33 @@ class Dimensions:
         """How many calibration samples' statistics set the ranges (the snapshots taken)."""
         return trial.suggest_categorical(f"{prefix}calib_samples", tuple(self.arms.checkpoints))
 
+    def lowerings(self, recipe: str) -> tuple[str, ...]:
+        """What may compile a PT2E recipe's graph: the space's lowerings, OpenVINO only for static graphs and
+        where it is installed (Inductor if that leaves none)."""
+        allowed = tuple(lowering for lowering in self.space.lowerings if lowering == INDUCTOR
+                        or (self.arms.openvino and not RECIPE_KINDS[recipe].dynamic))
+        return allowed or (INDUCTOR,)
+
     def inductor_lowering(self, trial: optuna.Trial, recipe: str) -> dict:
-        """An Inductor plan's lowering options (cpp_wrapper, mixed_bf16 where the CPU has bf16) and int8 ranges."""
-        prefix = f"{recipe}:"
-        return {"cpp_wrapper": trial.suggest_categorical(f"{prefix}cpp_wrapper", self.space.cpp_wrapper),
+        """A PT2E plan's lowering (Inductor or OpenVINO) and its options (Inductor's cpp_wrapper, mixed_bf16
+        where the CPU has bf16), and int8 ranges."""
+        prefix, lowerings = f"{recipe}:", self.lowerings(recipe)
+        lowering = trial.suggest_categorical(f"{prefix}lowering", lowerings) if len(lowerings) > 1 else lowerings[0]
+        return {"lowering": lowering,
+                "cpp_wrapper": lowering == INDUCTOR and trial.suggest_categorical(f"{prefix}cpp_wrapper",
+                                                                                  self.space.cpp_wrapper),
                 "mixed_bf16": self.arms.bf16 and trial.suggest_categorical(f"{prefix}mixed_bf16",
                                                                            self.space.mixed_bf16),
                 **self.int8_ranges(trial, INDUCTOR, prefix, recipe)}
 
     def inductor_lowering_seed(self, recipe: str) -> dict:
-        """X86InductorQuantizer's defaults: the Python wrapper, no bf16, and 7-bit activations
+        """X86InductorQuantizer's defaults: Inductor, its Python wrapper, no bf16, and 7-bit activations
         (reduce_range) where the CPU lacks VNNI, as it advises."""
-        prefix = f"{recipe}:"
-        seed = {f"{prefix}cpp_wrapper": closest(False, self.space.cpp_wrapper)}
+        prefix, lowerings = f"{recipe}:", self.lowerings(recipe)
+        lowering = closest(INDUCTOR, lowerings)
+        seed = {f"{prefix}lowering": lowering} if len(lowerings) > 1 else {}
+        if lowering == INDUCTOR:
+            seed[f"{prefix}cpp_wrapper"] = closest(False, self.space.cpp_wrapper)
         if not self.arms.full_range_safe(INDUCTOR):
             seed[f"{prefix}reduce_range"] = closest(True, self.space.reduce_range)
         if self.arms.bf16:
@@ -169,11 +183,16 @@ class Dimensions:
         return seed
 
     def inductor_lowering_variants(self, seed: dict, recipe: str) -> list[dict]:
-        """`seed` with each other lowering option and int8 range the space allows."""
-        return [{**seed, f"{recipe}:{name}": value} for name, values in
-                (("cpp_wrapper", self.space.cpp_wrapper), ("mixed_bf16", self.space.mixed_bf16),
-                 ("reduce_range", self.space.reduce_range))
-                if f"{recipe}:{name}" in seed for value in values]
+        """`seed` with each other lowering (OpenVINO: without Inductor's cpp_wrapper), lowering option and int8
+        range the space allows."""
+        cpp_wrapper = f"{recipe}:cpp_wrapper"
+        variants = [{**{key: value for key, value in seed.items() if lowering == INDUCTOR or key != cpp_wrapper},
+                     f"{recipe}:lowering": lowering}
+                    for lowering in self.lowerings(recipe) if f"{recipe}:lowering" in seed]
+        return variants + [{**seed, f"{recipe}:{name}": value} for name, values in
+                           (("cpp_wrapper", self.space.cpp_wrapper), ("mixed_bf16", self.space.mixed_bf16),
+                            ("reduce_range", self.space.reduce_range))
+                           if f"{recipe}:{name}" in seed for value in values]
 
     def observer_variants(self, seed: dict, prefix: str) -> list[dict]:
         """`seed` with every observer method the space allows (each percentile for 'percentile')."""

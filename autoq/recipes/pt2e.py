@@ -1,9 +1,10 @@
-"""PT2E quantization lowered by Inductor: torch.export -> torchao's X86InductorQuantizer -> torch.compile.
+"""PT2E quantization, compiled: torch.export -> torchao's X86InductorQuantizer -> torch.compile (or OpenVINO).
 
 This is where PyTorch's x86 int8 work is heading: the quantized graph is compiled (weights frozen
 into the code, int8 ops fused by Inductor's oneDNN lowering) instead of run op by op. Two recipes
 here: 'pt2e-static' (activations calibrated) and 'pt2e-dynamic' (activation ranges per call); the
-third, 'pt2e-qat', fine-tunes (autoq.recipes.qat) and lowers the same way.
+third, 'pt2e-qat', fine-tunes (autoq.recipes.qat) and lowers the same way. A static plan's graph may
+instead be lowered by OpenVINO (plan.lowering, `autoq.recipes.openvino_lowering`): the same graph, other kernels.
 
 `Pt2eBuilder` exports the model once (batch dimension dynamic, dead code dropped: an unused
 output such as a BERT pooler otherwise breaks prepare_pt2e), calibrates once with autoq's
@@ -36,11 +37,12 @@ from autoq.calibrate.observers import WEIGHT_RANGES, Pt2eFixedRangeObserver
 from autoq.calibrate.ranges import activation_range
 from autoq.calibrate.stats import StatsCollector, TensorStats, checkpoints_for, collect_stats, snapshot_at
 from autoq.capture import TraceError, drop_dead_code
-from autoq.plan import INDUCTOR, RECIPE_KINDS, QuantPlan
+from autoq.plan import INDUCTOR, OPENVINO, RECIPE_KINDS, QuantPlan
 from autoq.recover.bias import mean_batches
 from autoq.recover.graph_bias import correct_graph_bias, graph_float_weights, graph_input_means, is_layer
 from autoq.recipes.dimensions import unique
 from autoq.recipes.dynamic import auto_skip_reason
+from autoq.recipes.openvino_lowering import OpenVinoLowered, unfold_weights
 from autoq.recipes.recipe import Builder, Capture, Recipe
 from autoq.recipes.sensitivity import single_layer_sensitivity
 
@@ -300,14 +302,19 @@ class Pt2eBuilder:
         for observer, low, high in ranges.values():
             observer.set_range(low, high)
 
-    def build(self, plan: QuantPlan) -> Lowered:
-        """The int8 model of `plan`, compiled by Inductor (compiled here: the first call happens inside)."""
+    def build(self, plan: QuantPlan) -> Lowered | OpenVinoLowered:
+        """The int8 model of `plan`, compiled by its lowering (here: the first call happens inside)."""
         return lower(self.reference(plan), self.example_inputs, plan)
 
 
-def lower(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan) -> Lowered:
-    """A converted PT2E graph compiled by Inductor with the plan's options (the first call compiles it
-    here)."""
+def lower(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan) -> Lowered | OpenVinoLowered:
+    """A converted PT2E graph compiled by the plan's lowering: Inductor with the plan's options (the first
+    call compiles it, here), or OpenVINO (`autoq.recipes.openvino_lowering`)."""
+    if plan.lowering == OPENVINO:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = _export(unfold_weights(graph), example_inputs)
+        return OpenVinoLowered(graph, program, example_inputs, mixed_bf16=plan.mixed_bf16)
     model = Lowered(graph, example_inputs, mixed_bf16=plan.mixed_bf16, cpp_wrapper=plan.cpp_wrapper)
     model(*example_inputs)
     return model
@@ -321,14 +328,14 @@ def _observed(prepared: torch.fx.GraphModule, kind: type) -> Iterator[tuple[torc
 
 
 def lowered_rebuild(graph: torch.fx.GraphModule, example_inputs: tuple, plan: QuantPlan,
-                    fill: Callable[[nn.Module], None]) -> Lowered:
+                    fill: Callable[[nn.Module], None]) -> Lowered | OpenVinoLowered:
     """A converted graph with its numbers put in by `fill`, then lowered (autoq.recipes.recipe.Recipe.rebuilt)."""
     fill(graph)
     return lower(graph, example_inputs, plan)
 
 
 class _PostTraining(Recipe):
-    """The post-training PT2E recipes: prepared, converted and lowered by Inductor per plan."""
+    """The post-training PT2E recipes: prepared, converted and lowered (Inductor or OpenVINO) per plan."""
 
     def builder(self, capture: Capture, twin: Builder | None = None) -> Pt2eBuilder:
         return Pt2eBuilder(capture.model, capture.example_inputs, capture.batches, recipe=self.kind.name,
@@ -341,12 +348,13 @@ class _PostTraining(Recipe):
         return single_layer_sensitivity(lambda layer: builder.reference(plan, layers=[layer]), builder.layers,
                                         fp32_model, batches)
 
-    def rebuilt(self, builder: Pt2eBuilder, plan: QuantPlan, fill: Callable[[nn.Module], None]) -> Lowered:
+    def rebuilt(self, builder: Pt2eBuilder, plan: QuantPlan,
+                fill: Callable[[nn.Module], None]) -> Lowered | OpenVinoLowered:
         return lowered_rebuild(builder.reference(plan), builder.example_inputs, plan, fill)
 
 
 class Pt2eStaticRecipe(_PostTraining):
-    """'pt2e-static': X86InductorQuantizer with calibrated activation ranges, lowered by Inductor."""
+    """'pt2e-static': X86InductorQuantizer with calibrated activation ranges, lowered by Inductor or OpenVINO."""
 
     kind = RECIPE_KINDS["pt2e-static"]
 

@@ -36,7 +36,7 @@ DROPPED_ATTR = "dropped_recipe"  # trial user attr: drew a recipe dropped as cle
 # SearchSpace fields added since autoq 0.2, at the values that search what it searched without them
 # (the defaults but for precisions: the float candidates came later): not hashed there, so studies keep their names
 SEARCHED_BEFORE = {"equalizations": ("none", "fold_bn", "cross_layer"), "bias_correction": (False, True),
-                   "adaround": (False,), "precisions": ("int8",)}
+                   "adaround": (False,), "precisions": ("int8",), "lowerings": ("inductor",)}
 NOT_STARTED_ATTR = "not_started"  # trial user attr: would not have fit the timeout (queued again); ran nothing
 DROPPED_RECIPES_ATTR = "dropped_recipes"  # study user attr: {recipe: why it was dropped}
 STOPPED_ATTR = "stopped"  # trial user attr: the trial was cut short by Ctrl-C (KeyboardInterrupt)

@@ -11,6 +11,7 @@ import autoq
 from autoq.capture import TraceError
 from autoq.plan import QuantPlan
 from autoq.recipes.arms import applicable_arms
+from autoq.recipes.openvino_lowering import OpenVinoLowered
 from autoq.recipes.pt2e import Lowered, Pt2eBuilder
 from autoq.search.study import DROPPED_ATTR, DROPPED_RECIPES_ATTR
 from autoq.search.policy import dominated_recipes
@@ -191,7 +192,8 @@ def test_pinned_pt2e_tuning_meets_the_budget(tmp_path, digits, mlp):
     result = autoq.tune(mlp, digits.x[:1], digits.calib, digits.accuracy, n_trials=3,
                         space={"recipes": ["pt2e-static"]}, **fast_settings(tmp_path))
     assert result.feasible and QuantPlan.from_dict(result.plan).recipe == "pt2e-static"
-    assert isinstance(result.model, Lowered)
+    lowering = QuantPlan.from_dict(result.plan).lowering
+    assert isinstance(result.model, {"inductor": Lowered, "openvino": OpenVinoLowered}[lowering])
     assert all(row["plan"]["_data"]["recipe"] == "pt2e-static" for row in result.trials)
     assert all(name.startswith("pt2e-static:") for row in result.trials for name in row["params"])
 

@@ -1,8 +1,6 @@
 """Exports run with plain PyTorch in a fresh process without autoq and reproduce the tuned model."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,22 +8,8 @@ import torch
 import autoq
 from autoq.dispatch.table import current_cpu
 from autoq.plan import QuantPlan
+from conftest import run_exported
 from nets import FBGEMM_PLAN, X, Recurrent, fresh, saturation_net, tuned_model, two_entry_table
-
-# run.py in an isolated interpreter (-I: no PYTHONPATH, no working directory) where importing autoq fails
-CHILD = ("import runpy, sys; sys.modules['autoq'] = None; sys.argv = ['run.py', {inputs!r}, {outputs!r}]; "
-         "runpy.run_path({run!r}, run_name='__main__')")
-
-
-def run_exported(folder, inputs, tmp_path):
-    """The outputs of the exported model in `folder` on `inputs`, computed by its run.py without autoq."""
-    torch.save(tuple(inputs), tmp_path / "inputs.pt")
-    child = CHILD.format(inputs=str(tmp_path / "inputs.pt"), outputs=str(tmp_path / "outputs.pt"),
-                         run=str(folder / "run.py"))
-    done = subprocess.run([sys.executable, "-I", "-c", child], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(tmp_path / "outputs.pt", weights_only=True)
-
 
 def test_torchscript_export_keeps_each_layers_kernel_library(tmp_path):
     fp32 = saturation_net()

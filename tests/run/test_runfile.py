@@ -264,8 +264,10 @@ def test_the_old_name_engines_still_sets_the_kernel_choice_with_a_warning():
     # autoq 0.2 computed them for this model)
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
-    # of the same search (int8 only: the float candidates came later, and make another study)
+    # of the same search (int8 only, Inductor only: the float candidates and the OpenVINO lowering came later,
+    # and make another study)
+    then = {"precisions": ("int8",), "lowerings": ("inductor",)}
     assert [fingerprint(model, (torch.ones(1, 2),), 1.0, space) for space in (
-        autoq.SearchSpace(precisions=("int8",)), autoq.SearchSpace(kernels=("fbgemm",), precisions=("int8",)))
+        autoq.SearchSpace(**then), autoq.SearchSpace(kernels=("fbgemm",), **then))
     ] == ["c6adb1e284d0", "7bf0e1d4cd9b"]
     assert fingerprint(model, (torch.ones(1, 2),), 1.0, autoq.SearchSpace()) != "c6adb1e284d0"
