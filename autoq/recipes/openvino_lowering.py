@@ -25,6 +25,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from autoq.recover.graph_bias import attr_value
+
 _QUANTIZE_OF = {torch.ops.quantized_decomposed.dequantize_per_channel.default:
                 (torch.ops.quantized_decomposed.quantize_per_channel.default, 7),
                 torch.ops.quantized_decomposed.dequantize_per_tensor.default:
@@ -58,7 +60,7 @@ def unfold_weights(graph: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function" or node.target not in _QUANTIZE_OF or node.args[0].op != "get_attr":
             continue
         quantize, n_args = _QUANTIZE_OF[node.target]
-        args = [_value(graph, arg) for arg in node.args[:n_args]]
+        args = [attr_value(graph, arg) for arg in node.args[:n_args]]
         if not isinstance(args[0], torch.Tensor) or args[0].is_floating_point():
             continue
         name = f"_autoq_float_{node.args[0].target.replace('.', '_')}"
@@ -71,12 +73,6 @@ def unfold_weights(graph: fx.GraphModule) -> fx.GraphModule:
     graph.delete_all_unused_submodules()
     graph.recompile()
     return graph
-
-
-def _value(module: fx.GraphModule, arg: object) -> object:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return functools.reduce(getattr, str(arg.target).split("."), module)
-    return arg
 
 
 class OpenVinoLowered(nn.Module):

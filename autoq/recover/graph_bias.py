@@ -58,7 +58,7 @@ def graph_float_weights(prepared: fx.GraphModule) -> dict[str, torch.Tensor]:
             while isinstance(source, fx.Node) and source.op == "call_module":  # its weight observer
                 source = source.args[0]
             if isinstance(source, fx.Node) and source.op == "get_attr":
-                weights[node.name] = _value(prepared, source).detach().clone()
+                weights[node.name] = attr_value(prepared, source).detach().clone()
     return weights
 
 
@@ -76,13 +76,13 @@ def correct_graph_bias(converted: fx.GraphModule, weights: Mapping[str, torch.Te
         if (node.name not in weights or node.name not in means or not isinstance(dequantize, fx.Node)
                 or dequantize.op != "call_function" or dequantize.target not in _DEQUANTIZE_WEIGHT):
             continue
-        dequantized = dequantize.target(*(_value(converted, arg) for arg in dequantize.args),
-                                        **{key: _value(converted, arg) for key, arg in dequantize.kwargs.items()})
+        dequantized = dequantize.target(*(attr_value(converted, arg) for arg in dequantize.args),
+                                        **{key: attr_value(converted, arg) for key, arg in dequantize.kwargs.items()})
         groups = node.args[_GROUPS_ARG] if len(node.args) > _GROUPS_ARG else node.kwargs.get("groups", 1)
         shift = output_shift(node.name, dequantized, weights[node.name], means[node.name], groups)
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if isinstance(bias, fx.Node):
-            _assign(converted, bias.target, _value(converted, bias) - shift)
+            _assign(converted, bias.target, attr_value(converted, bias) - shift)
         else:
             name = f"_autoq_bias_{node.name}"
             converted.register_buffer(name, -shift)
@@ -95,7 +95,7 @@ def correct_graph_bias(converted: fx.GraphModule, weights: Mapping[str, torch.Te
     return corrected
 
 
-def _value(module: fx.GraphModule, arg: object) -> object:
+def attr_value(module: fx.GraphModule, arg: object) -> object:
     """A node argument's value: a get_attr node's tensor, any other argument as it is."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         value = module
