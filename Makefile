@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Where autoq reads Fashion-MNIST (autoq/run/datasets.py): Debian's folder unless AUTOQ_FASHION_MNIST_DIR is set.
 FASHION := $(or $(AUTOQ_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 
-.PHONY: setup data postgres demo test test-avx2 test-slow bench bench-qat bench-dispatch bench-export clean
+.PHONY: setup data postgres demo test test-avx2 test-slow bench bench-lowering bench-qat bench-dispatch bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ test-slow: setup data postgres
 # Neural Compressor (extra `inc`), OpenVINO + NNCF and ONNX Runtime (extra `peers`, part of `dev`) as peers.
 bench: setup data $(VENV)/.inc
 	$(PY) benchmarks/core.py --trials 16 --out benchmarks/RESULTS.md
+
+# One PT2E plan lowered by Inductor and by OpenVINO, beside NNCF, on every benchmark model: benchmarks/LOWERING.md (~15 min).
+bench-lowering: setup data
+	$(PY) benchmarks/lowering.py --out benchmarks/LOWERING.md
 
 $(VENV)/.inc: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[inc]'

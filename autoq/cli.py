@@ -291,6 +291,11 @@ def describe(table: DispatchTable) -> str:
         f"  torch {table.torch_version}, {table.threads} threads, created {table.created or '?'}",
         f"  {len(table.entries)} measured shapes: oneDNN faster on {wins}, FBGEMM on {len(table.entries) - wins}",
     ]
+    ceiling = table.int8_over_fp32()
+    if ceiling:
+        lines.append("  int8 (faster library) over FP32 (PyTorch's faster float kernel), layers alone: " + "; ".join(
+            f"{kind} {mean:.2f}x geomean ({low:.2f}-{high:.2f}x, {n} shapes)"
+            for kind, (mean, low, high, n) in ceiling.items()))
     if table.rule is not None:
         heldout = table.rule.heldout
         if heldout:

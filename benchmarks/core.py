@@ -98,6 +98,20 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def isa_flags() -> str:
+    """This CPU's int8/bf16-relevant ISA flags."""
+    return " ".join(flag for flag in ISA_FLAGS if flag in current_cpu().flags) or f"none of {' '.join(ISA_FLAGS)}"
+
+
+def chosen_models(parser: argparse.ArgumentParser, models: str) -> list[str]:
+    """The comma-separated `models` (a --models argument), each a key of TASKS."""
+    names = models.split(",")
+    unknown = set(names) - set(TASKS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {list(TASKS)}")
+    return names
+
+
 def baselines(task: zoo.Task) -> dict[str, Callable[[], nn.Module]]:
     """The non-autoq methods, as builders (a builder may raise: the method does not apply)."""
     calib = [batch if isinstance(batch, tuple) else (batch,) for batch in task.calib]
@@ -118,7 +132,7 @@ def baselines(task: zoo.Task) -> dict[str, Callable[[], nn.Module]]:
     return methods
 
 
-def _reason(error: Exception) -> str:
+def why_not_run(error: Exception) -> str:
     """Why a method did not run: the error's type and first line."""
     return f"{type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}"
 
@@ -198,7 +212,7 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
         try:
             models[method] = build()
         except Exception as error:  # a baseline that cannot handle this model is a finding, not a crash
-            skipped[method] = _reason(error)
+            skipped[method] = why_not_run(error)
     storage = f"sqlite:///{storage_dir}/{name}.db"
     tuners = {"INC 3.10 autotune (PT2E static)": lambda: inc(task), **peers(task),
               "autoq": lambda: tune(task, trials, storage)}
@@ -209,7 +223,7 @@ def bench_task(name: str, trials: int, storage_dir: str) -> tuple[list[Row], dic
         try:
             tuned[method] = run()
         except Exception as error:
-            skipped[method] = _reason(error)
+            skipped[method] = why_not_run(error)
     models.update({method: model for method, (model, _) in tuned.items()})
     timing = measure_latency(models, task.example_inputs, target_seconds=6.0, min_repeats=30)
     best = min((m for m in models if m in FP32_METHODS), key=lambda m: timing[m].median_ms)
@@ -275,19 +289,16 @@ def main() -> None:
     parser.add_argument("--out", help="also write the report (markdown) to this file, and beside it its figure "
                                       "(results.png) and autoq's picks (plans.json: {model: {method: plan}})")
     args = parser.parse_args()
-    unknown = set(args.models.split(",")) - set(TASKS)
-    if unknown:
-        parser.error(f"unknown models {sorted(unknown)}; choose from {list(TASKS)}")
     started = time.perf_counter()
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as storage_dir:
-        for name in args.models.split(","):
+        for name in chosen_models(parser, args.models):
             task_rows, task_skipped = bench_task(name, args.trials, storage_dir)
             rows += task_rows
             skipped.update({(name, method): reason for method, reason in task_skipped.items()})
-    flags = " ".join(flag for flag in ISA_FLAGS if flag in current_cpu().flags) or f"none of {' '.join(ISA_FLAGS)}"
     report = [
-        f"machine: {cpu_name()} (ISA flags: {flags}), {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"machine: {cpu_name()} (ISA flags: {isa_flags()}), {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}; "
         f"python {platform.python_version()}; {time.perf_counter() - started:.0f} s in all",
         f"command: python {' '.join(sys.argv)}",
         "timing batch: each task's example inputs (images 1, UCR series 32, sentences 8); accuracy = top-1; "

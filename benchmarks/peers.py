@@ -16,8 +16,9 @@ validation split and metric as autoq:
   weights, and on CPUs without VNNI `reduce_range=True` (7-bit weights: the AVX2 path saturates);
   MinMax, Entropy (calibrated with 2048 histogram bins: at ORT's default 128 it equals MinMax) and
   Percentile (99.999), calibrated CALIB_CHUNK samples per pass (ORT's own calibration keeps every tensor
-  of every sample: out of memory on MobileNetV2 at 224 px). On models without convolutions (transformers, LSTMs) only MatMul/Gemm are
-  quantized statically (all op types would quantize the attention mask's -inf) and ORT dynamic runs too.
+  of every sample: out of memory on MobileNetV2 at 224 px). On models without convolutions (transformers,
+  LSTMs) only MatMul/Gemm are quantized statically (all op types would quantize the attention mask's -inf)
+  and ORT dynamic runs too.
 
 Every builder returns `(model, seconds)`: a callable taking and returning torch tensors like the FP32
 model (so the benchmark times and scores it like any other), and the wall seconds its tuning took.
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from autoq.dispatch.isa import cpu_isa
+from autoq.recipes.openvino_lowering import openvino_core
 
 _INSTALL = "{} is not installed: pip install -e '.[peers]' (openvino, nncf, onnxruntime, onnx)"
 VNNI_ISAS = ("amx", "avx512-vnni", "avx-vnni")
@@ -60,11 +62,12 @@ def _as_tuple(inputs: torch.Tensor | tuple) -> tuple:
 
 class Runtime:
     """A peer's model as the benchmark calls it: torch tensors in, the first output as a torch tensor out.
-    Calls whose input shapes are `static_shapes` run `static` (compiled for them), all others `dynamic`."""
+    Calls whose input shapes are `static_shapes` run `static` (compiled for them), all others `dynamic`.
+    `source` is what runs, for a profiler: (openvino.Model, its CPU compile config) or an ONNX file's path."""
 
     def __init__(self, dynamic: Callable[[list], np.ndarray], static: Callable[[list], np.ndarray],
-                 static_shapes: list[tuple]) -> None:
-        self.dynamic, self.static, self.static_shapes = dynamic, static, static_shapes
+                 static_shapes: list[tuple], source: tuple[object, dict] | Path) -> None:
+        self.dynamic, self.static, self.static_shapes, self.source = dynamic, static, static_shapes, source
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         arrays = _arrays(inputs)
@@ -73,18 +76,6 @@ class Runtime:
 
 
 # --- OpenVINO + NNCF ---------------------------------------------------------------------------------
-
-@functools.cache
-def _ov_core():
-    """One OpenVINO Core for the whole process, its CPU plugin loaded at once (see `_signal_stack_kept`)."""
-    try:
-        import openvino
-    except ImportError as error:
-        raise ImportError(_INSTALL.format("OpenVINO")) from error
-    core = openvino.Core()
-    core.get_property("CPU", "FULL_DEVICE_NAME")  # loads the plugin
-    return core
-
 
 class _SignalStack(ctypes.Structure):
     _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
@@ -95,7 +86,7 @@ def _signal_stack_kept() -> Iterator[None]:
     """Within: OpenVINO work that may make and drop Cores (NNCF does). On CPUs with AMX, each Core's CPU
     plugin sets the thread's alternate signal stack to a buffer it frees when the Core goes, leaving the
     stack pointing at freed memory: the next signal Python handles (Ctrl-C, SIGTERM) then crashes the
-    process (OpenVINO 2026.4 on a Xeon with AMX). The stack in place before (the long-lived `_ov_core`'s, or
+    process (OpenVINO 2026.4 on a Xeon with AMX). The stack in place before (the long-lived `openvino_core`'s, or
     none) is put back after."""
     libc = ctypes.CDLL(None)
     saved = _SignalStack()
@@ -107,13 +98,16 @@ def _signal_stack_kept() -> Iterator[None]:
 
 
 def _openvino():
-    _ov_core()
-    import openvino
+    try:
+        import openvino
+    except ImportError as error:
+        raise ImportError(_INSTALL.format("OpenVINO")) from error
+    openvino_core()  # the process's one Core: its signal stack is the one `_signal_stack_kept` puts back
     return openvino
 
 
 def _ov_runner(ov_model, config: dict) -> Callable[[list], np.ndarray]:
-    compiled = _ov_core().compile_model(ov_model, "CPU", config)
+    compiled = openvino_core().compile_model(ov_model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(arrays: list) -> np.ndarray:
@@ -129,7 +123,7 @@ def _ov_runtime(ov_model, example_inputs: tuple, precision: str | None = None) -
     static = ov_model.clone()
     static.reshape({index: list(x.shape) for index, x in enumerate(example_inputs)})
     shapes = [tuple(x.shape) for x in example_inputs]
-    return Runtime(_ov_runner(ov_model, config), _ov_runner(static, config), shapes)
+    return Runtime(_ov_runner(ov_model, config), _ov_runner(static, config), shapes, (ov_model, config))
 
 
 def _ov_model(model: torch.nn.Module, example_inputs: tuple):
@@ -144,7 +138,7 @@ def openvino_fp32(model: torch.nn.Module, example_inputs: tuple) -> tuple[Runtim
 
 
 def _nncf():
-    _ov_core()  # its signal stack is the one `_signal_stack_kept` puts back
+    _openvino()
     try:
         import nncf
     except ImportError as error:
@@ -205,7 +199,7 @@ def _ort_runtime(path: Path, example_inputs: tuple) -> Runtime:
 
     def run(arrays: list) -> np.ndarray:
         return session.run(None, dict(zip(names, arrays)))[0]
-    return Runtime(run, run, [tuple(x.shape) for x in example_inputs])
+    return Runtime(run, run, [tuple(x.shape) for x in example_inputs], path)
 
 
 class OnnxModel:

@@ -60,6 +60,12 @@ class LayerShape:
             for size, k, step, pad, dil in zip(self.spatial, self.kernel, self.stride, self.padding, self.dilation)
         )
 
+    def kernel_kind(self) -> str:
+        """'linear', 'depthwise' (a conv with groups == in_channels > 1) or 'conv'."""
+        if self.kind == "linear":
+            return "linear"
+        return "depthwise" if self.groups == self.in_channels > 1 else "conv"
+
     def gemm(self) -> tuple[int, int, int]:
         """The per-group GEMM (M rows, K reduction, N columns) the layer amounts to."""
         if self.kind == "linear":

@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
 from torch import nn
 
 from autoq.dispatch.layers import LIBRARIES, LayerShape, pack, weighted_layers
@@ -24,35 +25,65 @@ _CONV_CLASSES = {"conv1d": nnq.Conv1d, "conv2d": nnq.Conv2d, "conv3d": nnq.Conv3
 
 
 def time_libraries(module: nn.Module, x: torch.Tensor, *, libraries: Sequence[str] = LIBRARIES,
+                   others: Mapping[str, tuple[Callable, torch.Tensor]] | None = None,
                    seconds: float = 0.1, min_calls: int = 20, warmup: int = 3,
                    threads: int | None = None) -> dict[str, float]:
-    """Median time of `module(x)` per call, in microseconds, with weights packed for each library.
+    """Median time of `module(x)` per call, in microseconds, with weights packed for each library; also of
+    each of `others` ({name: (function, its input)}, e.g. `float_kernels`), by name.
 
-    Single calls of the libraries alternate (order rotating) until `seconds` have passed and each
-    ran at least `min_calls` times, so drift of the machine's speed hits both alike (on this
-    project's VM it halved the run-to-run change of the FBGEMM/oneDNN ratio compared with timing
-    each library in blocks). `module` is not modified.
+    Single calls alternate (order rotating) until `seconds` have passed and each ran at least `min_calls`
+    times, so drift of the machine's speed hits all alike (on this project's VM it halved the run-to-run
+    change of the FBGEMM/oneDNN ratio compared with timing each library in blocks). `module` is not modified.
     """
-    variants = {}
+    calls: dict[str, tuple[Callable, torch.Tensor]] = {}
     for library in libraries:
         variant = copy.deepcopy(module)
         pack(variant, library)
-        variants[library] = variant
-    samples: dict[str, list[float]] = {library: [] for library in libraries}
-    with measurement_settings(threads):
-        for variant in variants.values():
+        calls[library] = (variant, x)
+    calls.update(others or {})
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad(), measurement_settings(threads):
+        for function, inputs in calls.values():
             for _ in range(warmup):
-                variant(x)
+                function(inputs)
         deadline = time.perf_counter() + seconds
-        calls = 0
-        while calls < min_calls or time.perf_counter() < deadline:
-            shift = calls % len(libraries)
-            for library in libraries[shift:] + libraries[:shift]:
+        rounds = 0
+        while rounds < min_calls or time.perf_counter() < deadline:
+            shift = rounds % len(names)
+            for name in names[shift:] + names[:shift]:
+                function, inputs = calls[name]
                 start = time.perf_counter()
-                variants[library](x)
-                samples[library].append((time.perf_counter() - start) * 1e6)
-            calls += 1
-    return {library: statistics.median(values) for library, values in samples.items()}
+                function(inputs)
+                samples[name].append((time.perf_counter() - start) * 1e6)
+            rounds += 1
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def float_kernels(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[Callable, torch.Tensor]]:
+    """The FP32 layer a quantized conv/linear `module` stands for, as PyTorch's float kernels run it, each
+    with `x` dequantized (same layout): {'fp32 eager': the eager op (a linear: MKL's GEMM), 'fp32 packed':
+    a conv on oneDNN with its weights packed ahead, as torch.compile's freezing packs them (where oneDNN
+    takes the shape)}. Which is faster is measured, not assumed."""
+    weight, bias = module.weight().dequantize(), module.bias()
+    inputs = x.dequantize()
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    if isinstance(module, nnq.Linear):
+        return {"fp32 eager": (lambda a: F.linear(a, weight, bias), inputs)}
+    geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[inputs.dim()]
+    kernels = {"fp32 eager": (lambda a: conv(a, weight, bias, module.stride, module.padding, module.dilation,
+                                             module.groups), inputs)}
+    try:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(inputs.shape))
+        def run(a: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._convolution_pointwise(a, packed, bias, *geometry, "none", [], "")
+        run(inputs)
+        kernels["fp32 packed"] = (run, inputs)
+    except (RuntimeError, AttributeError):  # no oneDNN in this build, or a shape its packed conv does not take
+        pass
+    return kernels
 
 
 def time_layers_in_model(variants: Mapping[str, nn.Module], example_inputs: tuple, *, seconds: float = 1.0,

@@ -44,11 +44,13 @@ def shape_features(shape: LayerShape) -> dict[str, float]:
 @dataclass(frozen=True)
 class Measurement:
     """Time per call in microseconds of one layer shape under each library, and where it was measured
-    ('microbench', 'tuning'; empty when it does not matter)."""
+    ('microbench', 'tuning'; empty when it does not matter). fp32_micros: the same layer in FP32 under
+    PyTorch's fastest float kernel, timed beside the libraries (the shape suite measures it; None if not)."""
 
     shape: LayerShape
     micros: Mapping[str, float]
     source: str = ""
+    fp32_micros: float | None = None
 
     @property
     def fastest(self) -> str:

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from autoq.dispatch.layers import LayerShape
-from autoq.dispatch.microbench import synthetic_layer, time_libraries
+from autoq.dispatch.microbench import float_kernels, synthetic_layer, time_libraries
 from autoq.dispatch.rule import DEPTH, Measurement
 from autoq.dispatch.table import DispatchTable
 
@@ -77,22 +77,27 @@ def _draw(family: dict, rng: random.Random) -> LayerShape:
 def bench_shapes(shapes: Sequence[LayerShape], *, threads: int | None = None, seconds: float = SECONDS_PER_SHAPE,
                  passes: int = PASSES, progress: Callable[[int, int, Measurement | None], None] | None = None,
                  ) -> list[Measurement]:
-    """Time every shape under both libraries (synthetic weights and inputs); microseconds per call.
+    """Time every shape under both libraries and in FP32 (synthetic weights and inputs); microseconds per call.
 
+    The FP32 time (`Measurement.fp32_micros`) is that of the faster of PyTorch's float kernels for the layer
+    (`float_kernels`), timed in the same rotation: what int8 must beat for a layer of this shape to pay.
     The suite is timed `passes` times over and each shape keeps the geometric mean of its passes,
     so a burst of noise on the machine does not decide a shape alone. seconds: effort per shape
     and pass.
     """
     layers = [synthetic_layer(shape, seed=index) for index, shape in enumerate(shapes)]
+    floats = [float_kernels(module, x) for module, x in layers]
     log_sums: list[dict[str, float]] = [{} for _ in shapes]
     entries: list[Measurement] = []
     for done in range(passes):
         for index, (shape, (module, x)) in enumerate(zip(shapes, layers)):
-            for library, micros in time_libraries(module, x, threads=threads, seconds=seconds).items():
-                log_sums[index][library] = log_sums[index].get(library, 0.0) + math.log(micros)
+            timed = time_libraries(module, x, others=floats[index], threads=threads, seconds=seconds)
+            for name, micros in timed.items():
+                log_sums[index][name] = log_sums[index].get(name, 0.0) + math.log(micros)
             if done == passes - 1:
-                micros = {library: math.exp(total / passes) for library, total in log_sums[index].items()}
-                entries.append(Measurement(shape, micros, "microbench"))
+                micros = {name: math.exp(total / passes) for name, total in log_sums[index].items()}
+                fp32 = min(micros.pop(name) for name in floats[index])
+                entries.append(Measurement(shape, micros, "microbench", fp32))
             if progress is not None:
                 progress(done * len(shapes) + index + 1, passes * len(shapes),
                          entries[-1] if done == passes - 1 else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import warnings
@@ -131,7 +132,8 @@ class DispatchTable:
             "rule": self.rule.to_dict() if self.rule else None,
             "entries": [
                 {"key": key, "library": entry.fastest, "micros": dict(entry.micros), "source": entry.source,
-                 "shape": entry.shape.to_dict()}
+                 "shape": entry.shape.to_dict(),
+                 **({"fp32_micros": entry.fp32_micros} if entry.fp32_micros is not None else {})}
                 for key, entry in sorted(self.entries.items())
             ],
         }
@@ -151,9 +153,21 @@ class DispatchTable:
             int(data["threads"]), rule=DispatchRule.from_dict(data["rule"]) if data.get("rule") else None,
             created=data.get("created", ""),
         )
-        table.add(Measurement(LayerShape.from_dict(e["shape"]), dict(e["micros"]), e["source"])
+        table.add(Measurement(LayerShape.from_dict(e["shape"]), dict(e["micros"]), e["source"], e.get("fp32_micros"))
                   for e in data["entries"])
         return table
+
+    def int8_over_fp32(self) -> dict[str, tuple[float, float, float, int]]:
+        """Where int8 pays on this table's CPU: per kernel kind ('linear', 'conv', 'depthwise'), FP32 time over
+        the faster int8 library's time (>1: int8 is faster) as (geometric mean, lowest, highest, shapes), over
+        the entries timed in FP32 too (`autoq dispatch bench`). Layers alone, quantize/dequantize not counted."""
+        ratios: dict[str, list[float]] = {}
+        for entry in self.entries.values():
+            if entry.fp32_micros is not None:
+                ratios.setdefault(entry.shape.kernel_kind(), []).append(
+                    entry.fp32_micros / entry.micros[entry.fastest])
+        return {kind: (math.exp(sum(map(math.log, values)) / len(values)), min(values), max(values), len(values))
+                for kind, values in sorted(ratios.items())}
 
     @classmethod
     def resolve(cls, table: DispatchTable | str | os.PathLike) -> DispatchTable:

@@ -39,8 +39,9 @@ def openvino_available() -> bool:
 
 
 @functools.cache
-def _core():
-    """The process's OpenVINO Core, its CPU plugin loaded (see the module docstring)."""
+def openvino_core():
+    """The process's OpenVINO Core, its CPU plugin loaded (see the module docstring); the only one autoq and its
+    benchmarks make."""
     try:
         import openvino
     except ImportError as error:
@@ -79,7 +80,8 @@ class OpenVinoLowered(nn.Module):
     """A converted PT2E graph run by OpenVINO: compiled for the example inputs' shapes (the deployment shape)
     and once with a dynamic batch for any other; torch tensors in and out, as the graph's outputs.
 
-    `graph` (the converted graph, not run) carries the model's numbers, as an Inductor-lowered model's does.
+    `graph` (the converted graph, not run) carries the model's numbers, as an Inductor-lowered model's does;
+    `ov_model` is the OpenVINO model (dynamic batch) and `config` its CPU compile configuration.
     """
 
     def __init__(self, graph: fx.GraphModule, program: torch.export.ExportedProgram, example_inputs: tuple, *,
@@ -89,23 +91,22 @@ class OpenVinoLowered(nn.Module):
         import openvino
         self.graph, self.example_inputs, self.mixed_bf16 = graph, example_inputs, mixed_bf16
         self.meta: dict = {}  # model.meta['autoq'] holds the plan (autoq.dispatch.apply.carrying_plan)
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                       "INFERENCE_PRECISION_HINT": "bf16" if mixed_bf16 else "f32"}
         self._out_spec = program.call_spec.out_spec
-        converted = openvino.convert_model(program)
-        static = converted.clone()
+        self.ov_model = openvino.convert_model(program)
+        static = self.ov_model.clone()
         static.reshape({index: list(x.shape) for index, x in enumerate(example_inputs)})
         self._static_shapes = [tuple(x.shape) for x in example_inputs]
-        self._static, self._dynamic = self._request(static), self._request(converted)
-        self._converted = converted
+        self._static, self._dynamic = self._request(static), self._request(self.ov_model)
 
     def save_ir(self, path: Path) -> None:
         """Write the OpenVINO model (dynamic batch) as OpenVINO IR: `path` (.xml) and its .bin beside it."""
         import openvino
-        openvino.save_model(self._converted, str(path), compress_to_fp16=False)
+        openvino.save_model(self.ov_model, str(path), compress_to_fp16=False)
 
     def _request(self, model):
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                  "INFERENCE_PRECISION_HINT": "bf16" if self.mixed_bf16 else "f32"}
-        return _core().compile_model(model, "CPU", config).create_infer_request()
+        return openvino_core().compile_model(model, "CPU", self.config).create_infer_request()
 
     def forward(self, *args: torch.Tensor) -> object:
         arrays = [np.ascontiguousarray(x.detach().cpu().numpy()) for x in args]

@@ -12,7 +12,7 @@ from torch import nn
 import autoq
 from autoq.cli import main
 from autoq.dispatch.layers import LayerShape, layer_shapes, set_layer_engines, weighted_layers
-from autoq.dispatch.microbench import time_layers_in_model
+from autoq.dispatch.microbench import float_kernels, synthetic_layer, time_layers_in_model
 from autoq.dispatch.rule import Measurement, fit_with_holdout, x86_rule
 from autoq.dispatch.suite import bench_shapes, load_suite
 from autoq.dispatch.table import CpuIdentity, DispatchTable, current_cpu, shipped_tables
@@ -174,12 +174,44 @@ def test_suite_is_deterministic_and_bad_suites_name_the_family(tmp_path):
         load_suite(tmp_path / "bad.toml")
 
 
-def test_bench_times_both_libraries_per_shape():
+def test_bench_times_both_libraries_and_fp32_per_shape():
     entries = bench_shapes([grouped_conv(4, 7), LayerShape("linear", 4, 64, 32)], seconds=0.01, passes=2)
     assert [e.shape.kind for e in entries] == ["conv2d", "linear"]
     for entry in entries:
         assert set(entry.micros) == {"fbgemm", "onednn"} and all(us > 0 for us in entry.micros.values())
-        assert entry.source == "microbench"
+        assert entry.source == "microbench" and entry.fp32_micros > 0
+
+
+@pytest.mark.parametrize("shape", [grouped_conv(1, 7), grouped_conv(256, 7), LayerShape("linear", 4, 64, 32),
+                                   LayerShape("conv2d", 2, 16, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, (9, 9), False)],
+                         ids=["conv", "depthwise", "linear", "conv-nchw-strided"])
+def test_the_fp32_kernels_timed_beside_int8_compute_the_layer(shape):
+    module, x = synthetic_layer(shape)
+    weight, bias, inputs = (t.double() for t in (module.weight().dequantize(), module.bias(), x.dequantize()))
+    expected = torch.nn.functional.linear(inputs, weight, bias) if shape.kind == "linear" else \
+        torch.nn.functional.conv2d(inputs, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    kernels = float_kernels(module, x)
+    assert "fp32 eager" in kernels and (shape.kind == "linear" or "fp32 packed" in kernels)
+    for name, (function, inputs) in kernels.items():
+        with torch.no_grad():
+            got = function(inputs)
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-3, rtol=1e-4), name
+
+
+def test_the_table_says_where_int8_beats_fp32(tmp_path, capsys):
+    table = DispatchTable.for_this_machine([
+        Measurement(grouped_conv(1), {"onednn": 50.0, "fbgemm": 80.0}, "microbench", 100.0),  # int8 2x
+        Measurement(grouped_conv(1, 14), {"onednn": 25.0, "fbgemm": 20.0}, "microbench", 80.0),  # 4x
+        Measurement(grouped_conv(256), {"onednn": 40.0, "fbgemm": 60.0}, "microbench", 20.0),  # 0.5x
+        Measurement(LayerShape("linear", 4, 64, 32), {"onednn": 9.0, "fbgemm": 10.0}, "tuning"),  # no FP32 time
+    ])
+    table.refit()
+    ceiling = table.int8_over_fp32()
+    assert ceiling == {"conv": (pytest.approx(8 ** 0.5), 2.0, 4.0, 2), "depthwise": (0.5, 0.5, 0.5, 1)}
+    table.save(tmp_path / "t.json")
+    assert DispatchTable.load(tmp_path / "t.json").int8_over_fp32() == ceiling
+    assert main(["dispatch", "show", str(tmp_path / "t.json")]) == 0
+    assert "conv 2.83x geomean (2.00-4.00x, 2 shapes); depthwise 0.50x" in capsys.readouterr().out
 
 
 def test_cli_dispatch_bench_show_and_errors(tmp_path, capsys):

@@ -66,3 +66,16 @@ def test_a_peer_without_a_trial_count_prints_a_dash():
             Row("cnn", "ORT static MinMax", 0.9, 0.9, 0.0, 1.0, 2.0, 2.0, Tuning("QDQ", None, None, None, 4.2))]
     cells = [c.strip() for c in table(rows)[3].split("|")[1:-1]]
     assert cells[10:] == ["-", "-", "4"]
+
+
+@pytest.mark.parametrize("build", ["pytorch", "openvino", "onnxruntime"])
+def test_the_op_profile_sees_inside_each_runtime(net, build):
+    from op_profile import op_times, section
+    model, example, _, _ = net
+    onnx = OnnxModel(model, example)  # its folder holds the ONNX file while it lives
+    runtime = {"pytorch": model, "openvino": openvino_fp32(model, example)[0], "onnxruntime": onnx.fp32()[0]}[build]
+    profiler, ops = op_times(runtime, example, calls=5)
+    assert profiler.startswith({"pytorch": "torch.profiler", "openvino": "OpenVINO", "onnxruntime": "ONNX"}[build])
+    assert any("conv" in op.lower() for op in ops), sorted(ops)  # each names the conv (fused or not)
+    assert all(calls > 0 and ms >= 0 for calls, ms in ops.values())
+    assert any("| op [kernel] |" in line for line in section(build, runtime, example, calls=5))
