@@ -34,7 +34,7 @@ def shape_features(shape: LayerShape) -> dict[str, float]:
         "macs": float(rows * reduction * columns * shape.groups),
         "outputs": float(rows * shape.out_channels),
         "groups": float(shape.groups),
-        "depthwise": float(shape.kind != "linear" and shape.groups > 1 and shape.groups == shape.in_channels),
+        "depthwise": float(shape.kernel_kind() == "depthwise"),
         "kernel_area": float(math.prod(shape.kernel)) if shape.kernel else 1.0,
         "stride": float(max(shape.stride, default=1)),
         "channels_last": float(shape.channels_last),
