@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops named below
 from torch import fx
 
 from autoq.recover.bias import output_shift
