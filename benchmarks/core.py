@@ -282,6 +282,36 @@ def peers_ahead(rows: list[Row], budget: float = 0.01) -> list[str]:
             and r.vs_best > autoq_rows[r.model].vs_best]
 
 
+def runtime(method: str) -> str:
+    """The runtime a benchmark method deploys on (autoq's own rows count as PyTorch, whatever the lowering)."""
+    return "OpenVINO" if "OpenVINO" in method else "ONNX Runtime" if method.startswith("ORT") else "PyTorch"
+
+
+def by_runtime(rows: list[Row], budget: float = 0.01) -> list[str]:
+    """Per model, autoq's pick beside the fastest method of each runtime within `budget` held-out loss, and
+    autoq's speed over the fastest of them (speeds are vs the best PyTorch FP32, from the same timing run)."""
+    runtimes = ("PyTorch", "OpenVINO", "ONNX Runtime")
+    header = " | ".join(f"fastest in budget: {name}" for name in runtimes)
+    lines = [f"| model | autoq (held-out loss, vs best FP32) | {header} | autoq / fastest peer |",
+             "|---|---|" + "---|" * len(runtimes) + "---|"]
+    for model in dict.fromkeys(r.model for r in rows):
+        ours = next((r for r in rows if r.model == model and r.method == "autoq"), None)
+        if ours is None:
+            continue
+        best = {}
+        for name in runtimes:
+            ok = [r for r in rows if r.model == model and runtime(r.method) == name and r.test_loss <= budget
+                  and not r.method.startswith("autoq")]
+            best[name] = max(ok, key=lambda r: r.vs_best, default=None)
+        cells = [f"{r.method}, {r.test_loss:+.2%}, {r.vs_best:.2f}x" if r else "-" for r in best.values()]
+        peer = max((r for r in best.values() if r), key=lambda r: r.vs_best)
+        recipe = ours.tuning.recipe if ours.tuning else ""
+        pick = recipe.split(" ")[0] + (" lowered by OpenVINO" if "lowering=openvino" in recipe else "")
+        lines.append(f"| {model} | {pick}, {ours.test_loss:+.2%}, {ours.vs_best:.2f}x | {' | '.join(cells)} | "
+                     f"{ours.vs_best / peer.vs_best:.2f}x |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
@@ -308,6 +338,10 @@ def main() -> None:
         *table(rows),
         "",
         *coverage(rows),
+        "",
+        "The fastest deployment within 1% held-out loss per runtime (PyTorch rows include FP32 and bf16):",
+        "",
+        *by_runtime(rows),
         "",
         "Faster than autoq at a held-out loss within 1% (the same speed within timing noise counts here too):",
         *(peers_ahead(rows) or ["- none"]),

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from autoq.plan import QuantPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from core import Row, Tuning, coverage, peers_ahead, table  # noqa: E402
+from core import Row, Tuning, by_runtime, coverage, peers_ahead, table  # noqa: E402
 from plot import speed_vs_loss_png  # noqa: E402
 from qat_recovery import best_all_int8_mse, fine_tune_fp32  # noqa: E402
 
@@ -55,6 +55,19 @@ def test_peers_ahead_lists_faster_methods_within_budget_only():
     lines = peers_ahead([*ROWS, faster, faster_over_budget])
     assert lines == ["- cnn: default FX PTQ (fbgemm) 2.50x vs autoq 2.00x best PyTorch FP32 "
                      "(held-out loss +0.50% vs +1.10%)"]
+
+
+def test_by_runtime_sets_autoq_beside_the_fastest_in_budget_method_of_each_runtime():
+    rows = [*ROWS,
+            Row("cnn", "NNCF default PTQ (OpenVINO)", 0.9, 0.88, 0.02, 0.2, 10.0, 5.0),  # over budget
+            Row("cnn", "NNCF accuracy control (OpenVINO)", 0.9, 0.9, 0.005, 0.4, 5.0, 2.5),
+            Row("cnn", "OpenVINO FP32", 0.9, 0.9, 0.0, 1.0, 2.0, 1.0),
+            Row("cnn", "autoq, QAT recipes pinned", 0.9, 0.9, 0.0, 0.1, 20.0, 10.0)]  # autoq itself: no peer
+    lines = by_runtime(rows)
+    cells = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
+    assert cells["cnn"] == ["static, +1.10%, 2.00x", "FP32 eager, +0.00%, 0.50x",
+                            "NNCF accuracy control (OpenVINO), +0.50%, 2.50x", "-", "0.80x"]
+    assert cells["lstm"][-1] == "1.00x"
 
 
 def test_qat_recovery_control_fine_tunes_a_copy_and_reads_all_int8_trials():
