@@ -305,8 +305,9 @@ def by_runtime(rows: list[Row], budget: float = 0.01) -> list[str]:
             best[name] = max(ok, key=lambda r: r.vs_best, default=None)
         cells = [f"{r.method}, {r.test_loss:+.2%}, {r.vs_best:.2f}x" if r else "-" for r in best.values()]
         peer = max((r for r in best.values() if r), key=lambda r: r.vs_best)
-        recipe = ours.tuning.recipe if ours.tuning else ""
-        pick = recipe.split(" ")[0] + (" lowered by OpenVINO" if "lowering=openvino" in recipe else "")
+        plan = QuantPlan.from_dict(ours.tuning.plan) if ours.tuning and ours.tuning.plan else None
+        pick = (ours.tuning.recipe.split(" ")[0] if ours.tuning else "") + (
+            " lowered by OpenVINO" if plan and plan.lowering == "openvino" else "")
         lines.append(f"| {model} | {pick}, {ours.test_loss:+.2%}, {ours.vs_best:.2f}x | {' | '.join(cells)} | "
                      f"{ours.vs_best / peer.vs_best:.2f}x |")
     return lines

@@ -68,6 +68,10 @@ def test_by_runtime_sets_autoq_beside_the_fastest_in_budget_method_of_each_runti
     assert cells["cnn"] == ["static, +1.10%, 2.00x", "FP32 eager, +0.00%, 0.50x",
                             "NNCF accuracy control (OpenVINO), +0.50%, 2.50x", "-", "0.80x"]
     assert cells["lstm"][-1] == "1.00x"
+    lowered = QuantPlan(recipe="pt2e-static", lowering="openvino").to_dict()
+    ov_pick = Row("lstm", "autoq", 0.8, 0.8, 0.0, 1.0, 1.0, 1.0, Tuning("pt2e-static kernels=openvino", 8, 0, 2.4,
+                                                                     30.0, plan=lowered))
+    assert by_runtime([ROWS[3], ov_pick])[2].startswith("| lstm | pt2e-static lowered by OpenVINO, +0.00%, 1.00x |")
 
 
 def test_qat_recovery_control_fine_tunes_a_copy_and_reads_all_int8_trials():
